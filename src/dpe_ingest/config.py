@@ -1,0 +1,220 @@
+"""The environment contract: every setting of the producer, the consumer and the tools.
+
+This module is the single source of truth.  The Helm chart, the scripts, the bench and the tests set
+exactly these variables; ``docs/configuration.md`` documents them (and a test checks that the two
+agree).  Each entry: variable name, default, meaning.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from . import departments
+
+
+class ConfigError(ValueError):
+    """A setting with a bad value; the message names the variable and what it accepts."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The contract.  name -> (default, description).  Defaults of None mean "required" or "unset".
+# ---------------------------------------------------------------------------------------------
+DEFAULT_API_URL = "https://data.ademe.fr/data-fair/api/v1/datasets/dpe03existant"
+
+CONTRACT: dict[str, tuple[str | None, str]] = {
+    # shared
+    "KAFKA_BOOTSTRAP_SERVERS": ("localhost:9092", "Kafka bootstrap servers, comma-separated host:port"),
+    "KAFKA_TOPIC": ("dpe-lines", "Topic the producers write DPE rows to and the consumer reads"),
+    "KAFKA_DLQ_TOPIC": ("dpe-lines-dlq", "Dead-letter topic: rows/messages refused, with the reason"),
+    "KAFKA_TOPIC_PARTITIONS": ("6", "Partitions of the topic when the producer creates it"),
+    "KAFKA_REPLICATION_FACTOR": ("1", "Replication factor of the topics the producer creates"),
+    "LOG_FORMAT": ("logfmt", "logfmt (one key=value line per event) or json"),
+    "LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING, ERROR"),
+    # producer
+    "DEPARTMENT": (None, "Department code of this producer: 01..19, 2A, 2B, 21..95, 971..976"),
+    "ADEME_API_URL": (DEFAULT_API_URL, "Dataset URL of the ADEME data-fair API (…/datasets/dpe03existant)"),
+    "ADEME_PAGE_SIZE": ("500", "Rows per API call (1..10000)"),
+    "ADEME_DATE_FROM": (None, "Optional first date_reception_dpe (YYYY-MM-DD), inclusive"),
+    "ADEME_DATE_TO": (None, "Optional last date_reception_dpe (YYYY-MM-DD), inclusive"),
+    "ADEME_EXTRA_FIELDS": ("", "Extra dataset fields to select, comma-separated"),
+    "ADEME_MAX_RPS": ("0", "Cap on API requests per second (0 = no cap)"),
+    "ADEME_TIMEOUT_S": ("30", "Per-request timeout in seconds (connect and read)"),
+    "ADEME_MAX_RETRIES": ("8", "Retries of one API call (429, 5xx, timeouts, cut bodies) before giving up"),
+    "ADEME_RETRY_MAX_S": ("300", "Upper bound of the total time spent waiting in retries of one call"),
+    "PRODUCER_CHECKPOINT_TOPIC": ("dpe-producer-checkpoints", "Compacted topic holding each department's resume point"),
+    "PRODUCER_RESTART": ("false", "true: ignore the checkpoint and fetch the department again from the start"),
+    # consumer
+    "DATABASE_URL": ("postgresql://dpe@localhost:5432/dpe", "libpq URL of PostgreSQL; PGPASSWORD etc. also apply"),
+    "DB_TABLE": ("dpe_data", "Table the consumer writes"),
+    "CONSUMER_GROUP": ("dpe-sink", "Kafka consumer group of the PostgreSQL sink"),
+    "BATCH_SIZE": ("100", "Rows per database transaction"),
+    "BATCH_IDLE_MS": ("1000", "A partial batch is written after this long without new messages"),
+    "RETRY_MAX_BACKOFF_S": ("30", "Cap of the backoff while the database or the broker is down"),
+}
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return CONTRACT[name][0]
+    return value.strip()
+
+
+def _int(env: Mapping[str, str], name: str, lo: int, hi: int | None = None) -> int:
+    raw = _get(env, name)
+    try:
+        value = int(str(raw))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    if value < lo or (hi is not None and value > hi):
+        bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ConfigError(f"{name}={value} is out of range ({bound})")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, lo: float) -> float:
+    raw = _get(env, name)
+    try:
+        value = float(str(raw))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value < lo:
+        raise ConfigError(f"{name}={value} must be >= {lo}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    raw = str(_get(env, name)).lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean (true/false)")
+
+
+def _date(env: Mapping[str, str], name: str) -> str | None:
+    import datetime as _dt
+
+    raw = _get(env, name)
+    if raw is None:
+        return None
+    try:
+        return _dt.date.fromisoformat(raw).isoformat()
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a date (YYYY-MM-DD)") from None
+
+
+def _list(env: Mapping[str, str], name: str) -> list[str]:
+    raw = _get(env, name) or ""
+    return [p.strip() for p in raw.split(",") if p.strip()]
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap_servers: str
+    topic: str
+    dlq_topic: str
+    partitions: int
+    replication_factor: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "KafkaSettings":
+        env = os.environ if env is None else env
+        servers = _get(env, "KAFKA_BOOTSTRAP_SERVERS") or ""
+        if not all(":" in s for s in servers.split(",")):
+            raise ConfigError(f"KAFKA_BOOTSTRAP_SERVERS={servers!r}: expected host:port[,host:port…]")
+        return cls(
+            bootstrap_servers=servers,
+            topic=str(_get(env, "KAFKA_TOPIC")),
+            dlq_topic=str(_get(env, "KAFKA_DLQ_TOPIC")),
+            partitions=_int(env, "KAFKA_TOPIC_PARTITIONS", 1, 10000),
+            replication_factor=_int(env, "KAFKA_REPLICATION_FACTOR", 1, 100),
+        )
+
+
+# Fields the producer always selects; the consumer table has a column for each.
+BASE_FIELDS: tuple[str, ...] = ("numero_dpe", "date_reception_dpe", "code_postal_ban", "etiquette_dpe")
+
+
+@dataclass(frozen=True)
+class ProducerConfig:
+    department: str
+    api_url: str
+    page_size: int
+    date_from: str | None
+    date_to: str | None
+    extra_fields: tuple[str, ...]
+    max_rps: float
+    timeout_s: float
+    max_retries: int
+    retry_max_s: float
+    checkpoint_topic: str
+    restart: bool
+    kafka: KafkaSettings
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return BASE_FIELDS + tuple(f for f in self.extra_fields if f not in BASE_FIELDS)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "ProducerConfig":
+        env = dict(os.environ if env is None else env)
+        dep_raw = overrides.pop("department", None) or _get(env, "DEPARTMENT")
+        if dep_raw is None:
+            raise ConfigError(f"DEPARTMENT is not set: give one department code ({departments.VALID_FORMS})")
+        try:
+            dep = departments.normalize(dep_raw)
+        except departments.InvalidDepartment as exc:
+            raise ConfigError(f"DEPARTMENT: {exc}") from None
+        url = str(_get(env, "ADEME_API_URL")).rstrip("/")
+        if url.endswith("/lines"):
+            url = url[: -len("/lines")]
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"ADEME_API_URL={url!r} is not an http(s) URL")
+        cfg = cls(
+            department=dep,
+            api_url=url,
+            page_size=_int(env, "ADEME_PAGE_SIZE", 1, 10000),
+            date_from=_date(env, "ADEME_DATE_FROM"),
+            date_to=_date(env, "ADEME_DATE_TO"),
+            extra_fields=tuple(_list(env, "ADEME_EXTRA_FIELDS")),
+            max_rps=_float(env, "ADEME_MAX_RPS", 0.0),
+            timeout_s=_float(env, "ADEME_TIMEOUT_S", 0.1),
+            max_retries=_int(env, "ADEME_MAX_RETRIES", 0, 1000),
+            retry_max_s=_float(env, "ADEME_RETRY_MAX_S", 0.0),
+            checkpoint_topic=str(_get(env, "PRODUCER_CHECKPOINT_TOPIC")),
+            restart=_bool(env, "PRODUCER_RESTART"),
+            kafka=KafkaSettings.from_env(env),
+        )
+        if cfg.date_from and cfg.date_to and cfg.date_from > cfg.date_to:
+            raise ConfigError(f"ADEME_DATE_FROM={cfg.date_from} is after ADEME_DATE_TO={cfg.date_to}")
+        return cfg
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    database_url: str
+    table: str
+    group: str
+    batch_size: int
+    batch_idle_ms: int
+    retry_max_backoff_s: float
+    kafka: KafkaSettings
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "ConsumerConfig":
+        env = dict(os.environ if env is None else env)
+        table = str(_get(env, "DB_TABLE"))
+        if not table.replace("_", "").isalnum() or table[0].isdigit():
+            raise ConfigError(f"DB_TABLE={table!r}: letters, digits and _ only, not starting with a digit")
+        return cls(
+            database_url=str(_get(env, "DATABASE_URL")),
+            table=table,
+            group=str(_get(env, "CONSUMER_GROUP")),
+            batch_size=_int(env, "BATCH_SIZE", 1, 100000),
+            batch_idle_ms=_int(env, "BATCH_IDLE_MS", 1, 3600000),
+            retry_max_backoff_s=_float(env, "RETRY_MAX_BACKOFF_S", 0.1),
+            kafka=KafkaSettings.from_env(env),
+        )
