@@ -1,0 +1,170 @@
+"""Kafka I/O of the producer side: connecting, topics, a pipelined producer, and checkpoints.
+
+Checkpoints live in Kafka itself (a compacted topic, key = department): a producer needs nothing
+but Kafka and the API, and the checkpoint of a page is written only after every row of that page
+was acknowledged by the broker (``acks=all``), so a restart resends at most the one page that was
+in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
+
+from . import logs
+from .config import KafkaSettings
+
+log = logging.getLogger("dpe_ingest.kafka")
+
+
+class KafkaUnavailable(Exception):
+    """The broker could not be reached, or refused our writes, within the allowed time."""
+
+
+def wait_for_kafka(bootstrap: str, timeout_s: float = 180.0, context: dict | None = None) -> KafkaAdminClient:
+    """Connect an admin client, waiting (with logs) while the broker is not up yet."""
+    deadline = time.monotonic() + timeout_s
+    delay = 1.0
+    while True:
+        try:
+            return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="dpe-ingest-admin",
+                                    request_timeout_ms=15000)
+        except (NoBrokersAvailable, KafkaError, OSError) as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise KafkaUnavailable(f"Kafka at {bootstrap} unreachable for {timeout_s:.0f}s: {exc}") from exc
+            logs.event(log, "kafka_wait", f"Kafka at {bootstrap} not reachable yet ({type(exc).__name__}); "
+                       f"retrying in {delay:.0f}s", logging.WARNING, bootstrap=bootstrap,
+                       retry_in_s=delay, **(context or {}))
+            time.sleep(min(delay, max(left, 0.1)))
+            delay = min(delay * 2, 15.0)
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    replication_factor: int = 1
+    configs: tuple[tuple[str, str], ...] = ()
+
+
+def ensure_topics(admin: KafkaAdminClient, specs: Iterable[TopicSpec]) -> list[str]:
+    """Create the topics that do not exist yet; return the names created."""
+    specs = list(specs)
+    existing = set(admin.list_topics())
+    missing = [s for s in specs if s.name not in existing]
+    created = []
+    for spec in missing:
+        try:
+            admin.create_topics([NewTopic(spec.name, spec.partitions, spec.replication_factor,
+                                          topic_configs=dict(spec.configs))])
+            created.append(spec.name)
+        except TopicAlreadyExistsError:
+            pass  # another department's producer won the race: fine
+    return created
+
+
+def pipeline_topics(settings: KafkaSettings, checkpoint_topic: str) -> list[TopicSpec]:
+    rf = settings.replication_factor
+    return [
+        TopicSpec(settings.topic, settings.partitions, rf),
+        TopicSpec(settings.dlq_topic, 1, rf),
+        TopicSpec(checkpoint_topic, 1, rf, (("cleanup.policy", "compact"),)),
+    ]
+
+
+def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
+    """An idempotent, acks=all producer that pipelines: ``send`` never waits for the broker."""
+    config: dict[str, Any] = dict(
+        bootstrap_servers=bootstrap,
+        client_id="dpe-ingest-producer",
+        acks="all",
+        enable_idempotence=True,
+        max_in_flight_requests_per_connection=5,
+        linger_ms=20,
+        batch_size=256 * 1024,
+        buffer_memory=64 * 1024 * 1024,
+        retries=2**31 - 1,
+        delivery_timeout_ms=180000,
+        request_timeout_ms=30000,
+        max_block_ms=180000,
+    )
+    config.update(overrides)
+    return KafkaProducer(**config)
+
+
+class SendTracker:
+    """Futures of the sends since the last flush, to check that each one really succeeded."""
+
+    def __init__(self) -> None:
+        self.futures: list = []
+
+    def add(self, future) -> None:
+        self.futures.append(future)
+
+    def flush(self, producer: KafkaProducer, timeout_s: float) -> None:
+        """Wait until every tracked send is acknowledged; raise KafkaUnavailable if any failed."""
+        try:
+            producer.flush(timeout=timeout_s)
+        except KafkaError as exc:
+            raise KafkaUnavailable(f"flush failed: {exc}") from exc
+        failed = [f for f in self.futures if not f.is_done or f.failed()]
+        self.futures = []
+        if failed:
+            first = failed[0]
+            reason = first.exception if first.is_done else "not acknowledged in time"
+            raise KafkaUnavailable(f"{len(failed)} sends not acknowledged: {reason}")
+
+
+class CheckpointStore:
+    """Resume points of departments: the last value of key ``department`` in a compacted topic."""
+
+    def __init__(self, bootstrap: str, topic: str, producer: KafkaProducer):
+        self.bootstrap, self.topic, self.producer = bootstrap, topic, producer
+
+    def load(self, key: str, timeout_s: float = 60.0) -> dict | None:
+        """Read the topic from the beginning to its current end; the last value of ``key`` wins."""
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+                                 group_id=None, client_id="dpe-ingest-checkpoints",
+                                 request_timeout_ms=30000)
+        try:
+            deadline = time.monotonic() + timeout_s
+            parts = None
+            while parts is None:
+                parts = consumer.partitions_for_topic(self.topic)
+                if parts is None:
+                    if time.monotonic() > deadline:
+                        return None
+                    time.sleep(0.2)
+            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            end = consumer.end_offsets(tps)
+            found: dict | None = None
+            while any(consumer.position(tp) < end[tp] for tp in tps):
+                if time.monotonic() > deadline:
+                    raise KafkaUnavailable(f"could not read checkpoints from {self.topic} in {timeout_s:.0f}s")
+                for records in consumer.poll(timeout_ms=1000).values():
+                    for rec in records:
+                        if rec.key is not None and rec.key.decode("utf-8") == key:
+                            found = json.loads(rec.value) if rec.value is not None else None
+            return found
+        finally:
+            consumer.close()
+
+    def save(self, key: str, doc: dict, timeout_s: float = 60.0) -> None:
+        """Write and wait for the broker's acknowledgement."""
+        fut = self.producer.send(self.topic, key=key.encode("utf-8"),
+                                 value=json.dumps(doc, sort_keys=True).encode("utf-8"))
+        try:
+            self.producer.flush(timeout=timeout_s)
+            fut.get(timeout=0.1)
+        except KafkaError as exc:
+            raise KafkaUnavailable(f"checkpoint write failed: {exc}") from exc

@@ -1,0 +1,275 @@
+"""``dpe-ingest produce``: one department of the ADEME API into Kafka, then exit.
+
+What a department's Kubernetes Job runs.  Flow per page: fetch (the next page is prefetched while the
+current one is sent), validate each row (bad rows go to the dead-letter topic with the reason), send
+the good ones keyed by numero_dpe (pipelined, idempotent, ``acks=all``), wait for every ack, then
+checkpoint the page's cursor in Kafka.  A restart resumes after the last checkpoint; a finished
+department is not fetched again unless PRODUCER_RESTART=true.
+
+Exit codes: 0 the API ran dry (or the department was already finished); 1 gave up on the API or Kafka
+after bounded retries (Kubernetes retries the Job); 2 bad configuration (e.g. an invalid department
+code); 3 the API refused the request (a 4xx: retrying cannot help); 143 stopped by SIGTERM after
+checkpointing (the next run resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime as dt
+import json
+import logging
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import deadletter, departments, logs
+from .ademe import AdemeClient, ApiRequestError, ApiUnavailable, Page
+from .config import CONTRACT, ConfigError, ProducerConfig
+from .kafka_io import (CheckpointStore, KafkaUnavailable, SendTracker, ensure_topics, make_producer,
+                       pipeline_topics, wait_for_kafka)
+
+log = logging.getLogger("dpe_ingest.producer")
+
+EXIT_OK, EXIT_GAVE_UP, EXIT_CONFIG, EXIT_REFUSED, EXIT_TERMINATED = 0, 1, 2, 3, 143
+CHECKPOINT_VERSION = 1
+LABELS = frozenset("ABCDEFG")
+_POSTCODE = re.compile(r"^\d{5}$")
+
+
+def validate_row(row: Any, fields: tuple[str, ...]) -> str | None:
+    """Return why ``row`` cannot be ingested, or None when it is fine."""
+    if not isinstance(row, dict):
+        return f"row is a {type(row).__name__}, not an object"
+    numero = row.get("numero_dpe")
+    if not isinstance(numero, str) or not numero.strip():
+        return "missing numero_dpe"
+    date = row.get("date_reception_dpe")
+    if date is not None:
+        try:
+            dt.date.fromisoformat(str(date)[:10]) if isinstance(date, str) and len(date) >= 10 else _bad()
+        except ValueError:
+            return f"unparsable date_reception_dpe {date!r} (expected YYYY-MM-DD)"
+    label = row.get("etiquette_dpe")
+    if label is not None and label not in LABELS:
+        return f"unparsable etiquette_dpe {label!r} (expected A..G)"
+    postcode = row.get("code_postal_ban")
+    if postcode is not None and not (isinstance(postcode, str) and _POSTCODE.match(postcode)):
+        return f"unparsable code_postal_ban {postcode!r} (expected 5 digits)"
+    return None
+
+
+def _bad():
+    raise ValueError
+
+
+def to_message(row: dict, fields: tuple[str, ...], department: str) -> dict:
+    msg = {f: row.get(f) for f in fields}
+    if isinstance(msg.get("date_reception_dpe"), str):
+        msg["date_reception_dpe"] = msg["date_reception_dpe"][:10]
+    msg["departement"] = department
+    return msg
+
+
+@dataclass
+class Progress:
+    department: str
+    started: float
+    rows_at_start: int  # rows already sent by earlier runs (resume)
+    rows: int = 0  # rows sent, all runs
+    dead: int = 0
+    pages: int = 0
+    total: int | None = None
+
+    def line(self, page_no: int, page_rows: int) -> None:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = (self.rows + self.dead - self.rows_at_start) / elapsed
+        done = self.rows + self.dead
+        eta = (self.total - done) / rate if self.total is not None and rate > 0 else None
+        pct = 100.0 * done / self.total if self.total else None
+        total_txt = f"/{self.total}" if self.total is not None else ""
+        pct_txt = f" ({pct:.1f}%)" if pct is not None else ""
+        logs.event(
+            log, "page",
+            f"dep {self.department} page {page_no}: {done}{total_txt} rows{pct_txt}, {rate:.0f} rows/s, "
+            f"ETA {logs.human_duration(eta)}",
+            department=self.department, page=page_no, page_rows=page_rows, rows=self.rows, dead=self.dead,
+            total=self.total, pct=None if pct is None else round(pct, 1), rate=round(rate, 1),
+            eta_s=None if eta is None else round(eta),
+        )
+
+
+class Producer:
+    def __init__(self, cfg: ProducerConfig, stop: threading.Event | None = None):
+        self.cfg = cfg
+        self.stop = stop or threading.Event()
+        self.ctx = {"department": cfg.department}
+        self.client = AdemeClient(cfg.api_url, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+                                  retry_max_s=cfg.retry_max_s, max_rps=cfg.max_rps, context=self.ctx)
+
+    def fingerprint(self) -> dict:
+        return {"department": self.cfg.department, "date_from": self.cfg.date_from,
+                "date_to": self.cfg.date_to, "topic": self.cfg.kafka.topic, "api": self.cfg.api_url}
+
+    def run(self) -> int:
+        cfg, ctx = self.cfg, self.ctx
+        t0 = time.monotonic()
+        admin = wait_for_kafka(cfg.kafka.bootstrap_servers, context=ctx)
+        try:
+            created = ensure_topics(admin, pipeline_topics(cfg.kafka, cfg.checkpoint_topic))
+        finally:
+            admin.close()
+        if created:
+            logs.event(log, "topics_created", f"created topics {', '.join(created)}", topics=",".join(created),
+                       **ctx)
+        producer = make_producer(cfg.kafka.bootstrap_servers)
+        try:
+            return self._run(producer, t0)
+        finally:
+            producer.close(timeout=30)
+
+    def _run(self, producer, t0: float) -> int:
+        cfg, ctx = self.cfg, self.ctx
+        store = CheckpointStore(cfg.kafka.bootstrap_servers, cfg.checkpoint_topic, producer)
+        key = cfg.department
+        ckpt = store.load(key)
+        fp = self.fingerprint()
+        if ckpt and ckpt.get("query") != fp:
+            logs.event(log, "checkpoint_ignored", "checkpoint is for another query (dates, topic or API "
+                       "changed): starting from the first page", checkpoint_query=json.dumps(ckpt.get("query")),
+                       **ctx)
+            ckpt = None
+        if ckpt and cfg.restart:
+            logs.event(log, "restart", "PRODUCER_RESTART=true: ignoring the checkpoint, fetching the "
+                       "department again from the first page", **ctx)
+            ckpt = None
+        if ckpt and ckpt.get("done"):
+            logs.event(log, "already_done", f"department {cfg.department} already finished "
+                       f"({ckpt.get('rows', 0)} rows, {ckpt.get('dead', 0)} dead letters); nothing to do. "
+                       "Set PRODUCER_RESTART=true to fetch it again.", rows=ckpt.get("rows"),
+                       dead=ckpt.get("dead"), **ctx)
+            return EXIT_OK
+        prog = Progress(cfg.department, time.monotonic(), rows_at_start=0)
+        after = None
+        page_no = 0
+        if ckpt:
+            after = ckpt.get("after")
+            page_no, prog.rows, prog.dead = ckpt.get("page", 0), ckpt.get("rows", 0), ckpt.get("dead", 0)
+            prog.rows_at_start = prog.rows + prog.dead
+            logs.event(log, "resume", f"resuming department {cfg.department} after page {page_no} "
+                       f"({prog.rows} rows already in Kafka)", page=page_no, rows=prog.rows, after=after, **ctx)
+        else:
+            logs.event(log, "start", f"department {cfg.department}: fetching {cfg.api_url} "
+                       f"({cfg.page_size} rows per call) into topic {cfg.kafka.topic}",
+                       api=cfg.api_url, topic=cfg.kafka.topic, page_size=cfg.page_size, **ctx)
+
+        params = self.client.first_params(department=cfg.department, fields=cfg.fields, size=cfg.page_size,
+                                          date_from=cfg.date_from, date_to=cfg.date_to, after=after)
+        tracker = SendTracker()
+        topic, dlq = cfg.kafka.topic, cfg.kafka.dlq_topic
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
+            pending = pool.submit(self.client.fetch, self.client.lines_url, params)
+            while True:
+                page: Page = pending.result()
+                page_no += 1
+                if page.total is not None:
+                    prog.total = page.total
+                more = bool(page.next_url and page.rows)
+                if more and not self.stop.is_set():
+                    pending = pool.submit(self.client.fetch, page.next_url)  # overlaps the Kafka work
+                for row in page.rows:
+                    reason = validate_row(row, cfg.fields)
+                    if reason is None:
+                        msg = to_message(row, cfg.fields, cfg.department)
+                        tracker.add(producer.send(topic, key=msg["numero_dpe"].encode("utf-8"),
+                                                  value=json.dumps(msg, ensure_ascii=False).encode("utf-8")))
+                        prog.rows += 1
+                    else:
+                        value, headers = deadletter.build(reason, "producer", payload=row,
+                                                          department=cfg.department,
+                                                          source={"api_url": page.url, "page": page_no})
+                        numero = row.get("numero_dpe") if isinstance(row, dict) else None
+                        tracker.add(producer.send(dlq, key=numero.encode("utf-8") if isinstance(numero, str)
+                                                  and numero else None, value=value, headers=headers))
+                        prog.dead += 1
+                        logs.event(log, "dead_letter", f"row refused: {reason}", logging.WARNING, page=page_no,
+                                   reason=reason, numero_dpe=numero, **self.ctx)
+                tracker.flush(producer, timeout_s=180)
+                store.save(cfg.department, {
+                    "v": CHECKPOINT_VERSION, "query": self.fingerprint(), "after": page.after, "page": page_no,
+                    "rows": prog.rows, "dead": prog.dead, "total": prog.total, "done": not more,
+                    "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                })
+                prog.pages += 1
+                prog.line(page_no, len(page.rows))
+                if not more:
+                    break
+                if self.stop.is_set():
+                    logs.event(log, "stopped", f"stopped by signal after page {page_no}; checkpoint saved, "
+                               "the next run resumes here", logging.WARNING, page=page_no, rows=prog.rows, **ctx)
+                    return EXIT_TERMINATED
+        seconds = time.monotonic() - t0
+        logs.event(log, "done", f"department {cfg.department} done: {prog.rows} rows sent, {prog.dead} dead "
+                   f"letters, {prog.pages} pages in {seconds:.1f}s (API total {prog.total})",
+                   rows=prog.rows, dead=prog.dead, pages=prog.pages, total=prog.total,
+                   seconds=round(seconds, 1), api_requests=self.client.requests_made,
+                   api_retries=self.client.retries_made, **ctx)
+        return EXIT_OK
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="dpe-ingest produce",
+        description="Page one department of the ADEME DPE API into Kafka, then exit. Settings come from "
+                    "the environment (see docs/configuration.md); flags override them.",
+        epilog="exit codes: 0 done, 1 gave up after retries, 2 bad configuration, 3 API refused the "
+               "request, 143 stopped by SIGTERM (resumable)")
+    p.add_argument("department", nargs="?", help=f"department code ({departments.VALID_FORMS}); "
+                   "default $DEPARTMENT")
+    p.add_argument("--restart", action="store_true", help="ignore the checkpoint: fetch the department again")
+    p.add_argument("--page-size", type=int, help=f"rows per API call (default {CONTRACT['ADEME_PAGE_SIZE'][0]})")
+    p.add_argument("--api-url", help="dataset URL (default $ADEME_API_URL)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    logs.setup()
+    import os
+
+    env = dict(os.environ)
+    if args.department:
+        env["DEPARTMENT"] = args.department
+    if args.restart:
+        env["PRODUCER_RESTART"] = "true"
+    if args.page_size is not None:
+        env["ADEME_PAGE_SIZE"] = str(args.page_size)
+    if args.api_url:
+        env["ADEME_API_URL"] = args.api_url
+    try:
+        cfg = ProducerConfig.from_env(env)
+    except ConfigError as exc:
+        logs.event(log, "config_error", str(exc), logging.ERROR, department=env.get("DEPARTMENT"))
+        print(f"dpe-ingest produce: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        logs.event(log, "signal", f"received {signal.Signals(signum).name}: finishing the current page",
+                   logging.WARNING, department=cfg.department)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return Producer(cfg, stop).run()
+    except ApiRequestError as exc:
+        logs.event(log, "api_refused", str(exc), logging.ERROR, department=cfg.department, status=exc.status)
+        return EXIT_REFUSED
+    except (ApiUnavailable, KafkaUnavailable) as exc:
+        logs.event(log, "gave_up", f"{type(exc).__name__}: {exc}", logging.ERROR, department=cfg.department)
+        return EXIT_GAVE_UP
