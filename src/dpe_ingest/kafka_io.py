@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
+from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from . import logs
 from .config import KafkaSettings
@@ -36,7 +36,7 @@ def wait_for_kafka(bootstrap: str, timeout_s: float = 180.0, context: dict | Non
         try:
             return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="dpe-ingest-admin",
                                     request_timeout_ms=15000)
-        except (NoBrokersAvailable, KafkaError, OSError) as exc:
+        except (KafkaError, OSError) as exc:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise KafkaUnavailable(f"Kafka at {bootstrap} unreachable for {timeout_s:.0f}s: {exc}") from exc
