@@ -32,6 +32,7 @@ CONTRACT: dict[str, tuple[str | None, str]] = {
     "KAFKA_REPLICATION_FACTOR": ("1", "Replication factor of the topics the producer creates"),
     "LOG_FORMAT": ("logfmt", "logfmt (one key=value line per event) or json"),
     "LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING, ERROR"),
+    "KAFKA_CLIENT_LOG_LEVEL": ("CRITICAL", "Log level of the kafka-python library itself (its connection errors)"),
     # producer
     "DEPARTMENT": (None, "Department code of this producer: 01..19, 2A, 2B, 21..95, 971..976"),
     "ADEME_API_URL": (DEFAULT_API_URL, "Dataset URL of the ADEME data-fair API (…/datasets/dpe03existant)"),
@@ -218,3 +219,16 @@ class ConsumerConfig:
             retry_max_backoff_s=_float(env, "RETRY_MAX_BACKOFF_S", 0.1),
             kafka=KafkaSettings.from_env(env),
         )
+
+
+def markdown_table() -> str:
+    """The contract as the Markdown table of docs/configuration.md (kept in sync by a test)."""
+    lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, (default, meaning) in CONTRACT.items():
+        shown = f"`{default}`" if default not in (None, "") else "(unset)"
+        lines.append(f"| `{name}` | {shown} | {meaning} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -35,7 +35,8 @@ def wait_for_kafka(bootstrap: str, timeout_s: float = 180.0, context: dict | Non
     while True:
         try:
             return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="dpe-ingest-admin",
-                                    request_timeout_ms=15000)
+                                    request_timeout_ms=15000,
+                                    bootstrap_timeout_ms=int(max(1.0, min(10.0, deadline - time.monotonic())) * 1000))
         except (KafkaError, OSError) as exc:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -63,8 +63,9 @@ def setup(level: str | None = None, fmt: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel((level or os.environ.get("LOG_LEVEL", "INFO")).upper())
-    # kafka-python is chatty at INFO; its warnings still come through.
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    # kafka-python logs every refused connection as an ERROR while a broker starts; our own events
+    # (kafka_wait, gave_up…) say what matters.  KAFKA_CLIENT_LOG_LEVEL=WARNING brings them back.
+    logging.getLogger("kafka").setLevel(os.environ.get("KAFKA_CLIENT_LOG_LEVEL", "CRITICAL").upper())
 
 
 def event(logger: logging.Logger, name: str, msg: str, level: int = logging.INFO, **fields: Any) -> None:

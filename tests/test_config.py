@@ -1,0 +1,77 @@
+"""The environment contract, department codes and the documented table."""
+
+from pathlib import Path
+
+import pytest
+
+from dpe_ingest import config, departments
+from dpe_ingest.config import ConfigError, ConsumerConfig, ProducerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("raw,code", [
+    (69, "69"), ("69", "69"), (1, "01"), ("1", "01"), ("01", "01"), ("2a", "2A"), ("2B", "2B"),
+    (971, "971"), ("976", "976"), (" 38 ", "38"), (95, "95"), (69.0, "69"),
+])
+def test_department_normalisation(raw, code):
+    assert departments.normalize(raw) == code
+
+
+@pytest.mark.parametrize("raw", ["99", 20, "20", "00", "0", "96", "970", "977", "2C", "abc", "", None, True, 6.5])
+def test_invalid_department_names_valid_forms(raw):
+    with pytest.raises(departments.InvalidDepartment) as err:
+        departments.normalize(raw)
+    assert "01..19, 2A, 2B, 21..95, 971..976" in str(err.value)
+
+
+def test_department_list_forms():
+    assert departments.parse_list("69,01,38") == ["69", "01", "38"]
+    assert departments.parse_list("69 1 2a 69") == ["69", "01", "2A"]
+    assert departments.parse_list([69, "01", 38]) == ["69", "01", "38"]
+    assert len(departments.ALL_DEPARTMENTS) == 19 + 2 + 75 + 6
+    with pytest.raises(departments.InvalidDepartment):
+        departments.parse_list("")
+
+
+def test_producer_config_defaults_and_overrides():
+    cfg = ProducerConfig.from_env({"DEPARTMENT": "2a", "ADEME_API_URL": "http://x:1/data-fair/api/v1/datasets/dpe03existant/lines/",
+                                   "ADEME_EXTRA_FIELDS": "type_batiment, numero_dpe", "ADEME_DATE_FROM": "2024-01-01"})
+    assert cfg.department == "2A"
+    assert cfg.api_url == "http://x:1/data-fair/api/v1/datasets/dpe03existant"
+    assert cfg.page_size == 500
+    assert cfg.fields == ("numero_dpe", "date_reception_dpe", "code_postal_ban", "etiquette_dpe", "type_batiment")
+    assert cfg.date_from == "2024-01-01" and cfg.date_to is None
+    assert cfg.kafka.topic == "dpe-lines" and cfg.kafka.bootstrap_servers == "localhost:9092"
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({}, "DEPARTMENT is not set"),
+    ({"DEPARTMENT": "99"}, "valid forms are 01..19, 2A, 2B, 21..95, 971..976"),
+    ({"DEPARTMENT": "69", "ADEME_PAGE_SIZE": "0"}, "ADEME_PAGE_SIZE=0 is out of range"),
+    ({"DEPARTMENT": "69", "ADEME_PAGE_SIZE": "20000"}, "ADEME_PAGE_SIZE=20000 is out of range"),
+    ({"DEPARTMENT": "69", "ADEME_PAGE_SIZE": "lots"}, "not a whole number"),
+    ({"DEPARTMENT": "69", "ADEME_DATE_FROM": "2024-13-01"}, "ADEME_DATE_FROM"),
+    ({"DEPARTMENT": "69", "ADEME_DATE_FROM": "2024-02-01", "ADEME_DATE_TO": "2024-01-01"}, "after ADEME_DATE_TO"),
+    ({"DEPARTMENT": "69", "ADEME_API_URL": "ftp://x"}, "not an http(s) URL"),
+    ({"DEPARTMENT": "69", "KAFKA_BOOTSTRAP_SERVERS": "kafka"}, "host:port"),
+    ({"DEPARTMENT": "69", "PRODUCER_RESTART": "maybe"}, "not a boolean"),
+])
+def test_producer_config_errors_name_the_variable(env, needle):
+    with pytest.raises(ConfigError) as err:
+        ProducerConfig.from_env(env)
+    assert needle in str(err.value)
+
+
+def test_consumer_config():
+    cfg = ConsumerConfig.from_env({})
+    assert (cfg.batch_size, cfg.table, cfg.group) == (100, "dpe_data", "dpe-sink")
+    with pytest.raises(ConfigError, match="BATCH_SIZE=0"):
+        ConsumerConfig.from_env({"BATCH_SIZE": "0"})
+    with pytest.raises(ConfigError, match="DB_TABLE"):
+        ConsumerConfig.from_env({"DB_TABLE": "dpe; drop table x"})
+
+
+def test_documented_contract_matches_code():
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    assert config.markdown_table() in doc, "docs/configuration.md is stale: run python -m dpe_ingest.config"

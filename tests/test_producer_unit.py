@@ -1,0 +1,154 @@
+"""Producer pieces that need no server: row validation, messages, the API client's retry policy."""
+
+import pytest
+import requests
+
+from dpe_ingest import ademe
+from dpe_ingest.config import BASE_FIELDS
+from dpe_ingest.producer import to_message, validate_row
+
+GOOD = {"numero_dpe": "2169E0123456Z", "date_reception_dpe": "2023-04-05", "code_postal_ban": "69003",
+        "etiquette_dpe": "D"}
+
+
+def test_good_row_passes_and_becomes_message():
+    assert validate_row(GOOD, BASE_FIELDS) is None
+    msg = to_message({**GOOD, "_score": None, "other": 1}, BASE_FIELDS, "69")
+    assert msg == {**GOOD, "departement": "69"}
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"numero_dpe": None}, "missing numero_dpe"),
+    ({"numero_dpe": ""}, "missing numero_dpe"),
+    ({"numero_dpe": 12}, "missing numero_dpe"),
+    ({"date_reception_dpe": "not-a-date"}, "unparsable date_reception_dpe"),
+    ({"date_reception_dpe": "2023-02-30"}, "unparsable date_reception_dpe"),
+    ({"date_reception_dpe": 20230405}, "unparsable date_reception_dpe"),
+    ({"etiquette_dpe": "H"}, "unparsable etiquette_dpe"),
+    ({"code_postal_ban": "6900"}, "unparsable code_postal_ban"),
+])
+def test_bad_rows_have_a_reason(change, reason):
+    got = validate_row({**GOOD, **change}, BASE_FIELDS)
+    assert got is not None and got.startswith(reason)
+
+
+def test_missing_optional_fields_are_fine():
+    assert validate_row({"numero_dpe": "X", "date_reception_dpe": None}, BASE_FIELDS) is None
+    assert validate_row(["not", "a", "row"], BASE_FIELDS).startswith("row is a list")
+
+
+def test_qs_and_cursor():
+    assert ademe.build_qs("2A") == 'code_departement_ban:"2A"'
+    assert ademe.build_qs("69", "2024-01-01", None) == 'code_departement_ban:"69" AND date_reception_dpe:[2024-01-01 TO *]'
+    assert ademe.cursor_of("http://h/lines?size=500&after=12%2C34&qs=x") == "12,34"
+    assert ademe.cursor_of(None) is None
+
+
+def test_retry_after_parsing():
+    assert ademe.retry_after_seconds("7") == 7.0
+    assert ademe.retry_after_seconds(None) is None
+    assert ademe.retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert ademe.retry_after_seconds("soon") is None
+
+
+class FakeResponse:
+    def __init__(self, status, body=b"", headers=None):
+        self.status_code, self.content, self.headers = status, body, headers or {}
+        self.url, self.reason = "http://api/lines", "x"
+
+    @property
+    def text(self):
+        return self.content.decode()
+
+    def json(self):
+        import json
+        return json.loads(self.content)
+
+
+class FakeSession:
+    def __init__(self, script):
+        self.script, self.calls, self.headers = list(script), [], {}
+
+    def get(self, url, params=None, timeout=None):
+        self.calls.append((url, params))
+        item = self.script.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+def client(script, **kw):
+    sleeps = []
+    c = ademe.AdemeClient("http://api/ds", session=FakeSession(script), sleep=sleeps.append, **kw)
+    return c, sleeps
+
+
+PAGE = b'{"total": 1, "results": [{"numero_dpe": "A"}], "next": "http://api/ds/lines?after=5&size=1"}'
+
+
+def test_retries_429_honouring_retry_after_then_5xx_then_cut_body():
+    c, sleeps = client([
+        FakeResponse(429, b'{"message":"slow down"}', {"Retry-After": "7"}),
+        FakeResponse(503, b"busy"),
+        requests.exceptions.ChunkedEncodingError("cut"),
+        FakeResponse(200, PAGE[:20]),  # a 200 whose body was cut short
+        FakeResponse(200, PAGE),
+    ])
+    page = c.fetch(c.lines_url, {"size": 1})
+    assert page.rows == [{"numero_dpe": "A"}] and page.total == 1 and page.after == "5"
+    assert page.attempts == 5 and len(sleeps) == 4
+    assert sleeps[0] >= 7.0  # Retry-After honoured
+    assert all(0 < s <= ademe.BACKOFF_CAP_S for s in sleeps[1:])
+
+
+def test_backoff_is_exponential_capped_and_jittered():
+    c, _ = client([])
+    delays = [c._backoff(n, None) for n in range(1, 12)]
+    for n, d in enumerate(delays, start=1):
+        exp = min(ademe.BACKOFF_CAP_S, 2 ** (n - 1))
+        assert exp / 2 <= d <= exp
+
+
+def test_gives_up_after_max_retries():
+    c, sleeps = client([FakeResponse(500, b"boom")] * 4, max_retries=3)
+    with pytest.raises(ademe.ApiUnavailable, match="gave up after 4 attempts"):
+        c.fetch(c.lines_url)
+    assert len(sleeps) == 3
+
+
+def test_gives_up_when_total_wait_would_exceed_bound():
+    c, sleeps = client([FakeResponse(429, b"", {"Retry-After": "120"})] * 3, retry_max_s=60)
+    with pytest.raises(ademe.ApiUnavailable, match="ADEME_RETRY_MAX_S"):
+        c.fetch(c.lines_url)
+    assert sleeps == []
+
+
+def test_bad_request_is_fatal_with_the_api_message():
+    c, sleeps = client([FakeResponse(400, b'{"message": "Impossible to paginate beyond 10000 results"}')])
+    with pytest.raises(ademe.ApiRequestError) as err:
+        c.fetch(c.lines_url)
+    assert err.value.status == 400 and "10000" in str(err.value) and sleeps == []
+
+
+def test_pages_follow_next_until_dry():
+    p1 = b'{"total": 2, "results": [{"numero_dpe": "A"}], "next": "http://api/ds/lines?after=1"}'
+    p2 = b'{"total": 2, "results": [{"numero_dpe": "B"}]}'
+    c, _ = client([FakeResponse(200, p1), FakeResponse(200, p2)])
+    pages = list(c.pages({"size": 1}))
+    assert [p.rows[0]["numero_dpe"] for p in pages] == ["A", "B"]
+    assert c.session.calls[1][0] == "http://api/ds/lines?after=1"
+    assert pages[-1].next_url is None
+
+
+def test_rate_limiter_spaces_calls():
+    now = [0.0]
+    slept = []
+
+    def sleep(s):
+        slept.append(s)
+        now[0] += s
+
+    lim = ademe.RateLimiter(4, clock=lambda: now[0], sleep=sleep)
+    for _ in range(5):
+        lim.wait()
+    assert slept == pytest.approx([0.25] * 4)
