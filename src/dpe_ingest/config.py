@@ -44,6 +44,7 @@ CONTRACT: dict[str, tuple[str | None, str]] = {
     "ADEME_TIMEOUT_S": ("30", "Per-request timeout in seconds (connect and read)"),
     "ADEME_MAX_RETRIES": ("8", "Retries of one API call (429, 5xx, timeouts, cut bodies) before giving up"),
     "ADEME_RETRY_MAX_S": ("300", "Upper bound of the total time spent waiting in retries of one call"),
+    "KAFKA_WAIT_S": ("180", "How long the producer waits for Kafka to answer at start before giving up (exit 1)"),
     "PRODUCER_CHECKPOINT_TOPIC": ("dpe-producer-checkpoints", "Compacted topic holding each department's resume point"),
     "PRODUCER_RESTART": ("false", "true: ignore the checkpoint and fetch the department again from the start"),
     # consumer
@@ -154,6 +155,7 @@ class ProducerConfig:
     checkpoint_topic: str
     restart: bool
     kafka: KafkaSettings
+    kafka_wait_s: float = 180.0
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -188,6 +190,7 @@ class ProducerConfig:
             checkpoint_topic=str(_get(env, "PRODUCER_CHECKPOINT_TOPIC")),
             restart=_bool(env, "PRODUCER_RESTART"),
             kafka=KafkaSettings.from_env(env),
+            kafka_wait_s=_float(env, "KAFKA_WAIT_S", 0.0),
         )
         if cfg.date_from and cfg.date_to and cfg.date_from > cfg.date_to:
             raise ConfigError(f"ADEME_DATE_FROM={cfg.date_from} is after ADEME_DATE_TO={cfg.date_to}")

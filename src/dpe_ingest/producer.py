@@ -118,7 +118,7 @@ class Producer:
     def run(self) -> int:
         cfg, ctx = self.cfg, self.ctx
         t0 = time.monotonic()
-        admin = wait_for_kafka(cfg.kafka.bootstrap_servers, context=ctx)
+        admin = wait_for_kafka(cfg.kafka.bootstrap_servers, timeout_s=cfg.kafka_wait_s, context=ctx)
         try:
             created = ensure_topics(admin, pipeline_topics(cfg.kafka, cfg.checkpoint_topic))
         finally:

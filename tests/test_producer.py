@@ -1,0 +1,229 @@
+"""The department producer against a real Kafka broker and the ADEME stand-in (issue: producer Job).
+
+Each test runs ``dpe-ingest produce`` as a real process, as the Kubernetes Job does, then reads the
+topics back and reconciles them with the stand-in's dataset row by row.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from dpe_ingest.config import BASE_FIELDS
+from dpe_ingest.standin.data import Dataset
+from dpe_ingest.standin.faults import Faults
+from dpe_ingest.standin.server import StandinServer
+
+from kafka_util import command, duplicates, events, read_topic, run, start
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture
+def standin():
+    servers = []
+
+    def make(dataset: Dataset, faults: Faults | None = None) -> StandinServer:
+        srv = StandinServer(dataset=dataset, faults=faults).start()
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        srv.stop()
+
+
+@pytest.fixture
+def topics(unique_name):
+    base = unique_name("prod")
+    return {"KAFKA_TOPIC": base, "KAFKA_DLQ_TOPIC": base + "-dlq",
+            "PRODUCER_CHECKPOINT_TOPIC": base + "-ckpt", "KAFKA_TOPIC_PARTITIONS": "3"}
+
+
+def env_for(kafka_bootstrap, srv, topics, department, **extra):
+    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "ADEME_API_URL": srv.url, "DEPARTMENT": department,
+           "ADEME_PAGE_SIZE": "500", **topics}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def expected(dataset: Dataset, dep: str) -> dict[str, dict]:
+    """numero_dpe -> message the producer must send for every healthy row of ``dep``."""
+    out = {}
+    for i, row in enumerate(dataset.iter_rows(dep)):
+        if dataset.is_malformed(dep, i):
+            continue
+        msg = {f: row.get(f) for f in BASE_FIELDS}
+        msg["departement"] = dep
+        out[msg["numero_dpe"]] = msg
+    return out
+
+
+def messages_by_department(records) -> dict[str, dict[str, dict]]:
+    out: dict[str, dict[str, dict]] = {}
+    for r in records:
+        msg = r.json()
+        assert r.key.decode() == msg["numero_dpe"], "messages are keyed by numero_dpe"
+        out.setdefault(msg["departement"], {})[msg["numero_dpe"]] = msg
+    return out
+
+
+def test_three_departments_in_parallel_produce_exactly_the_api_rows(kafka_bootstrap, standin, topics):
+    # 69 is above the API's 10 000-result page window: only the cursor can fetch it whole.
+    ds = Dataset({"69": 12_345, "01": 2_000, "38": 3_456}, seed=7)
+    srv = standin(ds)
+    deps = ["69", "01", "38"]
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda d: run(command("produce"), env_for(kafka_bootstrap, srv, topics, d)), deps))
+    for dep, res in zip(deps, results):
+        assert res.returncode == 0, f"producer {dep} failed:\n{res.stderr[-3000:]}"
+        done = events(res.stderr, "done")
+        assert len(done) == 1 and done[0]["rows"] == str(ds.count(dep)), done
+        pages = events(res.stderr, "page")
+        assert pages and pages[-1]["department"] == dep and pages[-1]["total"] == str(ds.count(dep))
+        assert {"rate", "eta_s", "rows", "page"} <= set(pages[0])
+    records = read_topic(kafka_bootstrap, topics["KAFKA_TOPIC"])
+    assert duplicates(records) == 0
+    got = messages_by_department(records)
+    for dep in deps:
+        assert got[dep] == expected(ds, dep), f"department {dep} differs from the API"
+    assert len(records) == 12_345 + 2_000 + 3_456
+    assert {r.partition for r in records} == {0, 1, 2}, "keys spread over the topic's partitions"
+
+
+def test_finished_department_is_not_fetched_again_unless_asked(kafka_bootstrap, standin, topics):
+    ds = Dataset({"2A": 1_200}, seed=3)
+    srv = standin(ds)
+    env = env_for(kafka_bootstrap, srv, topics, "2a")
+    assert run(command("produce"), env).returncode == 0
+    served = srv.requests_served
+    again = run(command("produce"), env)
+    assert again.returncode == 0 and events(again.stderr, "already_done"), again.stderr[-2000:]
+    assert srv.requests_served == served, "a finished department must not call the API again"
+    forced = run(command("produce", "--restart"), env)
+    assert forced.returncode == 0 and events(forced.stderr, "restart")
+    assert srv.requests_served > served
+    records = read_topic(kafka_bootstrap, topics["KAFKA_TOPIC"])
+    assert len(records) == 2 * 1_200  # the forced re-run re-sent every row on purpose
+    assert set(messages_by_department(records)["2A"]) == set(expected(ds, "2A"))
+
+
+def _wait_for_page(log_path, page: int, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log_path.read_text(errors="replace")
+        pages = events(text, "page")
+        if pages and int(pages[-1]["page"]) >= page:
+            return pages
+        assert proc.poll() is None, f"producer exited early:\n{text[-3000:]}"
+        time.sleep(0.05)
+    raise AssertionError(f"page {page} not reached:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.mark.parametrize("kill_at_page", [2, 7])
+def test_killed_producer_resumes_and_resends_at_most_one_page(kafka_bootstrap, standin, topics, tmp_path,
+                                                               kill_at_page):
+    ds = Dataset({"38": 6_000}, seed=11)
+    srv = standin(ds, Faults(p_slow=1.0, slow_s=0.15))  # slow pages: the kill lands mid-department
+    env = env_for(kafka_bootstrap, srv, topics, "38")
+    log1 = tmp_path / "first.log"
+    proc = start(command("produce"), env, log1)
+    try:
+        _wait_for_page(log1, kill_at_page, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    srv.faults = Faults()
+    second = run(command("produce"), env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    resume = events(second.stderr, "resume")
+    assert resume and int(resume[0]["page"]) >= kill_at_page, "restart must resume, not start over"
+    records = read_topic(kafka_bootstrap, topics["KAFKA_TOPIC"])
+    got = messages_by_department(records)["38"]
+    assert got == expected(ds, "38"), "every row is in Kafka"
+    assert duplicates(records) <= 500, f"{duplicates(records)} rows re-sent: more than one page"
+
+
+def test_sigterm_checkpoints_and_exits_143_then_resumes_without_duplicates(kafka_bootstrap, standin, topics,
+                                                                           tmp_path):
+    ds = Dataset({"01": 5_000}, seed=5)
+    srv = standin(ds, Faults(p_slow=1.0, slow_s=0.1))
+    env = env_for(kafka_bootstrap, srv, topics, "01")
+    log1 = tmp_path / "first.log"
+    proc = start(command("produce"), env, log1)
+    _wait_for_page(log1, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 143, log1.read_text()[-2000:]
+    assert events(log1.read_text(), "stopped")
+    srv.faults = Faults()
+    assert run(command("produce"), env).returncode == 0
+    records = read_topic(kafka_bootstrap, topics["KAFKA_TOPIC"])
+    assert duplicates(records) == 0
+    assert messages_by_department(records)["01"] == expected(ds, "01")
+
+
+def test_injected_429_5xx_and_cut_bodies_are_survived(kafka_bootstrap, standin, topics):
+    ds = Dataset({"69": 4_000}, seed=9)
+    faults = Faults(seed=4, p_429=0.15, retry_after_s=0.2, p_5xx=0.15, p_cut=0.15)
+    faults.fail_next(2, "503")
+    srv = standin(ds, faults)
+    res = run(command("produce"), env_for(kafka_bootstrap, srv, topics, "69", ADEME_MAX_RETRIES=20))
+    assert res.returncode == 0, res.stderr[-3000:]
+    kinds = {kind for _, kind in faults.injected}
+    assert {"429", "cut"} <= kinds and kinds & {"500", "502", "503"}, faults.injected
+    assert len(events(res.stderr, "api_retry")) == len(faults.injected)
+    records = read_topic(kafka_bootstrap, topics["KAFKA_TOPIC"])
+    assert duplicates(records) == 0
+    assert messages_by_department(records)["69"] == expected(ds, "69")
+
+
+def test_malformed_rows_go_to_the_dead_letter_topic_and_are_counted(kafka_bootstrap, standin, topics):
+    ds = Dataset({"971": 3_000}, seed=2, malformed_rate=0.02)
+    bad = ds.malformed_indices("971")
+    assert len(bad) > 10
+    srv = standin(ds)
+    res = run(command("produce"), env_for(kafka_bootstrap, srv, topics, "971"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    done = events(res.stderr, "done")[0]
+    assert done["dead"] == str(len(bad)) and done["rows"] == str(3_000 - len(bad))
+    dlq = [json.loads(r.value) for r in read_topic(kafka_bootstrap, topics["KAFKA_DLQ_TOPIC"])]
+    assert len(dlq) == len(bad)
+    assert {d["stage"] for d in dlq} == {"producer"} and {d["department"] for d in dlq} == {"971"}
+    reasons = {d["reason"].split(" ")[0] for d in dlq}
+    assert reasons <= {"missing", "unparsable"} and len(reasons) == 2, reasons
+    good = messages_by_department(read_topic(kafka_bootstrap, topics["KAFKA_TOPIC"]))["971"]
+    assert good == expected(ds, "971")
+
+
+def test_bad_department_code_exits_non_zero_with_the_valid_forms(kafka_bootstrap, topics):
+    res = run(command("produce"), {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "DEPARTMENT": "99", **topics})
+    assert res.returncode == 2
+    assert "invalid department code '99'" in res.stderr and "01..19, 2A, 2B, 21..95, 971..976" in res.stderr
+
+
+def test_fatal_400_exits_non_zero_with_the_api_message(kafka_bootstrap, standin, topics):
+    srv = standin(Dataset(100))
+    res = run(command("produce"), env_for(kafka_bootstrap, srv, topics, "69", ADEME_EXTRA_FIELDS="no_such_field"))
+    assert res.returncode == 3, res.stderr[-2000:]
+    refused = events(res.stderr, "api_refused")
+    assert refused and refused[0]["status"] == "400" and "no_such_field" in refused[0]["msg"]
+    assert srv.requests_served == 1, "a bad request is not retried"
+
+
+def test_unreachable_kafka_gives_up_with_a_clear_message(standin, topics):
+    srv = standin(Dataset(100))
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = run(command("produce"), {**env_for(f"127.0.0.1:{port}", srv, topics, "69"), "KAFKA_WAIT_S": "3"}, timeout=120)
+    assert res.returncode == 1
+    assert events(res.stderr, "gave_up") and f"127.0.0.1:{port}" in res.stderr
