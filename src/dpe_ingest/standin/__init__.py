@@ -1,0 +1,7 @@
+"""Local stand-in of the ADEME data-fair API (dataset ``dpe03existant``): see docs/standin.md."""
+
+from .data import Dataset
+from .faults import Fault, Faults
+from .server import StandinServer, main
+
+__all__ = ["Dataset", "Fault", "Faults", "StandinServer", "main"]

@@ -1,0 +1,389 @@
+"""Deterministic synthetic ``dpe03existant`` rows, generated lazily.
+
+Row ``i`` of department ``d`` is a pure function of ``(seed, d, i, count(d), malformed_rate)``: nothing
+is stored, so a department of millions of rows costs no memory, and a row can be produced in O(1) from
+any position (the stand-in's cursor pagination jumps straight to its position).
+
+Ordering and the ``_i`` line number
+    data-fair sorts ``/lines`` by ``_i`` (the line number in the source file) when no ``sort`` is given.
+    The real file mixes departments; here departments are interleaved round-robin:
+    ``_i = index * N + position(department)`` where ``N = len(ALL_DEPARTMENTS)``.  Inside a department,
+    ``date_reception_dpe`` is non-decreasing with the index, so a date range is an index range computed
+    exactly by arithmetic (no scan).
+
+Malformed rows (``malformed_rate > 0``)
+    A deterministic subset of rows is damaged: either ``numero_dpe`` is missing (the key is absent, as
+    Elasticsearch omits missing fields) or ``date_reception_dpe`` is the unparsable ``"not-a-date"``.
+    Filtering and ordering still use the row's position, so a damaged row is returned by the same
+    queries as its healthy twin.  ``malformed_kind(dep, i)`` tells which rows are damaged.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Iterator, Mapping
+
+from .. import departments
+
+M64 = (1 << 64) - 1
+START_DATE = _dt.date(2021, 7, 1)  # the 2021 DPE method (dataset dpe03existant) starts here
+END_DATE = _dt.date(2025, 12, 31)
+SPAN_DAYS = (END_DATE - START_DATE).days + 1
+_DAY_STR = [(START_DATE + _dt.timedelta(days=k)).isoformat() for k in range(SPAN_DAYS)]
+_ORDINAL0 = START_DATE.toordinal()
+
+DEPARTMENT_POSITION: dict[str, int] = {d: k for k, d in enumerate(departments.ALL_DEPARTMENTS)}
+N_DEPARTMENTS = len(departments.ALL_DEPARTMENTS)
+
+# Energy label distribution of existing dwellings (dpe03existant), rounded: A+B about 4-5 % (ADEME
+# observatoire DPE), F about 10 %, G about 7 % (DPE logements existants, July 2021 - Sept 2023).
+ETIQUETTE_WEIGHTS = (("A", 1.5), ("B", 3.0), ("C", 19.0), ("D", 34.0), ("E", 25.5), ("F", 10.0), ("G", 7.0))
+# kWh primary energy / m2 / year bands of the 2021 DPE scale, used for conso_5_usages_par_m2_ep.
+_CONSO_BANDS = {"A": (35, 69), "B": (70, 110), "C": (111, 180), "D": (181, 250), "E": (251, 330),
+                "F": (331, 420), "G": (421, 650)}
+_GES_LABELS = "ABCDEFG"
+_TYPES = ("appartement", "appartement", "maison", "maison", "maison", "appartement", "immeuble", "maison")
+_PERIODS = (("avant 1948", 1850, 1947), ("1948-1974", 1948, 1974), ("1975-1977", 1975, 1977),
+            ("1978-1982", 1978, 1982), ("1983-1988", 1983, 1988), ("1989-2000", 1989, 2000),
+            ("2001-2005", 2001, 2005), ("2006-2012", 2006, 2012), ("2013-2021", 2013, 2021))
+_ENERGIES = ("Électricité", "Électricité", "Gaz naturel", "Gaz naturel", "Fioul domestique",
+             "Bois – Bûches", "Réseau de Chauffage urbain", "GPL")
+_NAME_STEMS = ("Saint-Martin", "Saint-Pierre", "Sainte-Marie", "Beaumont", "Villeneuve", "Montagne",
+               "Fontaine", "Belleville", "Champagne", "Châteauneuf", "Rivière", "Le Mesnil", "La Roche",
+               "Les Granges", "Bourg", "Plaisance", "Mont-Royal", "Bellevue", "Clairefontaine", "Valence",
+               "Pont-Neuf", "Sauveterre", "Montfort", "Lacroix", "Les Ormes", "Marcilly", "Aubigny",
+               "Vernon", "Laval", "Brie")
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_NUM_MULT = 3_999_971  # odd, not a multiple of 5: a bijection of [0, 10**7)
+_NUM_ADD = 1_234_567
+
+FIELDS: tuple[str, ...] = (
+    "numero_dpe", "date_etablissement_dpe", "date_reception_dpe", "etiquette_dpe", "etiquette_ges",
+    "conso_5_usages_par_m2_ep", "emission_ges_5_usages_par_m2", "type_batiment", "periode_construction",
+    "annee_construction", "surface_habitable_logement", "type_energie_principale_chauffage",
+    "code_postal_ban", "code_insee_ban", "nom_commune_ban", "code_departement_ban",
+    "_i", "_rand", "_id",
+)
+
+# The schema as GET /datasets/dpe03existant publishes it (a subset of the real columns + calculated ones).
+SCHEMA: list[dict] = [
+    {"key": "numero_dpe", "type": "string", "title": "N°DPE", "x-originalName": "numero_dpe"},
+    {"key": "date_etablissement_dpe", "type": "string", "format": "date", "title": "Date_établissement_DPE"},
+    {"key": "date_reception_dpe", "type": "string", "format": "date", "title": "Date_réception_DPE"},
+    {"key": "etiquette_dpe", "type": "string", "title": "Etiquette_DPE"},
+    {"key": "etiquette_ges", "type": "string", "title": "Etiquette_GES"},
+    {"key": "conso_5_usages_par_m2_ep", "type": "number", "title": "Conso_5_usages_par_m²_é_primaire"},
+    {"key": "emission_ges_5_usages_par_m2", "type": "number", "title": "Emission_GES_5_usages_par_m²"},
+    {"key": "type_batiment", "type": "string", "title": "Type_bâtiment"},
+    {"key": "periode_construction", "type": "string", "title": "Période_construction"},
+    {"key": "annee_construction", "type": "integer", "title": "Année_construction"},
+    {"key": "surface_habitable_logement", "type": "number", "title": "Surface_habitable_logement"},
+    {"key": "type_energie_principale_chauffage", "type": "string", "title": "Type_énergie_principale_chauffage"},
+    {"key": "code_postal_ban", "type": "string", "title": "Code_postal_(BAN)"},
+    {"key": "code_insee_ban", "type": "string", "title": "Code_INSEE_(BAN)"},
+    {"key": "nom_commune_ban", "type": "string", "title": "Nom__commune_(BAN)"},
+    {"key": "code_departement_ban", "type": "string", "title": "N°_département_(BAN)"},
+    {"key": "_i", "type": "integer", "title": "Numéro de ligne", "x-calculated": True},
+    {"key": "_rand", "type": "integer", "title": "Nombre aléatoire", "x-calculated": True},
+    {"key": "_id", "type": "string", "format": "uri-reference", "title": "Identifiant", "x-calculated": True},
+]
+assert tuple(f["key"] for f in SCHEMA) == FIELDS
+
+MALFORMED_KINDS = ("missing_numero_dpe", "bad_date")
+
+
+def _mix(x: int) -> int:
+    """splitmix64 finaliser: a fast, well-spread 64-bit hash of an integer."""
+    x = (x + 0x9E3779B97F4A7C15) & M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
+    return x ^ (x >> 31)
+
+
+def _communes(dep: str) -> list[tuple[str, str, str]]:
+    """(code_postal, code_insee, nom) of a few plausible communes of ``dep``."""
+    h = _mix(hash_str(dep))
+    out: list[tuple[str, str, str]] = []
+    for k in range(40):
+        h = _mix(h + k)
+        if dep == "2A":  # Corse-du-Sud: 200xx / 201xx
+            cp = f"20{(h >> 8) % 2}{(h >> 16) % 10}{(h >> 24) % 10 if k else 0}"
+            insee = f"2A{(h >> 32) % 366 + 1:03d}"
+        elif dep == "2B":  # Haute-Corse: 202xx / 206xx
+            cp = f"20{2 if (h >> 8) % 3 else 6}{(h >> 16) % 10}{(h >> 24) % 10 if k else 0}"
+            insee = f"2B{(h >> 32) % 366 + 1:03d}"
+        elif len(dep) == 3:  # overseas: 971xx .. 976xx
+            cp = f"{dep}{(h >> 8) % 9}0" if k else f"{dep}00"
+            insee = f"{dep}{(h >> 16) % 60 + 1:02d}"
+        elif dep == "75":
+            arr = (h >> 8) % 20 + 1
+            cp = f"750{arr:02d}"
+            insee = f"751{arr:02d}"
+        else:
+            cp = f"{dep}{((h >> 8) % 98 + 1) * 10:03d}" if k else f"{dep}000"
+            insee = f"{dep}{(h >> 32) % 600 + 1:03d}"
+        name = _NAME_STEMS[(h >> 40) % len(_NAME_STEMS)]
+        if (h >> 48) % 3 == 0:
+            name = f"{name}-sur-{_NAME_STEMS[(h >> 52) % len(_NAME_STEMS)].split('-')[-1]}"
+        out.append((cp, insee, name))
+    return out
+
+
+def hash_str(s: str) -> int:
+    """A stable (process-independent) 64-bit hash of a short string."""
+    h = 0xCBF29CE484222325
+    for b in s.encode():
+        h = ((h ^ b) * 0x100000001B3) & M64
+    return h
+
+
+def _cumulative(weights) -> tuple[tuple[float, str], ...]:
+    total = sum(w for _, w in weights)
+    acc, out = 0.0, []
+    for label, w in weights:
+        acc += w / total
+        out.append((acc, label))
+    return tuple(out)
+
+
+_ETIQ_CUM = _cumulative(ETIQUETTE_WEIGHTS)
+
+
+def _etiquette(u: float) -> str:
+    for bound, label in _ETIQ_CUM:
+        if u < bound:
+            return label
+    return "G"
+
+
+# 10 000 precomputed labels: a table lookup is faster than walking the cumulative distribution.
+_ETIQ_TABLE = [_etiquette((k + 0.5) / 10000) for k in range(10000)]
+
+
+class Dataset:
+    """The synthetic dataset: ``rows_per_department`` rows in each department of ALL_DEPARTMENTS.
+
+    ``rows_per_department`` is one count for every department, or a mapping ``{department: count}``;
+    departments absent from the mapping get ``default_rows`` (1000 unless given).
+    """
+
+    dataset_id = "dpe03existant"
+
+    def __init__(
+        self,
+        rows_per_department: int | Mapping[str, int] = 1000,
+        seed: int = 1,
+        malformed_rate: float = 0.0,
+        default_rows: int | None = None,
+    ):
+        if not 0.0 <= float(malformed_rate) <= 1.0:
+            raise ValueError(f"malformed_rate={malformed_rate!r} must be between 0 and 1")
+        self.seed = int(seed)
+        self.malformed_rate = float(malformed_rate)
+        self._malformed_threshold = int(self.malformed_rate * (1 << 53))
+        if isinstance(rows_per_department, Mapping):
+            default = 1000 if default_rows is None else int(default_rows)
+            counts = {d: default for d in departments.ALL_DEPARTMENTS}
+            for dep, n in rows_per_department.items():
+                counts[departments.normalize(dep)] = int(n)
+        else:
+            counts = {d: int(rows_per_department) for d in departments.ALL_DEPARTMENTS}
+        for dep, n in counts.items():
+            if n < 0:
+                raise ValueError(f"rows for department {dep} must be >= 0, got {n}")
+        self.counts: dict[str, int] = counts
+        self._dep_seed = {d: _mix(self.seed * 0x1000193 ^ hash_str(d)) for d in departments.ALL_DEPARTMENTS}
+        self._communes = {d: _communes(d) for d in departments.ALL_DEPARTMENTS}
+        #: how many rows were generated so far (all threads; approximate under concurrency)
+        self.generated_rows = 0
+
+    # ---------------------------------------------------------------- counting and positions
+    def count(self, department: str | None = None, date_from=None, date_to=None) -> int:
+        """Rows of ``department`` (all departments if None) with date_reception_dpe in [from, to]."""
+        deps = departments.ALL_DEPARTMENTS if department is None else (departments.normalize(department),)
+        total = 0
+        for dep in deps:
+            lo, hi = self.index_range(dep, date_from, date_to)
+            total += hi - lo
+        return total
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def index_range(self, department: str, date_from=None, date_to=None) -> tuple[int, int]:
+        """Half-open index range [lo, hi) of the rows of ``department`` received in [from, to]."""
+        dep = departments.normalize(department)
+        n = self.counts[dep]
+        lo_day = 0 if date_from is None else _day_offset(date_from)
+        hi_day = SPAN_DAYS - 1 if date_to is None else _day_offset(date_to)
+        return self.index_range_days(dep, lo_day, hi_day)
+
+    def index_range_days(self, dep: str, lo_day: int, hi_day: int) -> tuple[int, int]:
+        """Like index_range with day offsets from START_DATE (inclusive both ends; may be out of span)."""
+        n = self.counts[dep]
+        if n == 0 or hi_day < lo_day:
+            return (0, 0)
+        # day(i) = i * SPAN_DAYS // n is non-decreasing; day(i) >= D  <=>  i >= ceil(D * n / SPAN_DAYS)
+        lo = 0 if lo_day <= 0 else min(n, -(-lo_day * n // SPAN_DAYS))
+        hi = n if hi_day >= SPAN_DAYS - 1 else max(0, min(n, -(-(hi_day + 1) * n // SPAN_DAYS)))
+        return (lo, max(lo, hi))
+
+    def day_of(self, department: str, i: int) -> int:
+        """Day offset (from START_DATE) of the reception date of row i (also for malformed rows)."""
+        return i * SPAN_DAYS // self.counts[department]
+
+    def line_number(self, department: str, i: int) -> int:
+        """The ``_i`` of row i of ``department``."""
+        return i * N_DEPARTMENTS + DEPARTMENT_POSITION[department]
+
+    # ---------------------------------------------------------------- malformed rows
+    def _hash(self, dep: str, i: int) -> int:
+        return _mix(self._dep_seed[dep] ^ (i * 0x9E3779B97F4A7C15 & M64))
+
+    def malformed_kind(self, department: str, i: int) -> str | None:
+        """None for a healthy row, else "missing_numero_dpe" or "bad_date"."""
+        if self._malformed_threshold == 0:
+            return None
+        h2 = _mix(self._hash(department, i) ^ 0x5DEECE66D)
+        if (h2 >> 11) >= self._malformed_threshold:
+            return None
+        return MALFORMED_KINDS[h2 & 1]
+
+    def is_malformed(self, department: str, i: int) -> bool:
+        return self.malformed_kind(department, i) is not None
+
+    def malformed_indices(self, department: str, date_from=None, date_to=None) -> list[tuple[int, str]]:
+        """[(index, kind)] of the malformed rows of a department (scans the range: for tests)."""
+        dep = departments.normalize(department)
+        if self._malformed_threshold == 0:
+            return []
+        lo, hi = self.index_range(dep, date_from, date_to)
+        out = []
+        for i in range(lo, hi):
+            kind = self.malformed_kind(dep, i)
+            if kind:
+                out.append((i, kind))
+        return out
+
+    def expected_malformed(self, department: str, date_from=None, date_to=None) -> int:
+        return len(self.malformed_indices(department, date_from, date_to))
+
+    # ---------------------------------------------------------------- rows
+    def row(self, department: str, i: int, with_id: bool = True) -> dict:
+        """Row ``i`` (0-based) of ``department`` as the API returns it without ``select`` (all fields)."""
+        dep = departments.normalize(department)
+        n = self.counts[dep]
+        if not 0 <= i < n:
+            raise IndexError(f"row {i} out of range for department {dep} ({n} rows)")
+        return self._row(dep, i, n, with_id)
+
+    def rows(self, department: str, indices, with_id: bool = True) -> list[dict]:
+        """Rows at the given indices (no range check: the caller computed them)."""
+        n = self.counts[department]
+        make = self._row
+        out = [make(department, i, n, with_id) for i in indices]
+        return out
+
+    def iter_rows(self, department: str, date_from=None, date_to=None, start: int = 0) -> Iterator[dict]:
+        """The rows of a department received in [date_from, date_to], in index order (lazily)."""
+        dep = departments.normalize(department)
+        lo, hi = self.index_range(dep, date_from, date_to)
+        n = self.counts[dep]
+        for i in range(max(lo, start), hi):
+            yield self._row(dep, i, n, True)
+
+    def _row(self, dep: str, i: int, n: int, with_id: bool) -> dict:
+        self.generated_rows += 1
+        h = _mix(self._dep_seed[dep] ^ (i * 0x9E3779B97F4A7C15 & M64))
+        g = _mix(h)
+        day = i * SPAN_DAYS // n
+        est_day = day - (h & 7)
+        if est_day < 0:
+            est_day = 0
+        reception = _DAY_STR[day]
+        etiquette = _ETIQ_TABLE[(h >> 3) % 10000]
+        lo, hi = _CONSO_BANDS[etiquette]
+        conso = lo + (h >> 17) % (hi - lo + 1)
+        ges_idx = _GES_LABELS.index(etiquette) + ((h >> 27) % 5) - 2
+        ges = _GES_LABELS[0 if ges_idx < 0 else (6 if ges_idx > 6 else ges_idx)]
+        period, y0, y1 = _PERIODS[(g >> 5) % 9]
+        cp, insee, commune = self._communes[dep][(g >> 9) % 40]
+        # a bijection of [0, 10**7): affine map, digit reversal, affine map (no visible progression)
+        d7 = (int(f"{(i * _NUM_MULT + _NUM_ADD) % 10_000_000:07d}"[::-1]) * 7_654_321 + 2_718_281) % 10_000_000
+        hi_part = i // 10_000_000
+        if len(dep) == 3:
+            code2 = "97"
+            letter = _LETTERS[(hi_part * 6 + int(dep[2]) - 1) % 26]
+        else:
+            code2 = dep
+            letter = _LETTERS[hi_part % 26]
+        numero = f"{reception[2:4]}{code2}E{d7:07d}{letter}"
+        kind_type = _TYPES[(g >> 15) % 8]
+        surface = round(18 + ((g >> 18) % 17000) / 100.0 * (1.6 if kind_type == "maison" else 0.8), 1)
+        if kind_type == "immeuble":
+            surface = round(surface * 12, 1)
+        row = {
+            "numero_dpe": numero,
+            "date_etablissement_dpe": _DAY_STR[est_day],
+            "date_reception_dpe": reception,
+            "etiquette_dpe": etiquette,
+            "etiquette_ges": ges,
+            "conso_5_usages_par_m2_ep": conso,
+            "emission_ges_5_usages_par_m2": round(conso * (0.04 + ((g >> 35) % 25) / 100.0), 1),
+            "type_batiment": kind_type,
+            "periode_construction": period,
+        }
+        if (g >> 40) % 10 < 6:  # annee_construction is often missing in the real data
+            row["annee_construction"] = y0 + (g >> 44) % (y1 - y0 + 1)
+        row["surface_habitable_logement"] = surface
+        row["type_energie_principale_chauffage"] = _ENERGIES[(g >> 50) % 8]
+        row["code_postal_ban"] = cp
+        row["code_insee_ban"] = insee
+        row["nom_commune_ban"] = commune
+        row["code_departement_ban"] = dep
+        row["_i"] = i * N_DEPARTMENTS + DEPARTMENT_POSITION[dep]
+        row["_rand"] = (g >> 20) % 1_000_000
+        if with_id:
+            x, chars = h ^ g, []
+            for _ in range(11):
+                chars.append(_B62[x % 62])
+                x //= 62
+            row["_id"] = "".join(chars) + _B62[i % 62]
+        if self._malformed_threshold:
+            kind = self.malformed_kind(dep, i)
+            if kind == "missing_numero_dpe":
+                del row["numero_dpe"]
+            elif kind == "bad_date":
+                row["date_reception_dpe"] = "not-a-date"
+        return row
+
+    # ---------------------------------------------------------------- metadata
+    def metadata(self, public_url: str) -> dict:
+        """The dataset document of GET /data-fair/api/v1/datasets/dpe03existant (subset)."""
+        return {
+            "id": self.dataset_id,
+            "slug": self.dataset_id,
+            "title": "DPE Logements existants (depuis juillet 2021)",
+            "description": "Stand-in locale (données synthétiques déterministes) du jeu de données ADEME dpe03existant.",
+            "href": f"{public_url}/api/v1/datasets/{self.dataset_id}",
+            "page": f"{public_url}/datasets/{self.dataset_id}",
+            "status": "finalized",
+            "isRest": False,
+            "count": self.total,
+            "schema": [dict(f) for f in SCHEMA],
+            "license": {"title": "Licence Ouverte / Open Licence", "href": "https://www.etalab.gouv.fr/licence-ouverte-open-licence"},
+            "origin": "https://data.ademe.fr/datasets/dpe03existant",
+            "x-standin": {"seed": self.seed, "malformed_rate": self.malformed_rate},
+        }
+
+
+def _day_offset(value) -> int:
+    if isinstance(value, _dt.datetime):
+        value = value.date()
+    if isinstance(value, str):
+        value = _dt.date.fromisoformat(value)
+    if not isinstance(value, _dt.date):
+        raise TypeError(f"not a date: {value!r}")
+    return value.toordinal() - _ORDINAL0

@@ -1,0 +1,460 @@
+"""The local stand-in of the ADEME data-fair API (dataset ``dpe03existant``), stdlib HTTP server.
+
+Routes (as on ``https://data.ademe.fr``):
+
+- ``GET /data-fair/api/v1/datasets/dpe03existant/lines``: the rows, ``{"total", "next", "results"}``;
+- ``GET /data-fair/api/v1/datasets/dpe03existant``: the dataset document (id, title, count, schema…);
+- any other dataset id: ``404 Dataset not found``; any other path: 404.
+
+Usage from tests::
+
+    with StandinServer(Dataset({"69": 25000}), Faults(seed=3)) as api:
+        requests.get(api.url + "/lines", params={"qs": "code_departement_ban:69", "size": 500})
+
+CLI: ``dpe-ingest ademe-standin --port 8000`` or ``python -m dpe_ingest.standin``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import heapq
+import json
+import logging
+import signal
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qsl, quote, urlsplit
+
+from .. import departments, logs
+from . import query as _query
+from .data import DEPARTMENT_POSITION, N_DEPARTMENTS, Dataset
+from .faults import Fault, Faults
+
+log = logging.getLogger("dpe_ingest.standin")
+
+DATASET_ID = "dpe03existant"
+API_PREFIX = "/data-fair/api/v1/datasets/"
+# data-fair answers its rate limit with req.__('errors.exceedRateLimiting'), text/plain, no Retry-After
+RATE_LIMIT_MESSAGE = "Trop de requêtes dans un interval restreint, veuillez patienter quelques instants."
+_REASONS_HTML = {
+    502: "502 Bad Gateway",
+    503: "503 Service Temporarily Unavailable",
+}
+
+
+def _form_encode(value: str) -> str:
+    """application/x-www-form-urlencoded like WHATWG URLSearchParams (space -> '+', keeps *-._)."""
+    return quote(value, safe="*-._ ").replace(" ", "+")
+
+
+def _encode_params(params: list[tuple[str, str]]) -> str:
+    return "&".join(f"{_form_encode(k)}={_form_encode(v)}" for k, v in params)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, address, handler, standin: "StandinServer"):
+        self.standin = standin
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        with self._conns_lock:
+            self._conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._conns_lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "dpe-standin"
+    sys_version = ""
+    timeout = 120  # idle keep-alive connections are closed after this
+
+    def version_string(self):
+        return self.server_version
+
+    def log_message(self, format, *args):  # noqa: A002 - signature of the base class
+        pass  # one DEBUG event per request is logged by _respond
+
+    def do_HEAD(self):
+        self._handle(head=True)
+
+    def do_GET(self):
+        self._handle(head=False)
+
+    # ------------------------------------------------------------------------------------------
+    def _handle(self, head: bool) -> None:
+        standin: StandinServer = self.server.standin
+        started = time.perf_counter()
+        number = standin._next_number()
+        self._number = number
+        faults = standin.faults
+        fault = faults.decide(number, self.client_address[0]) if faults is not None else None
+        self._fault = fault
+        if fault is not None and fault.kind == "slow":
+            delay = fault.delay_s if fault.delay_s is not None else faults.slow_s
+            time.sleep(max(0.0, delay))
+        if fault is not None and fault.kind not in ("slow", "cut"):
+            status, headers, body = self._fault_response(fault, faults)
+        else:
+            try:
+                status, headers, body = self._route(standin)
+            except _query.QueryError as exc:
+                status, headers, body = self._text(exc.status, exc.message)
+            except Exception as exc:  # a bug here must still answer like data-fair in production
+                log.exception("stand-in failure on %s", self.path)
+                status, headers, body = self._text(500, "")
+                self._error = repr(exc)
+        self._respond(status, headers, body, head, cut=fault is not None and fault.kind == "cut")
+        logs.event(log, "request", f"{self.command} {self.path} -> {status}", logging.DEBUG,
+                   n=number, status=status, bytes=len(body), fault=fault.kind if fault else None,
+                   ms=round((time.perf_counter() - started) * 1000, 1))
+
+    def _fault_response(self, fault: Fault, faults: Faults):
+        if fault.kind == "ratelimit":
+            return self._text(429, RATE_LIMIT_MESSAGE)
+        if fault.kind == "429":
+            status, headers, body = self._text(429, "Too Many Requests")
+            retry = fault.retry_after_s if fault.retry_after_s is not None else faults.retry_after_s
+            if retry is not None:
+                headers.append(("Retry-After", str(int(retry) if float(retry).is_integer() else retry)))
+            return status, headers, body
+        code = int(fault.kind)
+        if code in _REASONS_HTML:  # what the reverse proxy in front of data-fair answers
+            title = _REASONS_HTML[code]
+            html = (f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n"
+                    "<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n").encode()
+            return code, [("Content-Type", "text/html")], html
+        return self._text(code, "")  # data-fair in production: 5xx with an empty body
+
+    @staticmethod
+    def _text(status: int, message: str):
+        headers = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-cache"), ("Expires", "-1")]
+        return status, headers, message.encode("utf-8")
+
+    def _route(self, standin: "StandinServer"):
+        parts = urlsplit(self.path)
+        path = parts.path
+        if not path.startswith(API_PREFIX):
+            body = (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>Error</title>\n'
+                    f"</head>\n<body>\n<pre>Cannot {self.command} {path}</pre>\n</body>\n</html>\n").encode()
+            return 404, [("Content-Type", "text/html; charset=utf-8")], body
+        rest = path[len(API_PREFIX):].rstrip("/")
+        segments = rest.split("/") if rest else []
+        if not segments:
+            return self._text(404, "Not Found")
+        if segments[0] != DATASET_ID:
+            return 404, [("Content-Type", "text/html; charset=utf-8")], b"Dataset not found"
+        host = self.headers.get("Host") or f"{standin.host}:{standin.port}"
+        public_url = f"http://{host}/data-fair"
+        if len(segments) == 1:
+            body = json.dumps(standin.dataset.metadata(public_url), ensure_ascii=False, separators=(",", ":"))
+            return 200, [("Content-Type", "application/json; charset=utf-8")], body.encode("utf-8")
+        if len(segments) == 2 and segments[1] == "lines":
+            params = parse_qsl(parts.query, keep_blank_values=True)
+            return standin._lines(params, public_url)
+        return self._text(404, "Not Found")
+
+    def _respond(self, status: int, headers: list, body: bytes, head: bool, cut: bool) -> None:
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        if cut:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if head:
+            return
+        if cut:
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        self.wfile.write(body)
+
+
+class StandinServer:
+    """The stand-in HTTP server; ``start()`` serves in a background thread."""
+
+    def __init__(self, dataset: Dataset | None = None, faults: Faults | None = None,
+                 host: str = "127.0.0.1", port: int = 0, total_on_after_pages: bool = False):
+        self.dataset = dataset if dataset is not None else Dataset()
+        self.faults = faults
+        self.host = host
+        self.port = int(port)
+        #: data-fair >= the track_total_hits change omits "total" on after= pages; True keeps it
+        self.total_on_after_pages = total_on_after_pages
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._count_lock = threading.Lock()
+        self._requests = 0
+
+    # ---------------------------------------------------------------------------- lifecycle
+    def start(self) -> "StandinServer":
+        if self._httpd is not None:
+            return self
+        self._httpd = _Server((self.host, self.port), _Handler, self)
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name=f"standin-{self.port}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.close_connections()
+        httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> "StandinServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        """``http://HOST:PORT`` (the server root)."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The dataset URL, as ADEME_API_URL expects it (``…/data-fair/api/v1/datasets/dpe03existant``)."""
+        return f"{self.base_url}{API_PREFIX}{DATASET_ID}"
+
+    @property
+    def lines_url(self) -> str:
+        return self.url + "/lines"
+
+    @property
+    def requests_served(self) -> int:
+        return self._requests
+
+    def _next_number(self) -> int:
+        with self._count_lock:
+            self._requests += 1
+            return self._requests
+
+    # ---------------------------------------------------------------------------- /lines
+    def _lines(self, params: list[tuple[str, str]], public_url: str):
+        q = _query.parse(params)
+        ranges = q.index_ranges(self.dataset)
+        selected = _select(ranges, q)
+        ds = self.dataset
+        fields = q.output_fields
+        with_id = q.with_id
+        full = q.select is None
+        results = []
+        by_dep: dict[str, int] = {}
+        for dep, i in selected:
+            n = by_dep.get(dep)
+            if n is None:
+                n = by_dep[dep] = ds.counts[dep]
+            row = ds._row(dep, i, n, with_id)
+            if full:
+                out = row
+                rid = out.pop("_id")
+                out["_score"] = None
+                out["_id"] = rid
+            else:
+                out = {k: row[k] for k in fields if k in row}
+                out["_score"] = None
+                if with_id:
+                    out["_id"] = row["_id"]
+            results.append(out)
+        head: dict = {}
+        if q.count or (self.total_on_after_pages and q.after is not None):
+            head["total"] = sum(hi - lo for rs in ranges.values() for lo, hi in rs)
+        headers = [("Content-Type", "application/json; charset=utf-8")]
+        if q.size and len(selected) == q.size:
+            last_dep, last_i = selected[-1]
+            after = str(ds.line_number(last_dep, last_i))
+            next_params = [(k, v) for k, v in params if k != "page"]
+            if any(k == "after" for k, _ in next_params):
+                next_params = [(k, after if k == "after" else v) for k, v in next_params]
+            else:
+                next_params.append(("after", after))
+            href = f"{public_url}/api/v1/datasets/{DATASET_ID}/lines?{_encode_params(next_params)}"
+            head["next"] = href
+            headers.append(("Link", f'<{href}>; rel="next"'))
+        prefix = json.dumps(head, ensure_ascii=False, separators=(",", ":"))
+        prefix = "{" if prefix == "{}" else prefix[:-1] + ","
+        body = (prefix + '"results":' + json.dumps(results, ensure_ascii=False, separators=(",", ":")) + "}").encode()
+        digest = base64.b64encode(hashlib.sha1(body).digest()).decode()[:27]
+        headers.append(("ETag", f'W/"{len(body):x}-{digest}"'))
+        return 200, headers, body
+
+
+def _select(ranges: dict[str, list[tuple[int, int]]], q: _query.LinesQuery) -> list[tuple[str, int]]:
+    """(department, index) of the page: merge of the departments by ``_i``, after/skip, then size."""
+    want = q.skip + q.size
+    if want == 0 or not ranges:
+        return []
+    heap: list = []
+    desc = q.descending
+    for dep, rs in ranges.items():
+        pos = DEPARTMENT_POSITION[dep]
+        if not desc:
+            j = 0 if q.after is None else (q.after - pos) // N_DEPARTMENTS + 1
+            for r, (lo, hi) in enumerate(rs):
+                if j < hi:
+                    j = max(j, lo)
+                    heap.append((j * N_DEPARTMENTS + pos, dep, r, j))
+                    break
+        else:
+            j = None if q.after is None else (q.after - pos - 1) // N_DEPARTMENTS
+            for r in range(len(rs) - 1, -1, -1):
+                lo, hi = rs[r]
+                jj = hi - 1 if j is None else min(j, hi - 1)
+                if jj >= lo:
+                    heap.append((-(jj * N_DEPARTMENTS + pos), dep, r, jj))
+                    break
+    heapq.heapify(heap)
+    out: list[tuple[str, int]] = []
+    skipped = 0
+    while heap and len(out) < q.size:
+        _, dep, r, j = heapq.heappop(heap)
+        if skipped < q.skip:
+            skipped += 1
+        else:
+            out.append((dep, j))
+        rs = ranges[dep]
+        pos = DEPARTMENT_POSITION[dep]
+        if not desc:
+            j += 1
+            if j >= rs[r][1]:
+                r += 1
+                if r >= len(rs):
+                    continue
+                j = rs[r][0]
+            heapq.heappush(heap, (j * N_DEPARTMENTS + pos, dep, r, j))
+        else:
+            j -= 1
+            if j < rs[r][0]:
+                r -= 1
+                if r < 0:
+                    continue
+                j = rs[r][1] - 1
+            heapq.heappush(heap, (-(j * N_DEPARTMENTS + pos), dep, r, j))
+    return out
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def _rows_arg(text: str) -> tuple[str, int]:
+    dep, sep, n = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--rows {text!r}: expected DEPARTMENT=COUNT, e.g. 69=200000")
+    try:
+        return departments.normalize(dep), int(n)
+    except (departments.InvalidDepartment, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"--rows {text!r}: {exc}") from None
+
+
+def _prob(text: str) -> float:
+    try:
+        p = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= p <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability between 0 and 1")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpe-ingest ademe-standin",
+                                description="Serve the local stand-in of the ADEME data-fair API (dataset dpe03existant).")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (0 = any free port; default 8000)")
+    p.add_argument("--rows-per-department", type=int, default=1000, help="rows in each department (default 1000)")
+    p.add_argument("--rows", type=_rows_arg, action="append", default=[], metavar="DEP=COUNT",
+                   help="rows of one department, repeatable (e.g. --rows 69=200000)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the synthetic data (default 1)")
+    p.add_argument("--malformed-rate", type=_prob, default=0.0, help="share of malformed rows (default 0)")
+    p.add_argument("--fault-seed", type=int, default=0, help="seed of the fault draws (default 0)")
+    p.add_argument("--fault-429", type=_prob, default=0.0, help="probability of a 429 with Retry-After")
+    p.add_argument("--retry-after", type=float, default=1.0, help="Retry-After seconds of injected 429s (default 1)")
+    p.add_argument("--fault-5xx", type=_prob, default=0.0, help="probability of a 500/502/503")
+    p.add_argument("--fault-cut", type=_prob, default=0.0, help="probability of a body cut half way")
+    p.add_argument("--slow-ms", type=int, default=0, help="delay of slow responses in ms (default 0)")
+    p.add_argument("--fault-slow", type=_prob, default=None,
+                   help="probability of a slow response (default 1 when --slow-ms > 0)")
+    p.add_argument("--rate-limit", type=int, default=0,
+                   help="data-fair-like rate limit: requests per minute per client IP, 429 beyond (0 = off; the real anonymous limit is 600)")
+    p.add_argument("--total-on-after-pages", action="store_true",
+                   help='keep "total" on after= pages (current data-fair omits it)')
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logs.setup()
+    if args.rows_per_department < 0 or any(n < 0 for _, n in args.rows):
+        print("dpe-ingest ademe-standin: row counts must be >= 0", file=sys.stderr)
+        return 2
+    rows = dict(args.rows)
+    dataset = Dataset(rows if rows else args.rows_per_department, seed=args.seed,
+                      malformed_rate=args.malformed_rate,
+                      default_rows=args.rows_per_department)
+    p_slow = args.fault_slow if args.fault_slow is not None else (1.0 if args.slow_ms > 0 else 0.0)
+    faults = Faults(seed=args.fault_seed, p_429=args.fault_429, retry_after_s=args.retry_after,
+                    p_5xx=args.fault_5xx, p_cut=args.fault_cut, p_slow=p_slow, slow_s=args.slow_ms / 1000.0,
+                    rate_limit=args.rate_limit)
+    server = StandinServer(dataset, faults, host=args.host, port=args.port,
+                           total_on_after_pages=args.total_on_after_pages)
+    try:
+        server.start()
+    except OSError as exc:
+        print(f"dpe-ingest ademe-standin: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+
+    def _on_signal(signum, _frame):
+        stop.set()
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    logs.event(log, "standin_started", f"ADEME stand-in serving {server.url}", url=server.url,
+               rows=dataset.total, seed=args.seed, malformed_rate=args.malformed_rate)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        for s, h in previous.items():
+            signal.signal(s, h)
+        logs.event(log, "standin_stopped", "ADEME stand-in stopped", requests=server.requests_served)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
