@@ -1,0 +1,274 @@
+{{/* =============================================================================================
+Names and labels
+============================================================================================= */}}
+
+{{/* Prefix of every object name: the release name (or fullnameOverride), cut so that the longest
+name (<prefix>-producer-976-<8 hex>) stays within the 63 characters of a label value. */}}
+{{- define "dpe-ingest.fullname" -}}
+{{- default .Release.Name .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "dpe-ingest.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels that never change for a release: selectors and pod templates (Job pod templates must
+render identically across upgrades, so no chart version here).  Argument: dict root, component. */}}
+{{- define "dpe-ingest.selectorLabels" -}}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Labels of the objects themselves (metadata, mutable).  Argument: dict root, component. */}}
+{{- define "dpe-ingest.labels" -}}
+{{ include "dpe-ingest.selectorLabels" . }}
+app.kubernetes.io/part-of: dpe-ingest
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ include "dpe-ingest.chart" .root }}
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Pod template labels: stable ones only.  Argument: dict root, component. */}}
+{{- define "dpe-ingest.podLabels" -}}
+{{ include "dpe-ingest.selectorLabels" . }}
+app.kubernetes.io/part-of: dpe-ingest
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* image reference.  Argument: dict root, image (the values' image block). */}}
+{{- define "dpe-ingest.image" -}}
+{{- if not .image.repository -}}
+{{- fail "an image repository is empty: set producer.image.repository / consumer.image.repository (e.g. dpe-ingest-producer)" -}}
+{{- end -}}
+{{- printf "%s:%s" .image.repository (toString (default .root.Chart.AppVersion .image.tag)) -}}
+{{- end -}}
+
+{{/* =============================================================================================
+Departments
+============================================================================================= */}}
+
+{{- define "dpe-ingest.validForms" -}}01..19, 2A, 2B, 21..95, 971..976{{- end -}}
+
+{{/* One department code (string, int64 or float64 as --set / YAML typed it) -> canonical code:
+1 -> 01, "2a" -> 2A.  Fails with a sentence naming the value and the valid forms. */}}
+{{- define "dpe-ingest.department" -}}
+{{- $raw := . -}}
+{{- $kind := kindOf $raw -}}
+{{- if not (has $kind (list "string" "int" "int64" "float64")) -}}
+{{- fail (printf "departments: invalid department code %v (a %s): valid forms are %s, e.g. departments=\"{69,01,2A}\"" $raw $kind (include "dpe-ingest.validForms" .)) -}}
+{{- end -}}
+{{- $text := toString $raw | trim | upper -}}
+{{- if regexMatch "^[0-9]$" $text -}}{{- $text = printf "0%s" $text -}}{{- end -}}
+{{- if not (regexMatch "^(0[1-9]|1[0-9]|2[AB]|2[1-9]|[3-8][0-9]|9[0-5]|97[1-6])$" $text) -}}
+{{- fail (printf "departments: invalid department code %q: valid forms are %s (1..9 are read as 01..09, 2a/2b as 2A/2B)" (toString $raw) (include "dpe-ingest.validForms" .)) -}}
+{{- end -}}
+{{- $text -}}
+{{- end -}}
+
+{{/* .Values.departments (list, comma/space separated string, or one number) -> JSON list of
+distinct canonical codes, in the given order.  Use: include ... | fromJsonArray */}}
+{{- define "dpe-ingest.departments" -}}
+{{- $raw := .Values.departments -}}
+{{- $items := list -}}
+{{- if kindIs "slice" $raw -}}
+{{- $items = $raw -}}
+{{- else if kindIs "string" $raw -}}
+{{- $items = regexSplit "[,; ]+" (trim $raw) -1 -}}
+{{- else if kindIs "invalid" $raw -}}
+{{- $items = list -}}
+{{- else -}}
+{{- $items = list $raw -}}
+{{- end -}}
+{{- $codes := list -}}
+{{- range $items -}}
+{{- if not (and (kindIs "string" .) (eq (trim .) "")) -}}
+{{- $code := include "dpe-ingest.department" . -}}
+{{- if not (has $code $codes) -}}{{- $codes = append $codes $code -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if not $codes -}}
+{{- fail (printf "departments is empty: give at least one department code, e.g. --set departments=\"{69,01,38}\" (valid forms are %s)" (include "dpe-ingest.validForms" .)) -}}
+{{- end -}}
+{{- toJson $codes -}}
+{{- end -}}
+
+{{/* producer.rerun with canonical keys -> JSON object {"69": "2"}.  Keys are validated like
+departments; values are run numbers (0 = no re-run). */}}
+{{- define "dpe-ingest.producer.reruns" -}}
+{{- $out := dict -}}
+{{- range $key, $run := (.Values.producer.rerun | default dict) -}}
+{{- $code := include "dpe-ingest.department" $key -}}
+{{- $_ := set $out $code (include "dpe-ingest.runNumber" (dict "value" $run "what" (printf "producer.rerun.%s" $key))) -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* A run number (int or numeric string) -> its decimal string.  Argument: dict value, what. */}}
+{{- define "dpe-ingest.runNumber" -}}
+{{- $text := toString (.value | default 0) | trim -}}
+{{- if not (regexMatch "^[0-9]{1,6}$" $text) -}}
+{{- fail (printf "%s=%v: a run number is a whole number >= 0 (0 = no re-run, 1, 2, … = re-run from the start)" .what .value) -}}
+{{- end -}}
+{{- $text | atoi | toString -}}
+{{- end -}}
+
+{{/* =============================================================================================
+Endpoints
+============================================================================================= */}}
+
+{{- define "dpe-ingest.kafka.bootstrap" -}}
+{{- if .Values.kafka.enabled -}}
+{{- printf "%s-kafka:9092" (include "dpe-ingest.fullname" .) -}}
+{{- else -}}
+{{- $servers := .Values.externalKafka.bootstrapServers | default "" | toString | trim -}}
+{{- if not $servers -}}
+{{- fail "kafka.enabled=false needs externalKafka.bootstrapServers (host:port[,host:port…] reachable from the pods)" -}}
+{{- end -}}
+{{- range (splitList "," $servers) -}}
+{{- if not (regexMatch "^[^:, ]+:[0-9]+$" (trim .)) -}}
+{{- fail (printf "externalKafka.bootstrapServers=%q: expected host:port[,host:port…]" $servers) -}}
+{{- end -}}
+{{- end -}}
+{{- $servers -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dpe-ingest.ademe.url" -}}
+{{- if .Values.standin.enabled -}}
+{{- printf "http://%s-standin:%v/data-fair/api/v1/datasets/dpe03existant" (include "dpe-ingest.fullname" .) .Values.standin.port -}}
+{{- else -}}
+{{- required "ademe.apiUrl is empty: give the dataset URL (https://data.ademe.fr/data-fair/api/v1/datasets/dpe03existant) or set standin.enabled=true" .Values.ademe.apiUrl -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dpe-ingest.postgresql.url" -}}
+{{- if .Values.postgresql.enabled -}}
+{{- printf "postgresql://%s@%s-postgresql:5432/%s" .Values.postgresql.auth.username (include "dpe-ingest.fullname" .) .Values.postgresql.auth.database -}}
+{{- else -}}
+{{- $url := .Values.externalPostgresql.url | default "" -}}
+{{- if not $url -}}
+{{- fail "postgresql.enabled=false needs externalPostgresql.url (postgresql://user@host:5432/db, password in externalPostgresql.existingSecret)" -}}
+{{- end -}}
+{{- if not (regexMatch "^postgres(ql)?://" $url) -}}
+{{- fail (printf "externalPostgresql.url=%q: expected a libpq URL postgresql://user@host:5432/db" $url) -}}
+{{- end -}}
+{{- $url -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret and key holding the database password: JSON {"name": …, "key": …} or "" (none). */}}
+{{- define "dpe-ingest.postgresql.secretRef" -}}
+{{- if .Values.postgresql.enabled -}}
+{{- toJson (dict "name" (printf "%s-postgresql" (include "dpe-ingest.fullname" .)) "key" "password") -}}
+{{- else if .Values.externalPostgresql.existingSecret -}}
+{{- toJson (dict "name" .Values.externalPostgresql.existingSecret "key" (.Values.externalPostgresql.passwordKey | default "password")) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* =============================================================================================
+Generated settings that must survive upgrades
+============================================================================================= */}}
+
+{{/* The database password: the given one; else the one in the Secret already in the cluster;
+else a new random one.  Argument: dict given, existing (the looked-up Secret or empty dict). */}}
+{{- define "dpe-ingest.postgresql.resolvePassword" -}}
+{{- if .given -}}
+{{- .given -}}
+{{- else if and .existing .existing.data .existing.data.password -}}
+{{- .existing.data.password | b64dec -}}
+{{- else -}}
+{{- randAlphaNum 24 -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dpe-ingest.postgresql.password" -}}
+{{- $name := printf "%s-postgresql" (include "dpe-ingest.fullname" .) -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace $name | default dict -}}
+{{- include "dpe-ingest.postgresql.resolvePassword" (dict "given" .Values.postgresql.auth.password "existing" $existing) -}}
+{{- end -}}
+
+{{/* KRaft cluster id: kafka.clusterId, else derived from namespace/release: 21 hex digits of a
+sha256 (hex digits are base64url characters) + "A", whose low bits are 0, so the 22 characters
+decode to exactly 16 bytes, as Kafka's Uuid.fromString wants.  Deterministic: it survives upgrades
+and a re-install over the kept volume, and needs no lookup (works with helm template / GitOps). */}}
+{{- define "dpe-ingest.kafka.clusterId" -}}
+{{- if .Values.kafka.clusterId -}}
+{{- $id := toString .Values.kafka.clusterId -}}
+{{- if not (regexMatch "^[A-Za-z0-9_][A-Za-z0-9_-]{20}[AQgw]$" $id) -}}
+{{- fail (printf "kafka.clusterId=%q is not a Kafka cluster id: 22 base64url characters encoding 16 bytes (generate one with kafka-storage.sh random-uuid)" $id) -}}
+{{- end -}}
+{{- $id -}}
+{{- else -}}
+{{- printf "%s%s" (sha256sum (printf "dpe-ingest/%s/%s" .Release.Namespace .Release.Name) | trunc 21) "A" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* =============================================================================================
+Pod building blocks
+============================================================================================= */}}
+
+{{/* Common pod spec settings.  Argument: the root context. */}}
+{{- define "dpe-ingest.podDefaults" -}}
+automountServiceAccountToken: false
+enableServiceLinks: false
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* env of every dpe-ingest program: Kafka and logs. */}}
+{{- define "dpe-ingest.env.kafka" -}}
+- name: KAFKA_BOOTSTRAP_SERVERS
+  value: {{ include "dpe-ingest.kafka.bootstrap" . | quote }}
+- name: KAFKA_TOPIC
+  value: {{ .Values.kafka.topic | quote }}
+- name: KAFKA_DLQ_TOPIC
+  value: {{ .Values.kafka.dlqTopic | quote }}
+- name: KAFKA_TOPIC_PARTITIONS
+  value: {{ .Values.kafka.topicPartitions | toString | quote }}
+- name: KAFKA_REPLICATION_FACTOR
+  value: {{ .Values.kafka.replicationFactor | toString | quote }}
+- name: LOG_FORMAT
+  value: {{ .Values.log.format | quote }}
+- name: LOG_LEVEL
+  value: {{ .Values.log.level | quote }}
+{{- end -}}
+
+{{/* Init container waiting for the Kafka port (producer image, python socket loop). */}}
+{{- define "dpe-ingest.waitForKafka" -}}
+- name: wait-for-kafka
+  image: {{ include "dpe-ingest.image" (dict "root" . "image" .Values.producer.image) }}
+  imagePullPolicy: {{ .Values.producer.image.pullPolicy }}
+  command:
+    - python
+    - -c
+    - |
+      import os, socket, sys, time
+      servers = [s.strip() for s in os.environ["KAFKA_BOOTSTRAP_SERVERS"].split(",") if s.strip()]
+      while True:
+          for server in servers:
+              host, _, port = server.rpartition(":")
+              try:
+                  socket.create_connection((host, int(port)), timeout=3).close()
+              except OSError as exc:
+                  print(f"waiting for kafka: {server}: {exc}", flush=True)
+              else:
+                  print(f"kafka answers at {server}", flush=True)
+                  sys.exit(0)
+          time.sleep(3)
+  env:
+    - name: KAFKA_BOOTSTRAP_SERVERS
+      value: {{ include "dpe-ingest.kafka.bootstrap" . | quote }}
+  resources:
+    requests: {cpu: 10m, memory: 32Mi}
+    limits: {cpu: 100m, memory: 64Mi}
+  securityContext:
+    {{- toYaml .Values.producer.containerSecurityContext | nindent 4 }}
+{{- end -}}

@@ -1,0 +1,85 @@
+{{/* Spec of the producer Job of one department.  Argument: dict root, code, run. */}}
+{{- define "dpe-ingest.producer.jobSpec" -}}
+{{- $root := .root -}}
+{{- $v := $root.Values -}}
+{{- $p := $v.producer -}}
+backoffLimit: {{ $p.backoffLimit }}
+{{- if not (kindIs "invalid" $p.ttlSecondsAfterFinished) }}
+ttlSecondsAfterFinished: {{ $p.ttlSecondsAfterFinished }}
+{{- end }}
+{{- if not (kindIs "invalid" $p.activeDeadlineSeconds) }}
+activeDeadlineSeconds: {{ $p.activeDeadlineSeconds }}
+{{- end }}
+template:
+  metadata:
+    labels:
+      {{- include "dpe-ingest.podLabels" (dict "root" $root "component" "producer") | nindent 6 }}
+      dpe-ingest/department: {{ .code | quote }}
+      dpe-ingest/run: {{ .run | quote }}
+  spec:
+    restartPolicy: Never
+    {{- include "dpe-ingest.podDefaults" $root | nindent 4 }}
+    securityContext:
+      {{- toYaml $p.podSecurityContext | nindent 6 }}
+    {{- if $p.waitForKafka }}
+    initContainers:
+      {{- include "dpe-ingest.waitForKafka" $root | nindent 6 }}
+    {{- end }}
+    containers:
+      - name: producer
+        image: {{ include "dpe-ingest.image" (dict "root" $root "image" $p.image) }}
+        imagePullPolicy: {{ $p.image.pullPolicy }}
+        command: ["dpe-ingest", "produce"]
+        env:
+          - name: DEPARTMENT
+            value: {{ .code | quote }}
+          - name: ADEME_API_URL
+            value: {{ include "dpe-ingest.ademe.url" $root | quote }}
+          - name: ADEME_PAGE_SIZE
+            value: {{ $v.ademe.pageSize | toString | quote }}
+          {{- if and $v.ademe.maxRps (ne (toString $v.ademe.maxRps) "0") }}
+          - name: ADEME_MAX_RPS
+            value: {{ $v.ademe.maxRps | toString | quote }}
+          {{- end }}
+          {{- with $v.ademe.dateFrom }}
+          - name: ADEME_DATE_FROM
+            value: {{ . | toString | quote }}
+          {{- end }}
+          {{- with $v.ademe.dateTo }}
+          - name: ADEME_DATE_TO
+            value: {{ . | toString | quote }}
+          {{- end }}
+          {{- with $v.ademe.extraFields }}
+          - name: ADEME_EXTRA_FIELDS
+            value: {{ . | toString | quote }}
+          {{- end }}
+          - name: ADEME_TIMEOUT_S
+            value: {{ $v.ademe.timeoutSeconds | toString | quote }}
+          - name: ADEME_MAX_RETRIES
+            value: {{ $v.ademe.maxRetries | toString | quote }}
+          - name: ADEME_RETRY_MAX_S
+            value: {{ $v.ademe.retryMaxSeconds | toString | quote }}
+          - name: PRODUCER_CHECKPOINT_TOPIC
+            value: {{ $p.checkpointTopic | quote }}
+          - name: PRODUCER_RESTART
+            value: {{ ternary "true" "false" (ne .run "0") | quote }}
+          {{- include "dpe-ingest.env.kafka" $root | nindent 10 }}
+        resources:
+          {{- toYaml $p.resources | nindent 10 }}
+        securityContext:
+          {{- toYaml $p.containerSecurityContext | nindent 10 }}
+        volumeMounts:
+          - name: tmp
+            mountPath: /tmp
+    volumes:
+      - name: tmp
+        emptyDir: {}
+    {{- with $p.nodeSelector }}
+    nodeSelector:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with $p.tolerations }}
+    tolerations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+{{- end -}}
