@@ -1,0 +1,117 @@
+"""Kafka helpers of the consumer side: clients, topics, dead-letter sending, group offsets."""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from .config import KafkaSettings
+
+log = logging.getLogger("dpe_ingest.consumer")
+
+#: errors of an offset commit meaning "this member no longer owns the partitions": the commit
+#: cannot succeed any more; the new owner replays from the last committed offset (harmless).
+OWNERSHIP_ERRORS: tuple[str, ...] = (
+    "CommitFailedError", "RebalanceInProgressError", "UnknownMemberIdError", "IllegalGenerationError",
+    "FencedInstanceIdError",
+)
+
+
+def is_ownership_error(exc: BaseException) -> bool:
+    return any(type(e).__name__ in OWNERSHIP_ERRORS for e in _chain(exc))
+
+
+def _chain(exc: BaseException | None):
+    seen = 0
+    while exc is not None and seen < 10:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+
+
+def make_consumer(settings: KafkaSettings, group: str, batch_size: int, **overrides) -> KafkaConsumer:
+    """A group consumer that never commits by itself and hands us raw bytes."""
+    cfg = dict(
+        bootstrap_servers=settings.bootstrap_servers.split(","),
+        group_id=group,
+        client_id=f"dpe-ingest-consumer-{group}",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        allow_auto_create_topics=False,
+        max_poll_records=max(1, batch_size),
+        # a new topic / new partitions are seen within 30 s (default would be 5 min)
+        metadata_max_age_ms=30000,
+        request_timeout_ms=30000,
+        reconnect_backoff_max_ms=5000,
+    )
+    cfg.update(overrides)
+    return KafkaConsumer(**cfg)
+
+
+def make_dlq_producer(settings: KafkaSettings, **overrides) -> KafkaProducer:
+    cfg = dict(
+        bootstrap_servers=settings.bootstrap_servers.split(","),
+        client_id="dpe-ingest-consumer-dlq",
+        acks="all",
+        linger_ms=5,
+        max_block_ms=30000,
+        request_timeout_ms=30000,
+        delivery_timeout_ms=60000,
+        reconnect_backoff_max_ms=5000,
+    )
+    cfg.update(overrides)
+    return KafkaProducer(**cfg)
+
+
+def send_dead_letters(producer: KafkaProducer, topic: str,
+                      letters: Iterable[tuple[bytes | None, bytes, list]], timeout_s: float = 60.0) -> int:
+    """Send (key, value, headers) dead letters and wait until every one is acknowledged (acks=all).
+
+    Raises on any failure; the caller sends the whole set again (a dead letter may then be
+    duplicated in the DLQ topic -- at-least-once -- but never lost)."""
+    futures = [producer.send(topic, key=k, value=v, headers=h) for k, v, h in letters]
+    producer.flush(timeout=timeout_s)
+    for f in futures:
+        f.get(timeout=0.1)  # raises the delivery error, if any
+    return len(futures)
+
+
+def ensure_topics(settings: KafkaSettings, timeout_ms: int = 15000) -> list[str]:
+    """Create the main topic (KAFKA_TOPIC_PARTITIONS partitions) and the DLQ topic (1 partition) if
+    they are missing, exactly like the producer would: whichever starts first creates them."""
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers.split(","),
+                             client_id="dpe-ingest-consumer-admin", request_timeout_ms=timeout_ms,
+                             bootstrap_timeout_ms=timeout_ms)
+    created = []
+    try:
+        existing = set(admin.list_topics())
+        for name, parts in ((settings.topic, settings.partitions), (settings.dlq_topic, 1)):
+            if name in existing:
+                continue
+            try:
+                admin.create_topics([NewTopic(name, parts, settings.replication_factor)])
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+    return created
+
+
+def group_offsets(bootstrap: str, group: str, timeout_ms: int = 15000) -> dict[TopicPartition, int]:
+    """Committed offsets of a consumer group (for status and tests)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="dpe-ingest-offsets",
+                             request_timeout_ms=timeout_ms)
+    try:
+        res = admin.list_consumer_group_offsets(group)
+    finally:
+        admin.close()
+    return {tp: om.offset for tp, om in res.items() if om.offset is not None and om.offset >= 0}
+
+
+__all__ = ["KafkaError", "make_consumer", "make_dlq_producer", "send_dead_letters", "ensure_topics",
+           "group_offsets", "is_ownership_error"]

@@ -1,0 +1,114 @@
+"""Consumer pieces that need neither Kafka nor PostgreSQL: validation, dedupe, the in-memory batch."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+from kafka import TopicPartition
+
+from dpe_ingest import consumer, deadletter
+from dpe_ingest.config import ConfigError
+from dpe_ingest.sink import Invalid, Row, dedupe, parse_message
+
+
+def msg(**doc) -> bytes:
+    return json.dumps(doc).encode()
+
+
+GOOD = dict(numero_dpe="2369E0000001A", date_reception_dpe="2023-05-12", code_postal_ban="69001",
+            etiquette_dpe="D", departement="69")
+
+
+def test_a_good_message_becomes_a_row_with_extras_kept_apart():
+    row = parse_message(msg(**GOOD, surface_habitable_logement=54.2, type_batiment="appartement"), 3, 42)
+    assert row == Row("2369E0000001A", dt.date(2023, 5, 12), "69001", "D", "69",
+                      {"surface_habitable_logement": 54.2, "type_batiment": "appartement"}, 3, 42)
+
+
+def test_null_fields_are_null_and_numbers_in_text_columns_keep_their_spelling():
+    row = parse_message(msg(numero_dpe="X1", date_reception_dpe=None, code_postal_ban=69001, etiquette_dpe=None), 0, 0)
+    assert (row.date_reception_dpe, row.code_postal_ban, row.etiquette_dpe, row.departement) == (None, "69001", None, None)
+    assert row.extra == {}
+
+
+@pytest.mark.parametrize("value, reason", [
+    (None, "empty message"),
+    (b"\xff\xfe not utf-8", "not valid UTF-8"),
+    (b"{not json", "not JSON"),
+    (b"[1, 2]", "not an object"),
+    (b'"just a string"', "not an object"),
+    (msg(date_reception_dpe="2023-01-01"), "missing numero_dpe"),
+    (msg(numero_dpe=""), "empty numero_dpe"),
+    (msg(numero_dpe="   "), "empty numero_dpe"),
+    (msg(numero_dpe=12345), "not a string"),
+    (msg(numero_dpe="A" * 201), "longer than"),
+    (msg(numero_dpe="X", date_reception_dpe="12/05/2023"), "is not a date"),
+    (msg(numero_dpe="X", date_reception_dpe="2023-02-30"), "is not a date"),
+    (msg(numero_dpe="X", date_reception_dpe=20230512), "is not a date"),
+    (msg(numero_dpe="X", etiquette_dpe="D\u0000"), "NUL character"),
+    (b'{"numero_dpe": "X", "v": NaN}', "not JSON"),
+    (b'{"numero_dpe": "X\\ud800"}', "lone surrogate"),
+])
+def test_bad_messages_are_refused_with_a_reason(value, reason):
+    with pytest.raises(Invalid) as err:
+        parse_message(value, 0, 0)
+    assert reason in err.value.reason
+
+
+def test_unreadable_bytes_are_kept_raw_and_json_payloads_as_json():
+    with pytest.raises(Invalid) as err:
+        parse_message(b"\x00\x01binary", 0, 0)
+    assert err.value.raw == b"\x00\x01binary" and err.value.payload is None
+    with pytest.raises(Invalid) as err:
+        parse_message(msg(numero_dpe=""), 0, 0)
+    assert err.value.payload == {"numero_dpe": ""} and err.value.raw is None
+
+
+def test_dedupe_keeps_the_last_version_of_each_numero():
+    rows = [Row("A", None, "1", None, None, {}, 0, 1), Row("B", None, "1", None, None, {}, 0, 2),
+            Row("A", None, "2", None, None, {}, 0, 3)]
+    out = dedupe(rows)
+    assert [(r.numero_dpe, r.code_postal_ban, r.offset) for r in out] == [("B", "1", 2), ("A", "2", 3)]
+
+
+def test_batch_tracks_offsets_per_partition_and_drops_revoked_partitions():
+    b = consumer.Batch()
+    p0, p1 = TopicPartition("t", 0), TopicPartition("t", 1)
+    b.add_row(p0, Row("A", None, None, None, None, {}, 0, 10))
+    b.add_row(p0, Row("B", None, None, None, None, {}, 0, 11))
+    b.add_dead(p1, 7, (None, b"{}", []))
+    b.add_row(p1, Row("C", None, None, None, None, {}, 1, 8))
+    assert b.count == 4 and b.offsets() == {p0: 12, p1: 9}
+    assert b.drop({p1}) == 2
+    assert b.count == 2 and b.offsets() == {p0: 12} and b.n_dead() == 0 and len(b.all_rows()) == 2
+
+
+def test_crash_hook_settings_are_checked():
+    with pytest.raises(ConfigError, match="DPE_TEST_CRASH_AT"):
+        consumer.CrashHook({"DPE_TEST_CRASH_AT": "sometimes"})
+    with pytest.raises(ConfigError, match="DPE_TEST_CRASH_AFTER_BATCHES"):
+        consumer.CrashHook({"DPE_TEST_CRASH_AT": "after_poll", "DPE_TEST_CRASH_AFTER_BATCHES": "x"})
+    hook = consumer.CrashHook({})
+    hook("after_poll", 0)  # no crash configured: returns
+
+
+def test_consume_refuses_bad_settings_with_exit_2(monkeypatch, capsys):
+    monkeypatch.setenv("BATCH_SIZE", "zero")
+    assert consumer.main([]) == 2
+    assert "BATCH_SIZE" in capsys.readouterr().err
+    monkeypatch.delenv("BATCH_SIZE")
+    assert consumer.main(["--exit-when-idle", "0"]) == 2
+
+
+def test_safe_url_hides_the_password():
+    assert consumer._safe_url("postgresql://dpe:s3cret@db:5432/dpe") == "postgresql://dpe:***@db:5432/dpe"
+
+
+def test_dead_letter_of_a_refused_message_names_the_source():
+    value, headers = deadletter.build("missing numero_dpe", "consumer", payload={"a": 1},
+                                      source={"topic": "t", "partition": 2, "offset": 5})
+    doc = deadletter.parse(value)
+    assert doc["source"] == {"topic": "t", "partition": 2, "offset": 5} and doc["stage"] == "consumer"
+    assert dict(headers)["dlq.reason"] == b"missing numero_dpe"
