@@ -195,6 +195,7 @@ class Dataset:
         self.counts: dict[str, int] = counts
         self._dep_seed = {d: _mix(self.seed * 0x1000193 ^ hash_str(d)) for d in departments.ALL_DEPARTMENTS}
         self._communes = {d: _communes(d) for d in departments.ALL_DEPARTMENTS}
+        self._num_offset = {d: h % 10_000_000 for d, h in self._dep_seed.items()}
         #: how many rows were generated so far (all threads; approximate under concurrency)
         self.generated_rows = 0
 
@@ -311,7 +312,9 @@ class Dataset:
         period, y0, y1 = _PERIODS[(g >> 5) % 9]
         cp, insee, commune = self._communes[dep][(g >> 9) % 40]
         # a bijection of [0, 10**7): affine map, digit reversal, affine map (no visible progression)
-        d7 = (int(f"{(i * _NUM_MULT + _NUM_ADD) % 10_000_000:07d}"[::-1]) * 7_654_321 + 2_718_281) % 10_000_000
+        # (shifted by a per-department offset, so departments do not share their digit sequences)
+        d7 = (int(f"{((i + self._num_offset[dep]) * _NUM_MULT + _NUM_ADD) % 10_000_000:07d}"[::-1])
+              * 7_654_321 + 2_718_281) % 10_000_000
         hi_part = i // 10_000_000
         if len(dep) == 3:
             code2 = "97"
