@@ -271,4 +271,7 @@ imagePullSecrets:
     limits: {cpu: 100m, memory: 64Mi}
   securityContext:
     {{- toYaml .Values.producer.containerSecurityContext | nindent 4 }}
+  volumeMounts:
+    - name: tmp
+      mountPath: /tmp
 {{- end -}}
