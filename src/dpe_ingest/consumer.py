@@ -160,6 +160,7 @@ class Consumer:
         self.last_batch_at = time.monotonic()
         self.last_progress_at = time.monotonic()
         self.need_migrate = True
+        self.joined = False  # the group assigned us partitions (possibly none) at least once
 
     # -- signals -------------------------------------------------------------------------------
     @property
@@ -195,6 +196,8 @@ class Consumer:
 
     def on_partitions_assigned(self, assigned) -> None:
         assigned = set(assigned)
+        self.joined = True
+        self.last_message_at = time.monotonic()  # --exit-when-idle: give new partitions a full idle period
         if self.writing and assigned and self.consumer is not None:
             self.consumer.pause(*assigned)  # no new data while the current batch is being written
         logs.event(log, "partitions_assigned", f"partitions assigned: {_tps(assigned) or 'none'}",
@@ -430,9 +433,11 @@ class Consumer:
             return False
         if time.monotonic() - self.last_message_at < self.exit_when_idle_s:
             return False
+        if not self.joined:
+            return False
         assigned = self.consumer.assignment()
         if not assigned:
-            return True
+            return True  # the group gave us nothing to do (more consumers than partitions)
         try:
             ends = self.consumer.end_offsets(list(assigned), timeout_ms=10000)
             committed = kc.group_offsets(self.cfg.kafka.bootstrap_servers, self.cfg.group)
@@ -475,6 +480,9 @@ class Consumer:
                     time.sleep(1.0)
                     records = {}
                 if records:
+                    logs.event(log, "polled", "polled messages", logging.DEBUG,
+                               messages=sum(len(m) for m in records.values()),
+                               batch=self.batch.count + sum(len(m) for m in records.values()))
                     self.crash("after_poll", self.totals.batches)
                     self.last_message_at = time.monotonic()
                     for tp, msgs in records.items():

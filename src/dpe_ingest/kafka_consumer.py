@@ -45,6 +45,9 @@ def make_consumer(settings: KafkaSettings, group: str, batch_size: int, **overri
         max_poll_records=max(1, batch_size),
         # a new topic / new partitions are seen within 30 s (default would be 5 min)
         metadata_max_age_ms=30000,
+        # a consumer that died (OOM, SIGKILL, node lost) is replaced after 10 s, not 45 s
+        session_timeout_ms=10000,
+        heartbeat_interval_ms=2000,
         request_timeout_ms=30000,
         reconnect_backoff_max_ms=5000,
     )

@@ -159,6 +159,7 @@ class Producer:
         if ckpt:
             after = ckpt.get("after")
             page_no, prog.rows, prog.dead = ckpt.get("page", 0), ckpt.get("rows", 0), ckpt.get("dead", 0)
+            prog.total = ckpt.get("total")  # data-fair gives `total` on the first page only
             prog.rows_at_start = prog.rows + prog.dead
             logs.event(log, "resume", f"resuming department {cfg.department} after page {page_no} "
                        f"({prog.rows} rows already in Kafka)", page=page_no, rows=prog.rows, after=after, **ctx)
