@@ -63,6 +63,7 @@ def test_department_of_wrong_type(render, tmp_path):
         ({"consumer.table": "1bad"}, "/consumer/table", "1bad"),
         ({"kafka.clusterId": "short"}, "/kafka/clusterId", "short"),
         ({"producer.unknownKey": "1"}, "/producer", "unknownKey"),
+        ({"department": "69"}, "", "additional properties 'department' not allowed"),  # typo of departments
     ],
 )
 def test_schema_rejections(render, sets, path, detail):
