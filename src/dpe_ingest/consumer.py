@@ -399,18 +399,29 @@ class Consumer:
                 self._keepalive(wait)
 
     # -- lag / progress ------------------------------------------------------------------------
+    def _position(self, tp: TopicPartition) -> int | None:
+        """Next offset we will read from ``tp`` (None if not known yet); never blocks."""
+        if tp in self.next_offset:
+            return self.next_offset[tp]
+        try:  # kafka-python's fetch position (set from the committed offset after an assignment)
+            state = self.consumer._subscription.assignment[tp]
+            return state.position.offset if state.position is not None else None
+        except Exception:  # noqa: BLE001 - private API: a figure for logs only
+            return None
+
     def lag(self) -> int | None:
+        """Messages behind the last known end of the assigned partitions (None if unknown)."""
         if self.consumer is None:
             return None
         total, known = 0, False
         try:
             for tp in self.consumer.assignment():
                 hw = self.consumer.highwater(tp)
-                pos = self.next_offset.get(tp)
+                pos = self._position(tp)
                 if hw is not None and pos is not None:
                     total += max(0, hw - pos)
                     known = True
-        except Exception:
+        except Exception:  # noqa: BLE001
             return None
         return total if known else None
 
@@ -438,8 +449,12 @@ class Consumer:
         assigned = self.consumer.assignment()
         if not assigned:
             return True  # the group gave us nothing to do (more consumers than partitions)
+        # the broker's committed offsets must reach the high watermark of every assigned partition
+        # (high watermarks come with every fetch response; a partition not fetched yet is not done)
+        ends = {tp: self.consumer.highwater(tp) for tp in assigned}
+        if any(end is None for end in ends.values()):
+            return False
         try:
-            ends = self.consumer.end_offsets(list(assigned), timeout_ms=10000)
             committed = kc.group_offsets(self.cfg.kafka.bootstrap_servers, self.cfg.group)
         except Exception as exc:  # noqa: BLE001
             logs.event(log, "kafka_error", f"idle check: {_short(exc)}", logging.WARNING, error=_short(exc))

@@ -110,7 +110,7 @@ def group_offsets(bootstrap: str, group: str, timeout_ms: int = 15000) -> dict[T
     admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="dpe-ingest-offsets",
                              request_timeout_ms=timeout_ms)
     try:
-        res = admin.list_consumer_group_offsets(group)
+        res = admin.list_group_offsets({group: None}).get(group, {})
     finally:
         admin.close()
     return {tp: om.offset for tp, om in res.items() if om.offset is not None and om.offset >= 0}

@@ -1,0 +1,514 @@
+"""The consumer end to end: a real broker, a real PostgreSQL, ``dpe-ingest consume`` as a real process.
+
+Every test reconciles exactly: the set of numero_dpe in the table is the set produced, every row's
+fields equal its source message (partition and offset included), and the group's committed offsets
+are the topic's end offsets.  Waits are generous (2 shared cores) and nothing asserts a duration.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg2
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from dpe_ingest import deadletter
+from dpe_ingest.kafka_consumer import group_offsets
+
+pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
+
+SLOW = 240  # seconds: generous upper bound of any wait (only reached on failure)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sent:
+    key: str | None
+    value: bytes
+    partition: int
+    offset: int
+
+    @property
+    def doc(self):
+        return json.loads(self.value)
+
+
+def new_names(prefix: str = "c") -> dict:
+    tag = uuid.uuid4().hex[:10]
+    return {"KAFKA_TOPIC": f"{prefix}-{tag}", "KAFKA_DLQ_TOPIC": f"{prefix}-{tag}-dlq",
+            "CONSUMER_GROUP": f"{prefix}-{tag}-sink", "DB_TABLE": f"dpe_{prefix}_{tag}"}
+
+
+def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
+    try:
+        admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        admin.close()
+
+
+def doc(i: int, tag: str = "T", **over) -> dict:
+    d = {"numero_dpe": f"{tag}{i:07d}X", "date_reception_dpe": (dt.date(2021, 7, 1) + dt.timedelta(days=i % 900)).isoformat(),
+         "code_postal_ban": f"{69001 + i % 9:05d}", "etiquette_dpe": "ABCDEFG"[i % 7], "departement": "69"}
+    if i % 3 == 0:
+        d["surface_habitable_logement"] = 20 + i % 180 + 0.5
+    if i % 5 == 0:
+        d["type_batiment"] = "appartement" if i % 2 else "maison"
+    if i % 11 == 0:
+        d["code_postal_ban"] = None
+    d.update(over)
+    return d
+
+
+def produce(bootstrap: str, topic: str, items, key_of=None) -> list[Sent]:
+    """Send ``items`` (dicts -> JSON, or raw bytes) keyed by numero_dpe; return where each landed."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    try:
+        pending = []
+        for item in items:
+            if isinstance(item, dict):
+                value = json.dumps(item, ensure_ascii=False).encode()
+                key = item.get("numero_dpe") if isinstance(item.get("numero_dpe"), str) else None
+            else:
+                value, key = item, (key_of(item) if key_of else None)
+            pending.append((key, value, producer.send(topic, key=key.encode() if key else None, value=value)))
+        producer.flush(timeout=120)
+        out = []
+        for key, value, fut in pending:
+            md = fut.get(timeout=60)
+            out.append(Sent(key, value, md.partition, md.offset))
+        return out
+    finally:
+        producer.close(timeout=10)
+
+
+def read_topic(bootstrap: str, topic: str) -> list:
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    try:
+        deadline = time.monotonic() + SLOW
+        parts = c.partitions_for_topic(topic)
+        while parts is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            parts = c.partitions_for_topic(topic)
+        if not parts:
+            return []
+        tps = [TopicPartition(topic, p) for p in parts]
+        c.assign(tps)
+        c.seek_to_beginning(*tps)
+        end = c.end_offsets(tps)
+        out = []
+        while any(c.position(tp) < end[tp] for tp in tps):
+            assert time.monotonic() < deadline, f"could not read {topic}"
+            for recs in c.poll(timeout_ms=1000).values():
+                out += recs
+        return out
+    finally:
+        c.close()
+
+
+class Proc:
+    """``dpe-ingest consume`` as a subprocess, its stderr in a file."""
+
+    def __init__(self, env: dict, tmp: Path, *args: str, name: str = "consumer"):
+        self.log_path = tmp / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        self._log = open(self.log_path, "wb")
+        full = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+        self.p = subprocess.Popen([sys.executable, "-m", "dpe_ingest", "consume", *args], env=full,
+                                  stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait(self, timeout: float = SLOW) -> int:
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait(30)
+            raise AssertionError(f"consumer did not exit in {timeout}s; log:\n{self.text()[-6000:]}")
+        finally:
+            self._log.close()
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def events(self, name: str) -> list[dict]:
+        return [e for e in map(parse_logfmt, self.text().splitlines()) if e.get("event") == name]
+
+    def wait_for(self, pred, what: str, timeout: float = SLOW):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = pred()
+            if got:
+                return got
+            if self.p.poll() is not None:
+                raise AssertionError(f"consumer exited ({self.p.returncode}) while waiting for {what}:\n"
+                                     f"{self.text()[-6000:]}")
+            time.sleep(0.3)
+        raise AssertionError(f"timed out waiting for {what}; log:\n{self.text()[-6000:]}")
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(30)
+        if not self._log.closed:
+            self._log.close()
+
+
+def parse_logfmt(line: str) -> dict:
+    out, i, n = {}, 0, len(line)
+    while i < n:
+        while i < n and line[i] == " ":
+            i += 1
+        j = line.find("=", i)
+        if j < 0:
+            break
+        key, i = line[i:j], j + 1
+        if i < n and line[i] == '"':
+            dec = json.JSONDecoder()
+            try:
+                val, end = dec.raw_decode(line, i)
+            except ValueError:
+                break
+            out[key], i = val, end
+        else:
+            j = line.find(" ", i)
+            j = n if j < 0 else j
+            out[key], i = line[i:j], j
+    return out
+
+
+@pytest.fixture
+def procs():
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.stop()
+
+
+def consumer_env(bootstrap: str, database_url: str, names: dict, **extra) -> dict:
+    env = {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "DATABASE_URL": database_url, "BATCH_SIZE": "100",
+           "BATCH_IDLE_MS": "1000", "RETRY_MAX_BACKOFF_S": "2", "KAFKA_TOPIC_PARTITIONS": "6",
+           "LOG_FORMAT": "logfmt", "LOG_LEVEL": "INFO", **names}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def table_rows(database_url: str, table: str) -> dict:
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute(f'SELECT numero_dpe, date_reception_dpe, code_postal_ban, etiquette_dpe, departement, extra,'
+                    f' kafka_partition, kafka_offset FROM "{table}"')
+        rows = cur.fetchall()
+    conn.close()
+    out = {}
+    for r in rows:
+        assert r[0] not in out
+        out[r[0]] = r
+    return out
+
+
+def table_count(database_url: str, table: str) -> int:
+    try:
+        with psycopg2.connect(database_url, connect_timeout=5) as conn, conn.cursor() as cur:
+            cur.execute(f'SELECT count(*) FROM "{table}"')
+            n = cur.fetchone()[0]
+        conn.close()
+        return n
+    except psycopg2.Error:
+        return -1
+
+
+def expected_row(s: Sent) -> tuple:
+    d = s.doc
+    base = ("numero_dpe", "date_reception_dpe", "code_postal_ban", "etiquette_dpe", "departement")
+    date = dt.date.fromisoformat(d["date_reception_dpe"]) if d.get("date_reception_dpe") else None
+    return (d["numero_dpe"], date, d.get("code_postal_ban"), d.get("etiquette_dpe"), d.get("departement"),
+            {k: v for k, v in d.items() if k not in base}, s.partition, s.offset)
+
+
+def reconcile(database_url: str, table: str, good: list[Sent]) -> None:
+    """The table holds exactly one row per produced numero_dpe, equal to its (last) message."""
+    want = {}
+    for s in good:
+        want[s.doc["numero_dpe"]] = s
+    got = table_rows(database_url, table)
+    missing = set(want) - set(got)
+    extra = set(got) - set(want)
+    assert not missing and not extra, f"missing {len(missing)} e.g. {sorted(missing)[:5]}, extra {sorted(extra)[:5]}"
+    bad = [(k, got[k], expected_row(s)) for k, s in want.items() if got[k] != expected_row(s)]
+    assert not bad, f"{len(bad)} rows differ from their message, e.g. {bad[:3]}"
+
+
+def assert_fully_committed(bootstrap: str, group: str, sent: list[Sent], topic: str) -> None:
+    ends: dict[int, int] = {}
+    for s in sent:
+        ends[s.partition] = max(ends.get(s.partition, 0), s.offset + 1)
+    committed = {tp.partition: off for tp, off in group_offsets(bootstrap, group).items() if tp.topic == topic}
+    assert {p: committed.get(p) for p in ends} == ends
+
+
+def committed_prefix(bootstrap: str, group: str, topic: str, sent: list[Sent]) -> set[str]:
+    committed = {tp.partition: off for tp, off in group_offsets(bootstrap, group).items() if tp.topic == topic}
+    return {s.doc["numero_dpe"] for s in sent if s.offset < committed.get(s.partition, 0)}
+
+
+def batch_totals(*ps: Proc) -> dict:
+    t = {"rows": 0, "inserted": 0, "updated": 0, "unchanged": 0, "dead_letters": 0, "batches": 0}
+    for p in ps:
+        for e in p.events("batch"):
+            t["batches"] += 1
+            for k in ("rows", "inserted", "updated", "unchanged", "dead_letters"):
+                t[k] += int(e[k])
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------------------------
+def test_clean_run_writes_every_row_exactly_once(kafka_bootstrap, database_url, procs, tmp_path):
+    names = new_names("clean")
+    create_topic(kafka_bootstrap, names["KAFKA_TOPIC"], 6)
+    sent = produce(kafka_bootstrap, names["KAFKA_TOPIC"], [doc(i) for i in range(5000)])
+    assert len({s.partition for s in sent}) == 6
+    p = Proc(consumer_env(kafka_bootstrap, database_url, names), tmp_path, "--exit-when-idle", "5")
+    procs.append(p)
+    assert p.wait() == 0, p.text()[-4000:]
+    reconcile(database_url, names["DB_TABLE"], sent)
+    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, names["KAFKA_TOPIC"])
+    batches = p.events("batch")
+    assert all(int(b["rows"]) <= 100 for b in batches)
+    assert batch_totals(p) == {"rows": 5000, "inserted": 5000, "updated": 0, "unchanged": 0, "dead_letters": 0,
+                               "batches": len(batches)}
+    assert len(batches) >= 50
+    assert all(b["rate"].endswith("rows/s") and "lag" in b for b in batches)
+    assert p.events("start") and p.events("stop")[0]["reason"] == "idle"
+    # a second run over the same, fully committed topic has nothing to do
+    again = Proc(consumer_env(kafka_bootstrap, database_url, names), tmp_path, "--exit-when-idle", "3")
+    procs.append(again)
+    assert again.wait() == 0
+    assert again.events("batch") == []
+
+
+def test_a_new_version_of_a_row_updates_it_and_a_replay_changes_nothing(kafka_bootstrap, database_url, procs, tmp_path):
+    names = new_names("upd")
+    create_topic(kafka_bootstrap, names["KAFKA_TOPIC"], 3)
+    first = produce(kafka_bootstrap, names["KAFKA_TOPIC"], [doc(i) for i in range(300)])
+    p = Proc(consumer_env(kafka_bootstrap, database_url, names), tmp_path, "--exit-when-idle", "4")
+    procs.append(p)
+    assert p.wait() == 0
+    second = produce(kafka_bootstrap, names["KAFKA_TOPIC"],
+                     [doc(i, etiquette_dpe="Z") if i < 50 else doc(i) for i in range(300)])
+    p2 = Proc(consumer_env(kafka_bootstrap, database_url, names), tmp_path, "--exit-when-idle", "4")
+    procs.append(p2)
+    assert p2.wait() == 0
+    assert batch_totals(p2)["updated"] == 50 and batch_totals(p2)["unchanged"] == 250
+    # rows that changed carry the offset of their new message; identical ones keep the first one
+    got = table_rows(database_url, names["DB_TABLE"])
+    assert len(got) == 300
+    for s1, s2 in zip(first, second):
+        want = expected_row(s2 if s2.doc["etiquette_dpe"] != s1.doc["etiquette_dpe"] else s1)
+        assert got[s1.doc["numero_dpe"]] == want
+    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], first + second, names["KAFKA_TOPIC"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["after_poll", "after_insert", "after_db_commit"])
+def test_sigkill_at_each_critical_point_loses_and_duplicates_nothing(point, kafka_bootstrap, database_url, procs,
+                                                                     tmp_path):
+    names = new_names("kill")
+    topic, group, table = names["KAFKA_TOPIC"], names["CONSUMER_GROUP"], names["DB_TABLE"]
+    create_topic(kafka_bootstrap, topic, 4)
+    sent = produce(kafka_bootstrap, topic, [doc(i, tag=point[:5]) for i in range(2000)])
+    all_keys = {s.doc["numero_dpe"] for s in sent}
+    # full batches only while crashing (the topic is pre-filled; a partial batch would need 60 s idle)
+    env = consumer_env(kafka_bootstrap, database_url, names, BATCH_IDLE_MS=60000)
+    crashed = []
+    for n in (2, 3, 5):  # each run dies at a later batch of its own
+        p = Proc({**env, "DPE_TEST_CRASH_AT": point, "DPE_TEST_CRASH_AFTER_BATCHES": n}, tmp_path, name=f"crash{n}")
+        procs.append(p)
+        assert p.wait() == -signal.SIGKILL, p.text()[-4000:]
+        assert [e["point"] for e in p.events("test_crash")] == [point]
+        assert len(p.events("batch")) == n  # it died inside batch n+1
+        crashed.append(p)
+        prefix = committed_prefix(kafka_bootstrap, group, topic, sent)
+        in_db = set(table_rows(database_url, table))
+        assert prefix <= in_db <= all_keys
+        if point == "after_db_commit":
+            # the batch being committed is in the table, its offsets are not committed
+            assert len(in_db - prefix) >= 100
+        else:
+            # the DB transaction never committed: the table is exactly what the offsets say
+            assert in_db == prefix
+    final = Proc(env | {"BATCH_IDLE_MS": "1000"}, tmp_path, "--exit-when-idle", "5", name="final")
+    procs.append(final)
+    assert final.wait() == 0, final.text()[-4000:]
+    reconcile(database_url, table, sent)
+    assert_fully_committed(kafka_bootstrap, group, sent, topic)
+    totals = batch_totals(*crashed, final)
+    assert totals["inserted"] == 2000 and totals["updated"] == 0
+    if point == "after_db_commit":
+        assert totals["unchanged"] >= 100  # the replays happened and changed nothing
+
+
+@pytest.mark.slow
+def test_postgres_restart_mid_run(kafka_bootstrap, postgres_factory, procs, tmp_path):
+    pg = postgres_factory()
+    names = new_names("pgr")
+    topic = names["KAFKA_TOPIC"]
+    create_topic(kafka_bootstrap, topic, 3)
+    sent = produce(kafka_bootstrap, topic, [doc(i, tag="P") for i in range(1000)])
+    p = Proc(consumer_env(kafka_bootstrap, pg.url, names, RETRY_MAX_BACKOFF_S=1), tmp_path,
+             "--exit-when-idle", "6")
+    procs.append(p)
+    p.wait_for(lambda: table_count(pg.url, names["DB_TABLE"]) == 1000, "the first 1000 rows")
+    pg.kill()
+    sent += produce(kafka_bootstrap, topic, [doc(i, tag="P") for i in range(1000, 2500)])
+    p.wait_for(lambda: len(p.events("db_unavailable")) >= 2, "db_unavailable retries")
+    pg.restart()
+    assert p.wait() == 0, p.text()[-4000:]
+    waits = p.events("db_unavailable")
+    assert all(float(w["retry_in"]) <= 1.0 for w in waits)  # capped at RETRY_MAX_BACKOFF_S
+    reconcile(pg.url, names["DB_TABLE"], sent)
+    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic)
+    assert batch_totals(p)["inserted"] == 2500
+
+
+@pytest.mark.slow
+def test_broker_restart_mid_run(kafka_broker_factory, database_url, procs, tmp_path):
+    broker = kafka_broker_factory()
+    bootstrap = broker.bootstrap
+    names = new_names("brk")
+    topic = names["KAFKA_TOPIC"]
+    create_topic(bootstrap, topic, 3)
+    sent = produce(bootstrap, topic, [doc(i, tag="B") for i in range(1000)])
+    p = Proc(consumer_env(bootstrap, database_url, names), tmp_path, "--exit-when-idle", "20")
+    procs.append(p)
+    p.wait_for(lambda: table_count(database_url, names["DB_TABLE"]) >= 500, "the first rows")
+    broker.kill()
+    time.sleep(3)  # let the consumer notice (not an assertion)
+    broker.restart()
+    sent += produce(broker.bootstrap, topic, [doc(i, tag="B") for i in range(1000, 2000)])
+    assert p.wait() == 0, p.text()[-4000:]
+    reconcile(database_url, names["DB_TABLE"], sent)
+    assert_fully_committed(broker.bootstrap, names["CONSUMER_GROUP"], sent, topic)
+
+
+@pytest.mark.slow
+def test_two_consumers_share_the_partitions_and_write_each_row_once(kafka_bootstrap, database_url, procs, tmp_path):
+    names = new_names("two")
+    topic = names["KAFKA_TOPIC"]
+    create_topic(kafka_bootstrap, topic, 6)
+    env = consumer_env(kafka_bootstrap, database_url, names)
+    a = Proc(env, tmp_path, "--exit-when-idle", "10", name="a")
+    b = Proc(env, tmp_path, "--exit-when-idle", "10", name="b")
+    procs += [a, b]
+
+    def both_assigned():
+        last = [p.events("partitions_assigned") for p in (a, b)]
+        return all(e and e[-1]["partitions"] not in ("", None) for e in last)
+
+    a.wait_for(both_assigned, "both consumers to own partitions")
+    sent = []
+    for chunk in range(4):  # keep producing while they consume
+        sent += produce(kafka_bootstrap, topic, [doc(i, tag="W") for i in range(chunk * 1000, chunk * 1000 + 1000)])
+    assert a.wait() == 0 and b.wait() == 0, a.text()[-3000:] + b.text()[-3000:]
+    assert batch_totals(a)["rows"] > 0 and batch_totals(b)["rows"] > 0
+    reconcile(database_url, names["DB_TABLE"], sent)
+    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic)
+    assert batch_totals(a, b)["inserted"] == 4000
+
+
+def test_poison_messages_go_to_the_dlq_and_do_not_block_their_partition(kafka_bootstrap, database_url, procs,
+                                                                       tmp_path):
+    names = new_names("poison")
+    topic = names["KAFKA_TOPIC"]
+    create_topic(kafka_bootstrap, topic, 2)
+    poison = [b"this is not json", b"\xff\xfe\x00binary", json.dumps({"date_reception_dpe": "2023-01-01"}).encode(),
+              json.dumps({"numero_dpe": "", "departement": "69"}).encode(),
+              json.dumps(doc(9001, tag="Z", date_reception_dpe="31/12/2023")).encode(),
+              json.dumps(["an", "array"]).encode(), json.dumps(doc(9002, tag="Z", etiquette_dpe="nul\u0000")).encode()]
+    reasons = ["not JSON", "not valid UTF-8", "missing numero_dpe", "empty numero_dpe", "is not a date",
+               "not an object", "NUL character"]
+    items = []
+    for i in range(300):
+        items.append(doc(i, tag="G"))
+        if i % 40 == 5 and poison:
+            items.append(poison.pop(0))
+    assert not poison
+    # every poison message goes to partition 0, between good rows of that partition
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    sent = []
+    for item in items:
+        raw = json.dumps(item).encode() if isinstance(item, dict) else item
+        part = 0 if not isinstance(item, dict) else int(item["numero_dpe"][1:8]) % 2
+        md = producer.send(topic, value=raw, key=b"k" if not isinstance(item, dict) else item["numero_dpe"].encode(),
+                           partition=part).get(60)
+        sent.append(Sent(None, raw, md.partition, md.offset))
+    producer.close()
+    good = [s for s, item in zip(sent, items) if isinstance(item, dict)]
+    bad = [s for s, item in zip(sent, items) if not isinstance(item, dict)]
+    p = Proc(consumer_env(kafka_bootstrap, database_url, names), tmp_path, "--exit-when-idle", "5")
+    procs.append(p)
+    assert p.wait() == 0, p.text()[-4000:]
+    reconcile(database_url, names["DB_TABLE"], good)
+    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic)
+    letters = read_topic(kafka_bootstrap, names["KAFKA_DLQ_TOPIC"])
+    docs = sorted((deadletter.parse(r.value) for r in letters), key=lambda d: d["source"]["offset"])
+    assert [(d["source"]["topic"], d["source"]["partition"], d["source"]["offset"]) for d in docs] == \
+        [(topic, s.partition, s.offset) for s in bad]
+    for d, s, reason in zip(docs, bad, reasons):
+        assert reason in d["reason"] and d["stage"] == "consumer"
+        if d["payload_b64"] is not None:
+            import base64
+
+            assert base64.b64decode(d["payload_b64"]) == s.value
+        else:
+            assert d["payload"] == json.loads(s.value)
+    assert all(dict(r.headers)["dlq.stage"] == b"consumer" for r in letters)
+    assert batch_totals(p)["dead_letters"] == 7
+
+
+def test_sigterm_writes_the_partial_batch_commits_and_exits_0(kafka_bootstrap, database_url, procs, tmp_path):
+    names = new_names("term")
+    topic = names["KAFKA_TOPIC"]
+    create_topic(kafka_bootstrap, topic, 3)
+    sent = produce(kafka_bootstrap, topic, [doc(i, tag="S") for i in range(37)])
+    # a partial batch would wait 10 minutes: only the signal can write it
+    p = Proc(consumer_env(kafka_bootstrap, database_url, names, BATCH_IDLE_MS=600000, LOG_LEVEL="DEBUG"), tmp_path)
+    procs.append(p)
+    p.wait_for(lambda: any(int(e["batch"]) == 37 for e in p.events("polled")), "the 37 messages in memory")
+    assert p.events("batch") == [] and table_count(database_url, names["DB_TABLE"]) == 0
+    p.p.send_signal(signal.SIGTERM)
+    assert p.wait() == 0, p.text()[-4000:]
+    assert [int(b["rows"]) for b in p.events("batch")] == [37]
+    assert p.events("stop")[0]["reason"] == "signal"
+    reconcile(database_url, names["DB_TABLE"], sent)
+    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic)
+
+
+def test_a_partial_batch_is_written_after_batch_idle_ms(kafka_bootstrap, database_url, procs, tmp_path):
+    names = new_names("idle")
+    topic = names["KAFKA_TOPIC"]
+    create_topic(kafka_bootstrap, topic, 3)
+    p = Proc(consumer_env(kafka_bootstrap, database_url, names, BATCH_IDLE_MS=1500), tmp_path)
+    procs.append(p)
+    p.wait_for(lambda: p.events("partitions_assigned"), "the group assignment")
+    sent = produce(kafka_bootstrap, topic, [doc(i, tag="I") for i in range(23)])
+    p.wait_for(lambda: p.events("batch"), "the partial batch")
+    assert [int(b["rows"]) for b in p.events("batch")] == [23]
+    reconcile(database_url, names["DB_TABLE"], sent)
+    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic)
+    assert p.p.poll() is None  # still running: it was the idle timer, not an exit
+    p.p.send_signal(signal.SIGTERM)
+    assert p.wait() == 0
