@@ -18,7 +18,7 @@ SRC=/src
 
 for name in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST; do
     eval "value=\${$name:-}"
-    if [ -n "$value" ]; then export "$name"; else unset "$name"; fi
+    if [ -n "$value" ]; then export "${name?}"; else unset "$name"; fi
 done
 
 use_ca_certs() {
