@@ -1,0 +1,190 @@
+"""Process and file helpers shared by the bench servers (Kafka, PostgreSQL, helm).
+
+Every server the bench starts is a direct child of the Python process, in its own session (so a
+Ctrl-C in the terminal reaches pytest, which then stops the servers in order) and with a Linux
+parent-death signal (so a server never outlives a Python process that was killed outright).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+_PR_SET_PDEATHSIG = 1
+
+
+class BenchError(RuntimeError):
+    """A bench server or tool could not be fetched, built, started or stopped; the message says why."""
+
+
+def repo_root() -> Path | None:
+    """The source checkout this package runs from (editable install), or None."""
+    root = Path(__file__).resolve().parents[3]
+    return root if (root / "pyproject.toml").is_file() and (root / "src" / "dpe_ingest").is_dir() else None
+
+
+def cache_dir() -> Path:
+    """Where downloads and builds live: $DPE_CACHE_DIR, else <repo>/.cache, else ~/.cache/dpe-ingest."""
+    env = os.environ.get("DPE_CACHE_DIR", "").strip()
+    if env:
+        path = Path(env).expanduser()
+    else:
+        root = repo_root()
+        path = root / ".cache" if root else Path.home() / ".cache" / "dpe-ingest"
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, what: str = "", wait_s: float = 1800.0) -> Iterator[None]:
+    """An exclusive flock on ``path`` (a fetch/build done by one process at a time)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        deadline = time.monotonic() + wait_s
+        told = False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if not told and what:
+                    print(f"bench: waiting for another process to finish {what} ({path})", file=sys.stderr)
+                    told = True
+                if time.monotonic() > deadline:
+                    raise BenchError(f"timed out after {wait_s:.0f}s waiting for the lock {path}") from None
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now on ``host`` (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def port_bindable(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def wait_port_free(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while not port_bindable(port, host):
+        if time.monotonic() > deadline:
+            raise BenchError(f"port {host}:{port} is still in use after {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except Exception:  # noqa: BLE001 - not Linux: no safety net, the fixtures still stop servers
+        pass
+
+
+def spawn(cmd: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
+          cwd: Path | None = None) -> subprocess.Popen:
+    """Start ``cmd`` in its own session, stdout+stderr appended to ``log_path``, killed with us."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} start: {' '.join(map(str, cmd))}\n".encode())
+        log.flush()
+        return subprocess.Popen(
+            [str(c) for c in cmd], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env=env, cwd=cwd, start_new_session=True, preexec_fn=_set_pdeathsig, close_fds=True,
+        )
+
+
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to the process group of ``proc`` (its session: the server and its children)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+
+
+def terminate(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+    """``sig`` to the group, wait up to ``timeout``, then SIGKILL the group; always reaps."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        signal_group(proc, sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    kill(proc)
+
+
+def kill(proc: subprocess.Popen | None) -> None:
+    """SIGKILL the whole group of ``proc`` (a crash: no shutdown code runs) and reap it."""
+    if proc is None:
+        return
+    signal_group(proc, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # children left by an already-dead leader
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        data = path.read_bytes()[-64 * 1024:]
+    except OSError:
+        return f"(no log at {path})"
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+def run(cmd: Sequence[str], what: str, timeout: float = 600, env: dict[str, str] | None = None,
+        cwd: Path | None = None, log_path: Path | None = None) -> str:
+    """Run a short command; on failure raise BenchError with its output."""
+    try:
+        res = subprocess.run([str(c) for c in cmd], stdin=subprocess.DEVNULL, capture_output=True,
+                             text=True, timeout=timeout, env=env, cwd=cwd, preexec_fn=_set_pdeathsig)
+    except FileNotFoundError:
+        raise BenchError(f"{what}: command not found: {cmd[0]}") from None
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{what}: {' '.join(map(str, cmd))} did not finish in {timeout:.0f}s") from None
+    out = (res.stdout or "") + (res.stderr or "")
+    if log_path is not None:
+        with open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(f"\n===== {' '.join(map(str, cmd))} -> {res.returncode}\n{out}")
+    if res.returncode != 0:
+        tail_ = "\n".join(out.strip().splitlines()[-30:])
+        raise BenchError(f"{what} failed (exit {res.returncode}): {' '.join(map(str, cmd))}\n{tail_}")
+    return out

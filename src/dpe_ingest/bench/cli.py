@@ -1,0 +1,103 @@
+"""``dpe-ingest bench``: the local bench from the command line.
+
+    dpe-ingest bench up      start Kafka, PostgreSQL and the ADEME stand-in in the foreground, print
+                             the export lines, stop everything on Ctrl-C / SIGTERM
+    dpe-ingest bench fetch   download/build everything into the cache (Kafka jars, storage and
+                             PostgreSQL templates, helm), e.g. to warm up CI; no server is left running
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpe-ingest bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    up = sub.add_parser("up", help="start Kafka + PostgreSQL + the ADEME stand-in in the foreground")
+    up.add_argument("--workdir", type=Path, help="data and logs here (default: a temp dir, deleted at exit)")
+    up.add_argument("--kafka-port", type=int, help="Kafka port on 127.0.0.1 (default: a free one)")
+    up.add_argument("--postgres-port", type=int, help="PostgreSQL port on 127.0.0.1 (default: a free one)")
+    up.add_argument("--standin-port", type=int, default=0, help="stand-in port (default: a free one)")
+    up.add_argument("--no-standin", action="store_true", help="do not start the ADEME stand-in")
+    up.add_argument("--rows", type=int, default=1000, help="stand-in rows per department (default 1000)")
+    up.add_argument("--seed", type=int, default=1, help="stand-in dataset seed (default 1)")
+    sub.add_parser("fetch", help="fetch/build Kafka jars, templates and helm into the cache")
+    return p
+
+
+def _fetch() -> int:
+    from . import cache_dir
+    from .helm import HELM_VERSION, ensure_helm
+    from .kafka import KAFKA_VERSION, _storage_template, ensure_kafka_jars, find_java
+    from .postgres import ensure_template, find_bindir
+
+    t0 = time.monotonic()
+    java, major = find_java()
+    libs = ensure_kafka_jars()
+    _storage_template(java, libs)
+    print(f"bench fetch: Kafka {KAFKA_VERSION} jars in {libs} (Java {major}: {java})", flush=True)
+    bindir = find_bindir()
+    tpl = ensure_template(bindir)
+    print(f"bench fetch: PostgreSQL {bindir}, template {tpl}", flush=True)
+    helm = ensure_helm()
+    print(f"bench fetch: helm {HELM_VERSION} at {helm}", flush=True)
+    print(f"bench fetch: cache {cache_dir()} ready in {time.monotonic() - t0:.1f}s", flush=True)
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from . import Bench
+
+    stop = threading.Event()
+
+    def _on_signal(signum, _frame):
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    bench = Bench(args.workdir, standin=not args.no_standin, rows_per_department=args.rows, seed=args.seed,
+                  kafka_port=args.kafka_port, postgres_port=args.postgres_port, standin_port=args.standin_port)
+    print(f"bench: starting PostgreSQL and Kafka (data and logs in {bench.workdir})", file=sys.stderr, flush=True)
+    try:
+        bench.start()
+        t = bench.timings
+        print(f"bench: up (PostgreSQL {t.get('postgres', 0):.1f}s, Kafka {t.get('kafka', 0):.1f}s); "
+              "paste these lines in another shell, Ctrl-C here to stop:", file=sys.stderr, flush=True)
+        print(bench.exports(), flush=True)
+        while not stop.wait(1.0):
+            for name, server in (("Kafka", bench.kafka), ("PostgreSQL", bench.postgres)):
+                if server is not None and not server.running:
+                    print(f"bench: {name} exited unexpectedly; log {server.log_path}", file=sys.stderr, flush=True)
+                    return 1
+    finally:
+        print("bench: stopping", file=sys.stderr, flush=True)
+        bench.stop()
+    print("bench: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ._proc import BenchError
+
+    args = _parser().parse_args(argv)
+    try:
+        if args.action == "up":
+            return _up(args)
+        if args.action == "fetch":
+            return _fetch()
+    except BenchError as exc:
+        print(f"dpe-ingest bench: {exc}", file=sys.stderr)
+        return 1
+    _parser().print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
