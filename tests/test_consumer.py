@@ -126,7 +126,7 @@ class Proc:
     def __init__(self, env: dict, tmp: Path, *args: str, name: str = "consumer"):
         self.log_path = tmp / f"{name}-{uuid.uuid4().hex[:6]}.log"
         self._log = open(self.log_path, "wb")
-        full = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+        full = {**os.environ, "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in env.items()}}
         self.p = subprocess.Popen([sys.executable, "-m", "dpe_ingest", "consume", *args], env=full,
                                   stdout=self._log, stderr=subprocess.STDOUT)
 
@@ -356,9 +356,13 @@ def test_sigkill_at_each_critical_point_loses_and_duplicates_nothing(point, kafk
     reconcile(database_url, table, sent)
     assert_fully_committed(kafka_bootstrap, group, sent, topic)
     totals = batch_totals(*crashed, final)
-    assert totals["inserted"] == 2000 and totals["updated"] == 0
+    assert totals["updated"] == 0
     if point == "after_db_commit":
-        assert totals["unchanged"] >= 100  # the replays happened and changed nothing
+        # each crash hid one committed batch from the logs; its replay found the rows there already
+        assert totals["inserted"] < 2000 and totals["unchanged"] >= 100
+        assert totals["inserted"] + totals["unchanged"] >= 2000
+    else:
+        assert totals["inserted"] == 2000 and totals["unchanged"] == 0
 
 
 @pytest.mark.slow
