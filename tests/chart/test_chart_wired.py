@@ -82,9 +82,9 @@ def _drop_table(database_url: str, table: str) -> None:
         cur.execute(f'DROP TABLE IF EXISTS "{table}"')
 
 
-def test_rendered_jobs_and_consumer_fill_postgresql(render, kafka_bootstrap, database_url, tmp_path: Path):
+def test_rendered_jobs_and_consumer_fill_postgresql(render, kafka_bootstrap, database_url, standin_factory,
+                                                    tmp_path: Path):
     from dpe_ingest.standin.data import Dataset
-    from dpe_ingest.standin.server import StandinServer
 
     assert (VENV_BIN / "dpe-ingest").exists(), "the package is not installed in .venv"
     suffix = uuid.uuid4().hex[:8]
@@ -92,7 +92,7 @@ def test_rendered_jobs_and_consumer_fill_postgresql(render, kafka_bootstrap, dat
     db_url, password = _split_password(database_url)
     secrets = {SECRET_NAME: {SECRET_KEY: password or ""}}
 
-    srv = StandinServer(dataset=Dataset(rows_per_department=ROWS, default_rows=0)).start()
+    srv = standin_factory(dataset=Dataset(rows_per_department=ROWS, default_rows=0))
     procs: list[subprocess.Popen] = []
     try:
         sets = {
@@ -163,7 +163,6 @@ def test_rendered_jobs_and_consumer_fill_postgresql(render, kafka_bootstrap, dat
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        srv.stop()
         try:
             _drop_table(database_url, table)
         except Exception:  # the bench may be gone already; nothing to clean then
