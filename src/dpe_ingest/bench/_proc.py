@@ -1,8 +1,10 @@
 """Process and file helpers shared by the bench servers (Kafka, PostgreSQL, helm).
 
 Every server the bench starts is a direct child of the Python process, in its own session (so a
-Ctrl-C in the terminal reaches pytest, which then stops the servers in order) and with a Linux
-parent-death signal (so a server never outlives a Python process that was killed outright).
+Ctrl-C in the terminal reaches pytest, which then stops the servers in order) and, when started
+from the main thread, with a Linux parent-death signal (so a server never outlives a Python process
+that was killed outright).  The signal is tied to the *thread* that started the child, hence main
+thread only: a server started from a worker thread would die with that thread.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -112,6 +115,11 @@ def _set_pdeathsig() -> None:  # runs in the child between fork and exec
         pass
 
 
+def use_pdeathsig() -> bool:
+    """Whether children started now get a parent-death signal (only from the main thread)."""
+    return threading.current_thread() is threading.main_thread() and sys.platform.startswith("linux")
+
+
 def spawn(cmd: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
           cwd: Path | None = None) -> subprocess.Popen:
     """Start ``cmd`` in its own session, stdout+stderr appended to ``log_path``, killed with us."""
@@ -121,7 +129,8 @@ def spawn(cmd: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
         log.flush()
         return subprocess.Popen(
             [str(c) for c in cmd], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env=env, cwd=cwd, start_new_session=True, preexec_fn=_set_pdeathsig, close_fds=True,
+            env=env, cwd=cwd, start_new_session=True, close_fds=True,
+            preexec_fn=_set_pdeathsig if use_pdeathsig() else None,
         )
 
 
@@ -175,7 +184,8 @@ def run(cmd: Sequence[str], what: str, timeout: float = 600, env: dict[str, str]
     """Run a short command; on failure raise BenchError with its output."""
     try:
         res = subprocess.run([str(c) for c in cmd], stdin=subprocess.DEVNULL, capture_output=True,
-                             text=True, timeout=timeout, env=env, cwd=cwd, preexec_fn=_set_pdeathsig)
+                             text=True, timeout=timeout, env=env, cwd=cwd,
+                             preexec_fn=_set_pdeathsig if use_pdeathsig() else None)
     except FileNotFoundError:
         raise BenchError(f"{what}: command not found: {cmd[0]}") from None
     except subprocess.TimeoutExpired:

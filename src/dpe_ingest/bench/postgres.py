@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from ._proc import (BenchError, cache_dir, file_lock, free_port, kill, run, spawn, tail, terminate,
-                    wait_port_free)
+                    use_pdeathsig, wait_port_free)
 
 USER = "dpe"
 PASSWORD = "dpe"
@@ -108,8 +108,9 @@ def _as_user(cmd: list) -> list:
     if not shutil.which("setpriv"):
         raise BenchError("running as root: setpriv (util-linux) is needed to run PostgreSQL as "
                          f"{user.pw_name}")
-    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups",
-            "--pdeathsig=KILL", "--"] + [str(c) for c in cmd]
+    death = ["--pdeathsig=KILL"] if use_pdeathsig() else []  # setuid clears the one set before
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", *death,
+            "--"] + [str(c) for c in cmd]
 
 
 def _chown_tree(path: Path) -> None:

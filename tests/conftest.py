@@ -1,0 +1,186 @@
+"""Session fixtures: the bench's real servers, started lazily and stopped at the end.
+
+- ``kafka_bootstrap`` (str): $KAFKA_BOOTSTRAP_SERVERS (your own Kafka) or a session KafkaBroker.
+- ``database_url`` (str): $DATABASE_URL (your own PostgreSQL) or a session PostgresServer.
+- ``kafka_broker_factory`` / ``postgres_factory``: ``factory()`` starts a PRIVATE server (always the
+  bench's, never yours) that the test may kill/restart; stopped when the test ends.
+- ``standin_factory``: ``factory(dataset=None, faults=None, **kw)`` starts an ADEME stand-in.
+- ``helm_bin`` (Path): helm v3.22.0 ($HELM or the cache's, built when missing).
+- ``unique_name``: ``unique_name("prefix")`` -> ``prefix_1a2b3c4d``, a fresh name valid as a topic,
+  a consumer group and a table name.
+
+A server that cannot start makes the test FAIL (with the reason and the server's log), never skip.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dpe_ingest.bench import BenchError, KafkaBroker, PostgresServer, ensure_helm
+from dpe_ingest.bench.kafka import KAFKA_VERSION
+
+_started: list[object] = []  # every server started in this session (safety net at exit)
+_timings: list[str] = []
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def pytest_configure(config):
+    # SIGTERM (CI timeouts, `kill`) becomes a KeyboardInterrupt: pytest then runs the fixture
+    # teardowns and every server is stopped cleanly (the parent-death signal covers SIGKILL).
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        def _term(signum, frame):
+            raise KeyboardInterrupt(f"signal {signum}")
+        signal.signal(signal.SIGTERM, _term)
+
+
+def pytest_report_header(config):
+    kafka = f"KAFKA_BOOTSTRAP_SERVERS={_env('KAFKA_BOOTSTRAP_SERVERS')} (yours)" if _env("KAFKA_BOOTSTRAP_SERVERS") \
+        else f"bench Kafka {KAFKA_VERSION} (started on first use)"
+    pg = "DATABASE_URL (yours)" if _env("DATABASE_URL") else "bench PostgreSQL (started on first use)"
+    return f"bench: {kafka}; {pg}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _timings:
+        terminalreporter.write_line("bench: " + "; ".join(_timings))
+
+
+def pytest_unconfigure(config):
+    for server in reversed(_started):  # normally already stopped by the fixtures
+        try:
+            (getattr(server, "cleanup", None) or server.stop)()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+def _start(server, what: str):
+    _started.append(server)
+    t0 = time.monotonic()
+    try:
+        server.start()
+    except BenchError as exc:
+        pytest.fail(f"could not start the bench's {what}: {exc}", pytrace=False)
+    _timings.append(f"{what} started in {time.monotonic() - t0:.1f}s")
+    return server
+
+
+def _stop(server) -> None:
+    (getattr(server, "cleanup", None) or server.stop)()
+    if server in _started:
+        _started.remove(server)
+
+
+# -------------------------------------------------------------------------------------------------
+# Session servers (or the user's own)
+# -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory) -> str:
+    user = _env("KAFKA_BOOTSTRAP_SERVERS")
+    if user:
+        yield user
+        return
+    broker = _start(KafkaBroker(tmp_path_factory.mktemp("kafka-session")), "Kafka broker")
+    try:
+        yield broker.bootstrap
+    finally:
+        _stop(broker)
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory) -> str:
+    user = _env("DATABASE_URL")
+    if user:
+        yield user
+        return
+    server = _start(PostgresServer(tmp_path_factory.mktemp("postgres-session")), "PostgreSQL")
+    try:
+        yield server.url
+    finally:
+        _stop(server)
+
+
+# -------------------------------------------------------------------------------------------------
+# Private servers a test may kill and restart
+# -------------------------------------------------------------------------------------------------
+@pytest.fixture
+def kafka_broker_factory(tmp_path_factory):
+    """``factory(**kwargs) -> KafkaBroker`` started (kwargs: port, controller_port, heap)."""
+    brokers: list[KafkaBroker] = []
+
+    def factory(**kwargs) -> KafkaBroker:
+        broker = KafkaBroker(tmp_path_factory.mktemp("kafka-private"), **kwargs)
+        brokers.append(broker)
+        return _start(broker, "private Kafka broker")
+
+    yield factory
+    for broker in brokers:
+        _stop(broker)
+
+
+@pytest.fixture
+def postgres_factory(tmp_path_factory):
+    """``factory(**kwargs) -> PostgresServer`` started (kwargs: port)."""
+    servers: list[PostgresServer] = []
+
+    def factory(**kwargs) -> PostgresServer:
+        server = PostgresServer(tmp_path_factory.mktemp("postgres-private"), **kwargs)
+        servers.append(server)
+        return _start(server, "private PostgreSQL")
+
+    yield factory
+    for server in servers:
+        _stop(server)
+
+
+@pytest.fixture
+def standin_factory():
+    """``factory(dataset=None, faults=None, **kwargs) -> StandinServer`` started on a free port."""
+    from dpe_ingest.standin.server import StandinServer
+
+    servers = []
+
+    def factory(dataset=None, faults=None, **kwargs):
+        kwargs.setdefault("host", "127.0.0.1")
+        kwargs.setdefault("port", 0)
+        server = StandinServer(dataset=dataset, faults=faults, **kwargs)
+        servers.append(server)
+        return server.start()
+
+    yield factory
+    for server in servers:
+        server.stop()
+
+
+# -------------------------------------------------------------------------------------------------
+# Tools and names
+# -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def helm_bin() -> Path:
+    try:
+        return ensure_helm()
+    except BenchError as exc:
+        pytest.fail(f"no helm binary: {exc}", pytrace=False)
+
+
+@pytest.fixture
+def unique_name():
+    """``unique_name(prefix)``: a new lowercase name, valid as Kafka topic, group and SQL table."""
+
+    def make(prefix: str = "t") -> str:
+        clean = re.sub(r"[^a-z0-9_]", "_", prefix.lower()) or "t"
+        if clean[0].isdigit():
+            clean = "t" + clean
+        return f"{clean}_{uuid.uuid4().hex[:8]}"
+
+    return make

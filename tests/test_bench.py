@@ -1,0 +1,172 @@
+"""The bench's servers are real: Kafka takes and serves messages, PostgreSQL stores rows, both keep
+their data over a crash and a restart, helm is the pinned version."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import psycopg2
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from dpe_ingest.bench import Bench
+from dpe_ingest.bench.helm import HELM_VERSION
+
+
+def _create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
+    try:
+        admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    finally:
+        admin.close()
+
+
+def _produce(bootstrap: str, topic: str, n: int, tag: str) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    try:
+        for i in range(n):
+            producer.send(topic, key=f"k{i}".encode(), value=f"{tag}-{i}".encode())
+        producer.flush(60)
+    finally:
+        producer.close()
+
+
+def _read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0) -> list[bytes]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    try:
+        parts = None
+        deadline = time.monotonic() + timeout_s
+        while parts is None and time.monotonic() < deadline:
+            parts = consumer.partitions_for_topic(topic)
+            if parts is None:
+                time.sleep(0.2)
+        assert parts, f"topic {topic} not found"
+        consumer.assign([TopicPartition(topic, p) for p in parts])
+        consumer.seek_to_beginning()
+        values: list[bytes] = []
+        while len(values) < expected and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                values += [r.value for r in records]
+        return values
+    finally:
+        consumer.close()
+
+
+@pytest.mark.kafka
+def test_kafka_topic_with_partitions_produce_consume(kafka_bootstrap, unique_name):
+    topic = unique_name("bench")
+    _create_topic(kafka_bootstrap, topic, 4)
+    _produce(kafka_bootstrap, topic, 200, "a")
+
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap)
+    try:
+        assert consumer.partitions_for_topic(topic) == {0, 1, 2, 3}
+        tps = [TopicPartition(topic, p) for p in range(4)]
+        ends = consumer.end_offsets(tps)
+    finally:
+        consumer.close()
+    assert sum(ends.values()) == 200
+    assert sum(1 for n in ends.values() if n > 0) > 1  # keys spread over the partitions
+
+    values = _read_all(kafka_bootstrap, topic, 200)
+    assert sorted(values) == sorted(f"a-{i}".encode() for i in range(200))
+
+
+@pytest.mark.postgres
+def test_postgres_create_insert_select(database_url, unique_name):
+    table = unique_name("bench")
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, label text NOT NULL)")
+            cur.executemany(f"INSERT INTO {table} VALUES (%s, %s)", [(i, f"row {i}") for i in range(50)])
+        with conn, conn.cursor() as cur:
+            cur.execute(f"SELECT count(*), max(label) FROM {table}")
+            assert cur.fetchone() == (50, "row 9")
+            cur.execute(f"INSERT INTO {table} VALUES (1, 'again') ON CONFLICT (id) DO NOTHING")
+            assert cur.rowcount == 0
+            cur.execute(f"DROP TABLE {table}")
+    finally:
+        conn.close()
+
+
+@pytest.mark.postgres
+def test_postgres_refuses_a_wrong_password(postgres_factory):
+    pg = postgres_factory()
+    assert pg.url.startswith("postgresql://dpe:dpe@127.0.0.1:")
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        psycopg2.connect(host="127.0.0.1", port=pg.port, user="dpe", password="wrong", dbname="dpe",
+                         connect_timeout=10)
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_private_broker_keeps_data_over_crash_and_restart(kafka_broker_factory, unique_name):
+    broker = kafka_broker_factory()
+    bootstrap = broker.bootstrap
+    topic = unique_name("crash")
+    _create_topic(bootstrap, topic, 2)
+    _produce(bootstrap, topic, 100, "before")
+
+    broker.kill()  # SIGKILL: no clean shutdown
+    assert not broker.running
+    broker.restart()
+    assert broker.running and broker.bootstrap == bootstrap
+    _produce(bootstrap, topic, 10, "after")
+    broker.stop()  # clean stop, then start again
+    broker.start()
+
+    values = _read_all(bootstrap, topic, 110)
+    expected = [f"before-{i}".encode() for i in range(100)] + [f"after-{i}".encode() for i in range(10)]
+    assert sorted(values) == sorted(expected)
+
+
+@pytest.mark.postgres
+def test_private_postgres_keeps_committed_rows_over_crash_and_restart(postgres_factory):
+    pg = postgres_factory()
+    url = pg.url
+    conn = psycopg2.connect(url)
+    with conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE kept (id int PRIMARY KEY)")
+        cur.executemany("INSERT INTO kept VALUES (%s)", [(i,) for i in range(100)])
+    uncommitted = psycopg2.connect(url)
+    ucur = uncommitted.cursor()
+    ucur.execute("INSERT INTO kept SELECT generate_series(1000, 1099)")  # never committed
+    conn.close()
+
+    pg.kill()  # SIGKILL to the postmaster and every backend
+    assert not pg.running
+    with pytest.raises(psycopg2.OperationalError):
+        psycopg2.connect(url, connect_timeout=3)
+    uncommitted.close()
+    pg.restart()
+    assert pg.url == url
+    with psycopg2.connect(url) as conn2, conn2.cursor() as cur:
+        cur.execute("SELECT count(*), min(id), max(id) FROM kept")
+        assert cur.fetchone() == (100, 0, 99)
+    conn2.close()
+
+
+def test_bench_gives_the_environment_of_its_servers(unique_name):
+    with Bench(kafka=False, standin=True, rows_per_department=5) as bench:
+        env = bench.env
+        assert set(env) == {"DATABASE_URL", "ADEME_API_URL"}
+        assert env["DATABASE_URL"] == bench.postgres.url
+        import requests
+
+        page = requests.get(env["ADEME_API_URL"] + "/lines", params={"size": 3}, timeout=30).json()
+        assert len(page["results"]) == 3
+        with psycopg2.connect(env["DATABASE_URL"]) as conn, conn.cursor() as cur:
+            cur.execute("SELECT current_user, current_database()")
+            assert cur.fetchone() == ("dpe", "dpe")
+        conn.close()
+        assert f"export DATABASE_URL={env['DATABASE_URL']}" in bench.exports()
+    assert not bench.postgres.running
+
+
+def test_helm_binary_is_the_pinned_version(helm_bin):
+    out = subprocess.run([str(helm_bin), "version", "--template", "{{.Version}}"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout.strip()
+    assert out == HELM_VERSION
