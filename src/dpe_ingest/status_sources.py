@@ -125,6 +125,22 @@ class TopicReader:
             self.tps = []
 
 
+def group_offsets(bootstrap: str, group: str, timeout_ms: int = 10000) -> dict:
+    """Committed offsets of a consumer group: {TopicPartition: offset} (empty for an unknown group)."""
+    from kafka.admin import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="dpe-ingest-status",
+                             request_timeout_ms=max(timeout_ms, 5000), bootstrap_timeout_ms=timeout_ms)
+    try:
+        if hasattr(admin, "list_group_offsets"):  # kafka-python 3
+            res = admin.list_group_offsets(group).get(group, {})
+        else:  # kafka-python 2
+            res = admin.list_consumer_group_offsets(group)
+    finally:
+        admin.close()
+    return {tp: om.offset for tp, om in res.items() if om.offset is not None and om.offset >= 0}
+
+
 # ---------------------------------------------------------------------------------------------
 # Kubernetes
 # ---------------------------------------------------------------------------------------------
@@ -264,33 +280,25 @@ class Collector:
         s = self.settings
         try:
             from kafka import KafkaConsumer, TopicPartition
-            from kafka.admin import KafkaAdminClient
 
             ms = int(s.timeout_s * 1000)
-            admin = KafkaAdminClient(bootstrap_servers=s.bootstrap.split(","), client_id="dpe-ingest-status",
-                                     request_timeout_ms=max(ms, 5000), bootstrap_timeout_ms=ms)
-            try:
-                committed = admin.list_consumer_group_offsets(s.group)
-                meta = admin.describe_topics([s.topic]) if s.topic in set(admin.list_topics()) else []
-            finally:
-                admin.close()
-            parts = sorted(p["partition"] for t in meta for p in t.get("partitions", []))
-            if not parts:
-                return Source(note=f"topic {s.topic} does not exist yet"), Lag(s.topic, s.group, 0, {})
-            tps = [TopicPartition(s.topic, p) for p in parts]
             c = KafkaConsumer(bootstrap_servers=s.bootstrap.split(","), group_id=None, enable_auto_commit=False,
                               client_id="dpe-ingest-status", request_timeout_ms=max(ms, 5000),
                               bootstrap_timeout_ms=ms)
             try:
+                parts = sorted(c.partitions_for_topic(s.topic) or ())
+                if not parts:
+                    return Source(note=f"topic {s.topic} does not exist yet"), Lag(s.topic, s.group, 0, {})
+                tps = [TopicPartition(s.topic, p) for p in parts]
                 end = c.end_offsets(tps)
                 begin = c.beginning_offsets(tps)
             finally:
                 c.close()
+            committed = group_offsets(s.bootstrap, s.group, ms)
             per: dict[int, int] = {}
             for tp in tps:
-                om = committed.get(tp)
-                pos = om.offset if om is not None and om.offset is not None and om.offset >= 0 else begin[tp]
-                per[tp.partition] = max(0, end[tp] - pos)
+                pos = committed.get(tp)
+                per[tp.partition] = max(0, end[tp] - (pos if pos is not None else begin[tp]))
             note = None if any(tp in committed for tp in tps) else f"group {s.group} has committed nothing yet"
             return Source(note=note), Lag(s.topic, s.group, sum(per.values()), per)
         except Exception as exc:  # noqa: BLE001

@@ -1,0 +1,185 @@
+"""``dpe-ingest run``: the whole pipeline as local processes on the bench's Kafka and PostgreSQL.
+
+Each test runs ``dpe-ingest run`` as a real process, with KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL set to
+the session bench (so the run reuses it instead of starting its own) and topics, group and table
+unique to the test.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from dpe_ingest import local_run
+from dpe_ingest.standin.data import Dataset
+
+pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
+
+
+@pytest.fixture
+def run_env(kafka_bootstrap, database_url, unique_name):
+    base = unique_name("run")
+    table = re.sub(r"[^a-z0-9_]", "_", base.lower())
+    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "DATABASE_URL": database_url, "KAFKA_TOPIC": base,
+           "KAFKA_DLQ_TOPIC": base + "-dlq", "PRODUCER_CHECKPOINT_TOPIC": base + "-ckpt",
+           "CONSUMER_GROUP": base + "-sink", "DB_TABLE": table, "KAFKA_TOPIC_PARTITIONS": "3",
+           "BATCH_IDLE_MS": "200", "BATCH_SIZE": "500", "DPE_TEST_RUN_MARKER": base}
+    yield env
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute(f'DROP TABLE IF EXISTS "{table}"')
+    conn.close()
+
+
+def dpe_run(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    full = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "dpe_ingest", "run", *args], env=full, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def summary_rows(stdout: str) -> dict[str, list[str]]:
+    """department -> [API total, produced, stored, dead letters, check] from the summary table."""
+    rows = {}
+    for line in stdout.splitlines():
+        parts = line.split(None, 5)
+        if parts and (re.fullmatch(r"\d\d\d?|2[AB]", parts[0]) or parts[0] == "total") and len(parts) >= 5:
+            rows[parts[0]] = parts[1:]
+    return rows
+
+
+def processes_with(marker: str) -> list[int]:
+    """PIDs of live processes whose environment carries ``marker`` (our run's children inherit it)."""
+    found = []
+    needle = f"DPE_TEST_RUN_MARKER={marker}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                stat = (entry / "stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def label_counts(ds: Dataset, deps: list[str]) -> collections.Counter:
+    c = collections.Counter()
+    for dep in deps:
+        for i, row in enumerate(ds.iter_rows(dep)):
+            if not ds.is_malformed(dep, i):
+                c[row["etiquette_dpe"]] += 1
+    return c
+
+
+def test_three_departments_on_the_standin_reconcile_and_exit_0(run_env, database_url):
+    deps = ["69", "01", "38"]
+    res = dpe_run(["69", "1", "38", "--standin", "--rows-per-department", "2000", "--page-size", "500"], run_env)
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+    rows = summary_rows(res.stdout)
+    for dep in deps:
+        assert rows[dep][:4] == ["2000", "2000", "2000", "0"], res.stdout
+        assert rows[dep][4] == "ok"
+    assert rows["total"][:4] == ["6000", "6000", "6000", "0"]
+    assert "result: ok, every row announced by the API is stored or dead-lettered (exit 0)" in res.stdout
+    # the label distribution printed is the one of the stand-in's rows, and the table really has them
+    expected = label_counts(Dataset(2000, seed=1), deps)
+    for label in "ABCDEFG":
+        n = expected[label]
+        pct = 100.0 * n / 6000
+        assert re.search(rf"^  {label}\s+{n}\s+{pct:5.1f}%", res.stdout, re.M), (label, n, res.stdout)
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute(f'SELECT departement, count(*), count(DISTINCT numero_dpe) FROM "{run_env["DB_TABLE"]}" '
+                    "GROUP BY 1 ORDER BY 1")
+        assert cur.fetchall() == [("01", 2000, 2000), ("38", 2000, 2000), ("69", 2000, 2000)]
+    conn.close()
+    # the children's log lines came through, prefixed with their department
+    assert re.search(r"^69\s+\| .*event=done", res.stderr, re.M)
+    assert re.search(r"^consumer\s+\| .*event=stop", res.stderr, re.M)
+    assert processes_with(run_env["DPE_TEST_RUN_MARKER"]) == []
+
+
+def test_malformed_rows_are_dead_lettered_and_an_unreachable_api_falls_back_to_the_standin(run_env):
+    # nothing listens on this port: the probe fails and the run says it uses the stand-in
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**run_env, "ADEME_API_URL": f"http://127.0.0.1:{port}/data-fair/api/v1/datasets/dpe03existant"}
+    res = dpe_run(["38", "--rows-per-department", "1500", "--malformed-rate", "0.03", "--seed", "5",
+                   "--probe-timeout", "1"], env)
+    assert "event=api_unreachable" in res.stderr and "using the local stand-in" in res.stderr
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+    dead = Dataset(1500, seed=5, malformed_rate=0.03).expected_malformed("38")
+    assert dead > 10
+    assert summary_rows(res.stdout)["38"] == ["1500", str(1500 - dead), str(1500 - dead), str(dead), "ok"]
+
+
+def test_bad_department_code_exits_2_before_starting_anything(run_env):
+    res = dpe_run(["69", "20"], run_env, timeout=60)
+    assert res.returncode == 2
+    assert "invalid department code '20': valid forms are 01..19, 2A, 2B, 21..95, 971..976" in res.stderr
+    assert "event=spawned" not in res.stderr
+    res = dpe_run(["69", "--malformed-rate", "2"], run_env, timeout=60)
+    assert res.returncode == 2 and "--malformed-rate must be between 0 and 1" in res.stderr
+    res = dpe_run(["--no-such-option"], run_env, timeout=60)
+    assert res.returncode == 2
+
+
+def test_parse_args_normalises_departments():
+    args, deps, error = local_run.parse_args(["1", "2a", "69,38", "69"])
+    assert error is None and deps == ["01", "2A", "69", "38"]
+    args, deps, error = local_run.parse_args([])
+    assert error is None and deps == ["69"]
+
+
+def test_sigint_mid_run_stops_everything_cleanly(run_env, tmp_path):
+    log_path = tmp_path / "run.log"
+    out_path = tmp_path / "run.out"
+    full = {**os.environ, **run_env, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "wb") as err, open(out_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dpe_ingest", "run", "69", "01", "--standin",
+                                 "--rows-per-department", "400000", "--page-size", "200"],
+                                env=full, stdout=out, stderr=err)
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                text = log_path.read_text(errors="replace")
+                pages = {d for d in ("69", "01") if re.search(rf"^{d}\s+\| .*event=page .*page=2 ", text, re.M)}
+                if pages == {"69", "01"}:
+                    break
+                assert proc.poll() is None, text[-3000:]
+                assert time.monotonic() < deadline, "producers did not get going: " + text[-3000:]
+                time.sleep(0.5)
+            pids = [int(p) for p in re.findall(r"event=spawned .*pid=(\d+)", text)]
+            assert len(pids) == 3  # consumer + 2 producers
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log_path.read_text(errors="replace")
+    stdout = out_path.read_text(errors="replace")
+    assert rc == 130, text[-4000:]
+    # the producers checkpointed and exited 143, the consumer committed and stopped
+    for dep in ("69", "01"):
+        assert re.search(rf"^{dep}\s+\| .*event=stopped ", text, re.M), text[-4000:]
+    assert len(re.findall(r"event=stopped .*exit_code=143", text)) == 2
+    assert re.search(r"^consumer\s+\| .*event=stop .*reason=signal", text, re.M)
+    assert "result: interrupted by SIGINT (exit 130)" in stdout
+    rows = summary_rows(stdout)
+    assert "not finished" in rows["69"][4] and 0 < int(rows["69"][1]) < 400000
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" == (Path(f"/proc/{pid}/stat").read_text()
+                                                              .rsplit(")", 1)[1].split()[0])
+    assert processes_with(run_env["DPE_TEST_RUN_MARKER"]) == []
