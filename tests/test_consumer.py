@@ -393,19 +393,31 @@ def test_broker_restart_mid_run(kafka_broker_factory, database_url, procs, tmp_p
     broker = kafka_broker_factory()
     bootstrap = broker.bootstrap
     names = new_names("brk")
-    topic = names["KAFKA_TOPIC"]
+    topic, table, group = names["KAFKA_TOPIC"], names["DB_TABLE"], names["CONSUMER_GROUP"]
     create_topic(bootstrap, topic, 3)
-    sent = produce(bootstrap, topic, [doc(i, tag="B") for i in range(1000)])
-    p = Proc(consumer_env(bootstrap, database_url, names), tmp_path, "--exit-when-idle", "20")
+    sent = produce(bootstrap, topic, [doc(i, tag="B") for i in range(20000)])
+    p = Proc(consumer_env(bootstrap, database_url, names), tmp_path)
     procs.append(p)
-    p.wait_for(lambda: table_count(database_url, names["DB_TABLE"]) >= 500, "the first rows")
-    broker.kill()
+    p.wait_for(lambda: table_count(database_url, table) >= 1000, "the first rows")
+    broker.kill()  # mid-run: thousands of rows still to go
     time.sleep(3)  # let the consumer notice (not an assertion)
     broker.restart()
-    sent += produce(broker.bootstrap, topic, [doc(i, tag="B") for i in range(1000, 2000)])
+    sent += produce(broker.bootstrap, topic, [doc(i, tag="B") for i in range(20000, 21000)])
+
+    def done():
+        if table_count(database_url, table) != 21000:
+            return False
+        try:
+            assert_fully_committed(bootstrap, group, sent, topic)
+            return True
+        except Exception:  # noqa: BLE001 - not yet
+            return False
+
+    p.wait_for(done, "all 21000 rows written and committed")
+    p.p.send_signal(signal.SIGTERM)
     assert p.wait() == 0, p.text()[-4000:]
-    reconcile(database_url, names["DB_TABLE"], sent)
-    assert_fully_committed(broker.bootstrap, names["CONSUMER_GROUP"], sent, topic)
+    reconcile(database_url, table, sent)
+    assert_fully_committed(bootstrap, group, sent, topic)
 
 
 @pytest.mark.slow

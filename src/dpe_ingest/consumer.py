@@ -449,12 +449,9 @@ class Consumer:
         assigned = self.consumer.assignment()
         if not assigned:
             return True  # the group gave us nothing to do (more consumers than partitions)
-        # the broker's committed offsets must reach the high watermark of every assigned partition
-        # (high watermarks come with every fetch response; a partition not fetched yet is not done)
-        ends = {tp: self.consumer.highwater(tp) for tp in assigned}
-        if any(end is None for end in ends.values()):
-            return False
+        # the group's committed offsets (from the broker) must reach the end of every assigned partition
         try:
+            ends = self.consumer.end_offsets(list(assigned), timeout_ms=10000)
             committed = kc.group_offsets(self.cfg.kafka.bootstrap_servers, self.cfg.group)
         except Exception as exc:  # noqa: BLE001
             logs.event(log, "kafka_error", f"idle check: {_short(exc)}", logging.WARNING, error=_short(exc))

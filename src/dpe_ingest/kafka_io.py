@@ -91,7 +91,6 @@ def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
         max_in_flight_requests_per_connection=5,
         linger_ms=20,
         batch_size=256 * 1024,
-        buffer_memory=64 * 1024 * 1024,
         retries=2**31 - 1,
         delivery_timeout_ms=180000,
         request_timeout_ms=30000,
