@@ -136,32 +136,69 @@ class Infra:
 
     def __init__(self, env: dict[str, str]):
         self.env = env
-        self.kafka: Any = None
-        self.postgres: Any = None
+        self.bench: Any = None  # dpe_ingest.bench.Bench, in this process (dies with us)
+        self.detached: subprocess.Popen | None = None  # ``dpe-ingest bench up`` for --keep
+        self.detached_dir: str | None = None
         self.standin: Any = None
         self.kafka_origin = self.db_origin = self.api_origin = "given"
 
-    def start_kafka(self) -> None:
-        if (self.env.get("KAFKA_BOOTSTRAP_SERVERS") or "").strip():
+    def start_bench(self, keep: bool) -> None:
+        need_kafka = not (self.env.get("KAFKA_BOOTSTRAP_SERVERS") or "").strip()
+        need_pg = not (self.env.get("DATABASE_URL") or "").strip()
+        if not (need_kafka or need_pg):
             return
-        from . import bench
+        what = " and ".join(w for w, need in (("Kafka", need_kafka), ("PostgreSQL", need_pg)) if need)
+        logs.event(log, "bench", f"{'KAFKA_BOOTSTRAP_SERVERS' if need_kafka else 'DATABASE_URL'} not set: starting "
+                   f"the bench's {what} on 127.0.0.1" + (" (kept running after the run: --keep)" if keep else ""))
+        if keep:
+            got = self._start_detached()
+        else:
+            from .bench import Bench
 
-        logs.event(log, "bench_kafka", "KAFKA_BOOTSTRAP_SERVERS is not set: starting the bench's Kafka broker")
-        self.kafka = bench.KafkaBroker()
-        self.kafka.start()
-        self.env["KAFKA_BOOTSTRAP_SERVERS"] = _attr(self.kafka, "bootstrap", "bootstrap_servers")
-        self.kafka_origin = "bench"
+            self.bench = Bench(kafka=need_kafka, postgres=need_pg)
+            self.bench.start()
+            got = self.bench.env
+        if need_kafka:
+            self.env["KAFKA_BOOTSTRAP_SERVERS"] = got["KAFKA_BOOTSTRAP_SERVERS"]
+            self.kafka_origin = "bench"
+        if need_pg:
+            self.env["DATABASE_URL"] = got["DATABASE_URL"]
+            self.db_origin = "bench"
 
-    def start_postgres(self) -> None:
-        if (self.env.get("DATABASE_URL") or "").strip():
-            return
-        from . import bench
+    def _start_detached(self, timeout_s: float = 300.0) -> dict[str, str]:
+        """``dpe-ingest bench up`` in its own session, not tied to us: it outlives the run (--keep)."""
+        import tempfile
 
-        logs.event(log, "bench_postgres", "DATABASE_URL is not set: starting the bench's PostgreSQL")
-        self.postgres = bench.PostgresServer()
-        self.postgres.start()
-        self.env["DATABASE_URL"] = _attr(self.postgres, "url", "database_url", "dsn")
-        self.db_origin = "bench"
+        self.detached_dir = tempfile.mkdtemp(prefix="dpe-run-bench-")
+        out = os.path.join(self.detached_dir, "bench.env")
+        with open(out, "wb") as fo, open(os.path.join(self.detached_dir, "bench.log"), "wb") as fe:
+            self.detached = subprocess.Popen(
+                [sys.executable, "-m", "dpe_ingest", "bench", "up", "--no-standin",
+                 "--workdir", os.path.join(self.detached_dir, "data")],
+                stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, start_new_session=True, env=self.env)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            got = {}
+            with open(out) as fh:
+                for line in fh:
+                    if line.startswith("export ") and "=" in line:
+                        k, v = line[len("export "):].strip().split("=", 1)
+                        got[k] = v.strip("'\"")
+            if "KAFKA_BOOTSTRAP_SERVERS" in got and "DATABASE_URL" in got:
+                return got
+            if self.detached.poll() is not None or time.monotonic() > deadline:
+                self._stop_detached()
+                raise RuntimeError(f"dpe-ingest bench up did not come up; see {self.detached_dir}/bench.log")
+            time.sleep(0.5)
+
+    def _stop_detached(self) -> None:
+        if self.detached is not None and self.detached.poll() is None:
+            self.detached.terminate()
+            try:
+                self.detached.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.detached.kill()
+                self.detached.wait()
 
     def choose_api(self, use_standin: bool, probe_timeout_s: float, dataset_args: dict) -> None:
         url = (self.env.get("ADEME_API_URL") or "").strip() or DEFAULT_API_URL
@@ -186,27 +223,22 @@ class Infra:
         if self.standin is not None:
             self.standin.stop()
             self.standin = None
-        for what in ("kafka", "postgres"):
-            server = getattr(self, what)
-            if server is None:
-                continue
-            if keep:
-                continue
+        if self.bench is not None:
             try:
-                server.stop()
+                self.bench.stop()
             except Exception as exc:  # noqa: BLE001
-                logs.event(log, "bench_stop_failed", f"stopping the bench's {what}: {exc}", logging.WARNING)
-            setattr(self, what, None)
-
-
-def _attr(obj: Any, *names: str) -> str:
-    for n in names:
-        v = getattr(obj, n, None)
-        if callable(v):
-            v = v()
-        if v:
-            return str(v)
-    raise RuntimeError(f"{type(obj).__name__} has none of {names}")
+                logs.event(log, "bench_stop_failed", f"stopping the bench: {exc}", logging.WARNING)
+            self.bench = None
+        if self.detached is not None:
+            if keep and self.detached.poll() is None:
+                print(f"# --keep: the bench is still running (pid {self.detached.pid}, data and logs in "
+                      f"{self.detached_dir}); to use it, then stop it:\n"
+                      f"export KAFKA_BOOTSTRAP_SERVERS={self.env.get('KAFKA_BOOTSTRAP_SERVERS')}\n"
+                      f"export DATABASE_URL='{self.env.get('DATABASE_URL')}'\n"
+                      f"kill {self.detached.pid}", file=sys.stderr, flush=True)
+            else:
+                self._stop_detached()
+            self.detached = None
 
 
 def probe(url: str, timeout_s: float) -> str | None:
@@ -251,7 +283,7 @@ def reconcile(status, deps: list[str], exits: dict[str, int | None]) -> list[Lin
             line.problems.append(f"producer exit {rc} ({PRODUCER_EXIT_MEANING.get(rc, 'failed')})")
         if v.producer_done is not True:
             line.problems.append("not finished")
-        if v.produced is None or v.stored is None:
+        elif v.produced is None or v.stored is None:
             line.problems.append("counts unavailable")
         else:
             if v.api_total is not None and v.producer_dead is not None and v.api_total != v.produced + v.producer_dead:
@@ -429,10 +461,7 @@ class Run:
     def execute(self) -> int:
         a = self.args
         try:
-            for step in (self.infra.start_kafka, self.infra.start_postgres):
-                if self.stop.event.is_set():
-                    return self.interrupted()
-                step()
+            self.infra.start_bench(keep=a.keep)
         except Exception as exc:  # noqa: BLE001
             logs.event(log, "bench_failed", f"could not start the bench: {exc}", logging.ERROR)
             return EXIT_FAILED
@@ -440,8 +469,6 @@ class Run:
             return self.interrupted()
         self.infra.choose_api(a.standin, a.probe_timeout, {"rows_per_department": a.rows_per_department,
                                                            "seed": a.seed, "malformed_rate": a.malformed_rate})
-        if self.args.keep and (self.infra.kafka or self.infra.postgres):
-            self._print_keep()
         logs.event(log, "start", f"running {len(self.deps)} department(s) {', '.join(self.deps)}: Kafka "
                    f"{self.env['KAFKA_BOOTSTRAP_SERVERS']} ({self.infra.kafka_origin}), PostgreSQL "
                    f"({self.infra.db_origin}), API {self.env['ADEME_API_URL']} ({self.infra.api_origin})",
@@ -589,14 +616,6 @@ class Run:
         for c in live:
             rc = c.poll()
             logs.event(log, "stopped", f"{c.name} stopped (exit {rc})", child=c.name, exit_code=rc)
-
-    def _print_keep(self) -> None:
-        lines = ["# --keep: the bench stays up after the run; to reach it:"]
-        if self.infra.kafka is not None:
-            lines.append(f"export KAFKA_BOOTSTRAP_SERVERS={self.env['KAFKA_BOOTSTRAP_SERVERS']}")
-        if self.infra.postgres is not None:
-            lines.append(f"export DATABASE_URL='{self.env['DATABASE_URL']}'")
-        print("\n".join(lines), file=sys.stderr)
 
 
 def _wait(child: Child, timeout_s: float) -> int | None:
