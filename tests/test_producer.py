@@ -17,7 +17,6 @@ import pytest
 from dpe_ingest.config import BASE_FIELDS
 from dpe_ingest.standin.data import Dataset
 from dpe_ingest.standin.faults import Faults
-from dpe_ingest.standin.server import StandinServer
 
 from kafka_util import command, duplicates, events, read_topic, run, start
 
@@ -25,17 +24,8 @@ pytestmark = pytest.mark.kafka
 
 
 @pytest.fixture
-def standin():
-    servers = []
-
-    def make(dataset: Dataset, faults: Faults | None = None) -> StandinServer:
-        srv = StandinServer(dataset=dataset, faults=faults).start()
-        servers.append(srv)
-        return srv
-
-    yield make
-    for srv in servers:
-        srv.stop()
+def standin(standin_factory):
+    return standin_factory
 
 
 @pytest.fixture
