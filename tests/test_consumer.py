@@ -258,6 +258,10 @@ def assert_fully_committed(bootstrap: str, group: str, sent: list[Sent], topic: 
     assert {p: committed.get(p) for p in ends} == ends
 
 
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    return {tp.partition: off for tp, off in group_offsets(bootstrap, group).items() if tp.topic == topic}
+
+
 def committed_prefix(bootstrap: str, group: str, topic: str, sent: list[Sent]) -> set[str]:
     committed = {tp.partition: off for tp, off in group_offsets(bootstrap, group).items() if tp.topic == topic}
     return {s.doc["numero_dpe"] for s in sent if s.offset < committed.get(s.partition, 0)}
@@ -383,9 +387,40 @@ def test_postgres_restart_mid_run(kafka_bootstrap, postgres_factory, procs, tmp_
     assert p.wait() == 0, p.text()[-4000:]
     waits = p.events("db_unavailable")
     assert all(float(w["retry_in"]) <= 1.0 for w in waits)  # capped at RETRY_MAX_BACKOFF_S
+    assert all(int(w["batch_rows"]) > 0 for w in waits) and p.events("db_recovered")
     reconcile(pg.url, names["DB_TABLE"], sent)
     assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic)
     assert batch_totals(p)["inserted"] == 2500
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_database_is_down_commits_nothing_and_the_batch_is_replayed(
+        kafka_bootstrap, postgres_factory, procs, tmp_path):
+    pg = postgres_factory()
+    names = new_names("pgdown")
+    topic, table, group = names["KAFKA_TOPIC"], names["DB_TABLE"], names["CONSUMER_GROUP"]
+    create_topic(kafka_bootstrap, topic, 2)
+    sent = produce(kafka_bootstrap, topic, [doc(i, tag="D") for i in range(50)])
+    env = consumer_env(kafka_bootstrap, pg.url, names, RETRY_MAX_BACKOFF_S=1)
+    p = Proc(env, tmp_path, "--shutdown-timeout", "4")
+    procs.append(p)
+    p.wait_for(lambda: table_count(pg.url, table) == 50, "the first 50 rows")
+    p.wait_for(lambda: sum(committed_offsets(kafka_bootstrap, group, topic).values()) == 50, "their commit")
+    pg.kill()
+    sent += produce(kafka_bootstrap, topic, [doc(i, tag="D") for i in range(50, 80)])
+    p.wait_for(lambda: p.events("db_unavailable"), "the outage to be noticed")
+    p.p.send_signal(signal.SIGTERM)
+    assert p.wait() == 0, p.text()[-4000:]
+    assert p.events("abandoned")
+    # nothing of the unwritten batch was committed: it is still there for the next consumer
+    assert sum(committed_offsets(kafka_bootstrap, group, topic).values()) == 50
+    pg.restart()
+    p2 = Proc(env, tmp_path, "--exit-when-idle", "4")
+    procs.append(p2)
+    assert p2.wait() == 0, p2.text()[-4000:]
+    assert batch_totals(p2)["inserted"] == 30
+    reconcile(pg.url, table, sent)
+    assert_fully_committed(kafka_bootstrap, group, sent, topic)
 
 
 @pytest.mark.slow

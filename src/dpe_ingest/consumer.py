@@ -242,7 +242,11 @@ class Consumer:
                 if self.need_migrate:
                     self.sink.migrate()
                     self.need_migrate = False
-                return fn()
+                result = fn()
+                if attempt:
+                    logs.event(log, "db_recovered", f"database back after {attempt} failed attempt(s)",
+                               what=what, attempts=attempt)
+                return result
             except DatabaseUnavailable as exc:
                 wait = self._backoff(attempt)
                 logs.event(log, "db_unavailable",
@@ -265,7 +269,11 @@ class Consumer:
         while True:
             self._check_deadline()
             try:
-                return fn()
+                result = fn()
+                if attempt:
+                    logs.event(log, "kafka_recovered", f"Kafka back after {attempt} failed attempt(s)",
+                               what=what, attempts=attempt)
+                return result
             except (KafkaError, OSError) as exc:
                 wait = self._backoff(attempt)
                 logs.event(log, "kafka_unavailable", f"Kafka unavailable during {what}: {_short(exc)}; "
@@ -377,6 +385,9 @@ class Consumer:
             offsets = {tp: OffsetAndMetadata(off, "", -1) for tp, off in self.uncommitted.items()}
             try:
                 self.consumer.commit(offsets, timeout_ms=15000)
+                if attempt:
+                    logs.event(log, "kafka_recovered", f"offsets committed after {attempt} failed attempt(s)",
+                               what="offset commit", attempts=attempt)
                 for tp, off in list(self.uncommitted.items()):
                     if offsets.get(tp) is not None and offsets[tp].offset == off:
                         del self.uncommitted[tp]
