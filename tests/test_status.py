@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -273,3 +273,123 @@ def test_bad_usage_exits_2(capsys):
     with pytest.raises(SystemExit) as exc:
         st.main(["--json", "--watch", "1"])
     assert exc.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# collect against a real state on the bench: the real producer and consumer, then status --json
+# ---------------------------------------------------------------------------------------------
+def _cmd(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dpe_ingest", *args], env={**os.environ, **env,
+                          "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def pipeline_env(kafka_bootstrap, database_url, unique_name):
+    base = unique_name("status")
+    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "DATABASE_URL": database_url, "KAFKA_TOPIC": base,
+           "KAFKA_DLQ_TOPIC": base + "_dlq", "PRODUCER_CHECKPOINT_TOPIC": base + "_ckpt",
+           "CONSUMER_GROUP": base + "_sink", "DB_TABLE": base, "KAFKA_TOPIC_PARTITIONS": "3",
+           "BATCH_IDLE_MS": "200", "ADEME_PAGE_SIZE": "400"}
+    yield env
+    import psycopg2
+
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute(f'DROP TABLE IF EXISTS "{base}"')
+    conn.close()
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_status_json_follows_a_real_pipeline(pipeline_env, standin_factory):
+    from dpe_ingest.standin.data import Dataset
+
+    ds = Dataset({"69": 1200, "2A": 900}, seed=3, malformed_rate=0.02)
+    api = standin_factory(ds)
+    env = {**pipeline_env, "ADEME_API_URL": api.url}
+    dead = {d: ds.expected_malformed(d) for d in ("69", "2A")}
+    assert dead["69"] > 0 and dead["2A"] > 0
+
+    # nothing yet: no department, in progress; the topics do not even exist
+    res = _cmd(["status", "--json"], env, timeout=120)
+    doc = json.loads(res.stdout)
+    assert res.returncode == 1 and doc["departments"] == [] and doc["overall"]["state"] == "in_progress"
+    assert doc["sources"]["checkpoints"]["ok"] is True and "does not exist yet" in doc["sources"]["checkpoints"]["note"]
+    assert doc["sources"]["database"]["note"] == f"table {env['DB_TABLE']} does not exist yet"
+
+    # produced, not consumed: rows in Kafka, none stored, the whole topic is lag
+    for dep in ("69", "2A"):
+        res = _cmd(["produce"], {**env, "DEPARTMENT": dep})
+        assert res.returncode == 0, res.stderr[-3000:]
+    res = _cmd(["status", "--json"], env, timeout=120)
+    doc = json.loads(res.stdout)
+    assert res.returncode == 1, res.stdout
+    by = {d["department"]: d for d in doc["departments"]}
+    assert sorted(by) == ["2A", "69"]
+    for dep, total in (("69", 1200), ("2A", 900)):
+        d = by[dep]
+        assert (d["api_total"], d["produced"], d["producer_dead_letters"], d["stored"]) == \
+            (total, total - dead[dep], dead[dep], 0)
+        assert d["dead_letters"] == dead[dep] and d["dead_letters_by_stage"] == {"producer": dead[dep]}
+        assert d["producer_done"] is True and d["state"] == "consuming"
+        assert d["progress"] == round(dead[dep] / total, 4)
+    assert doc["consumer_lag"]["total"] == 2100 - sum(dead.values())
+    assert doc["sources"]["consumer_lag"]["note"] == f"group {env['CONSUMER_GROUP']} has committed nothing yet"
+
+    # consumed: everything stored, lag 0, done, exit 0
+    res = _cmd(["consume", "--exit-when-idle", "2"], env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = _cmd(["status", "--json", "69", "2A"], env, timeout=120)
+    doc = json.loads(res.stdout)
+    assert res.returncode == 0, res.stdout
+    assert doc["overall"] == {"state": "done", "exit_code": 0, "message": "every department finished and reconciled"}
+    assert doc["consumer_lag"]["total"] == 0
+    assert [d["department"] for d in doc["departments"]] == ["69", "2A"]
+    for d, total in zip(doc["departments"], (1200, 900)):
+        dep = d["department"]
+        assert (d["state"], d["stored"], d["progress"]) == ("done", total - dead[dep], 1.0)
+        labels = collections_counter(ds, dep)
+        assert d["labels"] == labels
+    assert all(doc["sources"][n]["ok"] for n in ("checkpoints", "dead_letters", "database", "consumer_lag"))
+    assert doc["sources"]["kubernetes"]["used"] is False
+
+    # the text screen of the same state
+    res = _cmd(["status", "--no-kube"], env, timeout=120)
+    assert res.returncode == 0
+    lines = res.stdout.splitlines()
+    assert lines[4].split() == ["2A", "done", "[########################]", "100.0%", "900", str(900 - dead["2A"]),
+                                str(900 - dead["2A"]), str(dead["2A"])]
+    assert lines[-1] == "result: every department finished and reconciled (exit 0)"
+
+
+def collections_counter(ds, dep: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for i, row in enumerate(ds.iter_rows(dep)):
+        if not ds.is_malformed(dep, i):
+            out[row["etiquette_dpe"]] = out.get(row["etiquette_dpe"], 0) + 1
+    return dict(sorted(out.items()))
+
+
+@pytest.mark.kafka
+def test_status_with_the_database_down_says_so_and_exits_2(pipeline_env):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**pipeline_env, "DATABASE_URL": f"postgresql://dpe@127.0.0.1:{port}/dpe"}
+    res = _cmd(["status", "--timeout", "2"], env, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "database UNAVAILABLE (OperationalError: " in res.stdout
+    assert res.stdout.splitlines()[-1] == "result: source unavailable: database (exit 2)"
+
+
+def test_status_with_kafka_down_shows_every_source_and_does_not_crash():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        env = {"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}", "DATABASE_URL": f"postgresql://dpe@127.0.0.1:{port}/x"}
+        res = _cmd(["status", "--json", "--timeout", "1", "--no-kube"], env, timeout=120)
+    assert res.returncode == 2, res.stderr
+    doc = json.loads(res.stdout)
+    for name in ("checkpoints", "dead_letters", "consumer_lag", "database"):
+        assert doc["sources"][name]["ok"] is False and doc["sources"][name]["error"], name
+    assert doc["overall"]["state"] == "unavailable"
+    assert doc["consumer_lag"] is None and doc["departments"] == []
