@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -182,4 +183,56 @@ def test_sigint_mid_run_stops_everything_cleanly(run_env, tmp_path):
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "Z" == (Path(f"/proc/{pid}/stat").read_text()
                                                               .rsplit(")", 1)[1].split()[0])
+    assert processes_with(run_env["DPE_TEST_RUN_MARKER"]) == []
+
+
+def _without_servers(env: dict[str, str]) -> dict[str, str]:
+    """The run's environment with no Kafka/PostgreSQL of ours: the run must start the bench itself."""
+    full = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    full.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    full.pop("DATABASE_URL", None)
+    return full
+
+
+@pytest.mark.slow
+def test_without_servers_the_run_starts_the_bench_and_stops_it(run_env):
+    full = _without_servers(run_env)
+    res = subprocess.run([sys.executable, "-m", "dpe_ingest", "run", "01", "--standin", "--rows-per-department",
+                          "500"], env=full, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+    assert "starting the bench's Kafka and PostgreSQL" in res.stderr
+    assert summary_rows(res.stdout)["01"] == ["500", "500", "500", "0", "ok"]
+    assert processes_with(run_env["DPE_TEST_RUN_MARKER"]) == []  # broker and PostgreSQL stopped too
+
+
+@pytest.mark.slow
+def test_keep_leaves_the_bench_running_for_status(run_env):
+    full = _without_servers(run_env)
+    res = subprocess.run([sys.executable, "-m", "dpe_ingest", "run", "38", "--standin", "--rows-per-department",
+                          "300", "--keep"], env=full, capture_output=True, text=True, timeout=600)
+    m = re.search(r"^kill (\d+)$", res.stderr, re.M)
+    pid = int(m.group(1)) if m else None
+    try:
+        assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+        assert pid is not None, res.stderr[-3000:]
+        exports = dict(re.findall(r"^export (\w+)='?([^'\n]*)'?$", res.stderr, re.M))
+        assert set(exports) == {"KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL"}
+        assert processes_with(run_env["DPE_TEST_RUN_MARKER"])  # the bench is still up
+        # the kept bench answers: status sees the finished run
+        st = subprocess.run([sys.executable, "-m", "dpe_ingest", "status", "--json", "--no-kube"],
+                            env={**full, **exports}, capture_output=True, text=True, timeout=120)
+        import json
+
+        doc = json.loads(st.stdout)
+        assert st.returncode == 0, st.stdout
+        assert [(d["department"], d["stored"], d["state"]) for d in doc["departments"]] == [("38", 300, "done")]
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 90
+            while processes_with(run_env["DPE_TEST_RUN_MARKER"]) and time.monotonic() < deadline:
+                time.sleep(0.5)
+        d = re.search(r"data and logs in (\S+)\)", res.stderr)
+        if d and Path(d.group(1)).name.startswith("dpe-run-bench-"):
+            shutil.rmtree(d.group(1), ignore_errors=True)
     assert processes_with(run_env["DPE_TEST_RUN_MARKER"]) == []
