@@ -113,6 +113,11 @@ class Engine:
         if self.lock is not None:
             self.lock.close()
         if self.workdir is not None:
+            # dockerd leaves its network namespace bind-mounted under exec-root: unmount, then remove
+            mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+                      if line.split()[1].startswith(str(self.workdir) + "/")]
+            for mount in sorted(mounts, reverse=True):
+                subprocess.run(["umount", "-l", mount], capture_output=True, timeout=30)
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
@@ -157,9 +162,7 @@ def _start_dockerd() -> Engine:
             proc.terminate()
             proc.wait(timeout=30)
         last_error = (workdir / "dockerd.log").read_text()[-1500:]
-    if lock is not None:
-        lock.close()
-    shutil.rmtree(workdir, ignore_errors=True)
+    Engine(env, None, workdir, lock).stop()
     pytest.skip(f"dockerd could not start here (overlay2, then vfs): {last_error}")
 
 
