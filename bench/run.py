@@ -1,0 +1,320 @@
+"""dpe-ingest benchmarks: how fast, against what, and how cost grows.
+
+``make bench`` (or ``.venv/bin/python bench/run.py``) starts the bench (real Kafka, real PostgreSQL,
+the ADEME stand-in in its own process) unless KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL are set, runs
+every measurement side by side in one run, prints a table and writes ``bench/results.json``.
+
+Every program measured runs as its own process: wall seconds of the work, and its peak resident
+memory (``ru_maxrss`` from ``wait4``).  Ratios compare rows/s measured in this same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from dpe_ingest.bench import KAFKA_VERSION, Bench  # noqa: E402
+
+PY = sys.executable
+
+
+# ------------------------------------------------------------------------------------------- processes
+class Proc:
+    """A child process whose peak RSS we read when it ends (``os.wait4``)."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path):
+        self.log = log
+        self.fh = open(log, "wb")
+        self.p = subprocess.Popen(args, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                                  stdout=subprocess.PIPE if args[1].endswith("baselines.py") else self.fh,
+                                  stderr=self.fh)
+        self.t0 = time.perf_counter()
+        self.rc: int | None = None
+        self.peak_rss_mb: float | None = None
+        self.seconds: float | None = None
+
+    def wait(self, timeout: float = 3600) -> "Proc":
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(self.p.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                self.p.kill()
+                raise TimeoutError(f"{self.p.args} did not finish in {timeout}s; see {self.log}")
+            time.sleep(0.02)
+        self.seconds = time.perf_counter() - self.t0
+        self.p.returncode = self.rc = os.waitstatus_to_exitcode(status)
+        self.peak_rss_mb = usage.ru_maxrss / 1024.0
+        self.fh.close()
+        return self
+
+    def stdout_json(self) -> dict:
+        return json.loads(self.p.stdout.read().decode().strip().splitlines()[-1])
+
+    def check(self, what: str) -> "Proc":
+        if self.rc not in (0,):
+            raise RuntimeError(f"{what} exited {self.rc}; log: {self.log}\n{self.log.read_text()[-2000:]}")
+        return self
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            requests.get(url, timeout=2)
+            return
+        except requests.RequestException:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def db_count(database_url: str, table: str) -> int:
+    import psycopg2
+
+    try:
+        with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+            cur.execute(f"SELECT count(*) FROM {table}")
+            return cur.fetchone()[0]
+    except psycopg2.errors.UndefinedTable:
+        return 0
+
+
+# ------------------------------------------------------------------------------------------- the runner
+class Runner:
+    def __init__(self, env: dict[str, str], workdir: Path, rows: int, baseline_rows: int):
+        self.env, self.workdir, self.rows, self.baseline_rows = env, workdir, rows, baseline_rows
+        self.results: list[dict] = []
+        self.n = 0
+
+    def name(self, prefix: str) -> str:
+        return f"bench_{prefix}_{uuid.uuid4().hex[:8]}"
+
+    def log(self, what: str) -> Path:
+        self.n += 1
+        return self.workdir / f"{self.n:02d}-{what}.log"
+
+    def record(self, name: str, rows: int, seconds: float, peak_rss_mb: float | None, **extra) -> dict:
+        r = {"name": name, "rows": rows, "seconds": round(seconds, 3),
+             "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None,
+             "peak_rss_mb": None if peak_rss_mb is None else round(peak_rss_mb, 1), **extra}
+        self.results.append(r)
+        print(f"  {name:<44} {rows:>9} rows {seconds:>8.2f} s {r['rows_per_s'] or 0:>10.0f} rows/s"
+              + (f" {peak_rss_mb:>7.1f} MB" if peak_rss_mb else ""), flush=True)
+        return r
+
+    # -- programs
+    def produce(self, dep: str, topic: str, api_url: str) -> Proc:
+        env = {**self.env, "DEPARTMENT": dep, "ADEME_API_URL": api_url, "KAFKA_TOPIC": topic,
+               "KAFKA_DLQ_TOPIC": topic + "-dlq", "PRODUCER_CHECKPOINT_TOPIC": topic + "-ckpt",
+               "KAFKA_TOPIC_PARTITIONS": "6", "LOG_LEVEL": "WARNING"}
+        return Proc([PY, "-m", "dpe_ingest", "produce"], env, self.log(f"produce-{dep}"))
+
+    def consume_until(self, topic: str, expected: int, table: str | None = None) -> tuple[float, Proc]:
+        """Run our consumer until ``expected`` rows are stored; seconds from start to the last row."""
+        table = table or self.name("t")
+        env = {**self.env, "KAFKA_TOPIC": topic, "KAFKA_DLQ_TOPIC": topic + "-dlq", "DB_TABLE": table,
+               "CONSUMER_GROUP": self.name("g"), "LOG_LEVEL": "WARNING"}
+        proc = Proc([PY, "-m", "dpe_ingest", "consume"], env, self.log("consume"))
+        seconds = self._wait_rows(proc, table, expected)
+        proc.p.send_signal(signal.SIGTERM)
+        proc.wait(120).check("consumer")
+        return seconds, proc
+
+    def _wait_rows(self, proc: Proc, table: str, expected: int, timeout: float = 3600) -> float:
+        deadline = time.monotonic() + timeout
+        while True:
+            n = db_count(self.env["DATABASE_URL"], table)
+            if n >= expected:
+                return time.perf_counter() - proc.t0
+            if proc.p.poll() is not None:
+                raise RuntimeError(f"consumer exited {proc.p.returncode} with {n}/{expected} rows: {proc.log}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{n}/{expected} rows after {timeout}s")
+            time.sleep(0.05)
+
+    def baseline(self, name: str, **kw) -> tuple[dict, Proc]:
+        args = [PY, str(HERE / "baselines.py"), name]
+        for k, v in kw.items():
+            args += [f"--{k.replace('_', '-')}", str(v)]
+        proc = Proc(args, {}, self.log(name)).wait()
+        proc.check(name)
+        return proc.stdout_json(), proc
+
+
+def ratios(r: dict, others: dict[str, dict]) -> dict:
+    return {k: round(r["rows_per_s"] / o["rows_per_s"], 2) for k, o in others.items() if o.get("rows_per_s")}
+
+
+def run(args) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="dpe-benchmark-"))
+    external = bool(os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and os.environ.get("DATABASE_URL"))
+    bench = None
+    if external:
+        env = {"KAFKA_BOOTSTRAP_SERVERS": os.environ["KAFKA_BOOTSTRAP_SERVERS"],
+               "DATABASE_URL": os.environ["DATABASE_URL"]}
+    else:
+        print("starting the bench (Kafka, PostgreSQL)…", flush=True)
+        bench = Bench(work / "servers").start()
+        env = bench.env
+    sizes = [int(s) for s in args.scale.split(",") if s]
+    N = args.rows
+    counts = {"69": N, "01": N, "38": N, "13": max(sizes), "33": 0}
+    for i, s in enumerate(sizes):
+        counts[["75", "59", "13"][i % 3] if s != max(sizes) else "13"] = s
+    scale_deps = {s: (["75", "59", "13"][i % 3] if s != max(sizes) else "13") for i, s in enumerate(sizes)}
+    port = free_port()
+    standin_args = [PY, "-m", "dpe_ingest", "ademe-standin", "--port", str(port), "--rows-per-department", "0"]
+    for dep, n in counts.items():
+        standin_args += ["--rows", f"{dep}={n}"]
+    standin = subprocess.Popen(standin_args, stdout=subprocess.DEVNULL, stderr=open(work / "standin.log", "wb"))
+    api = f"http://127.0.0.1:{port}/data-fair/api/v1/datasets/dpe03existant"
+    wait_http(api)
+    r = Runner(env, work, N, args.baseline_rows)
+    t_all = time.perf_counter()
+    try:
+        # ---------------------------------------------------------------- producer
+        print(f"\nproducer: API (stand-in) -> Kafka, department 69, {N} rows", flush=True)
+        res, p = r.baseline("api-raw", api_url=api, department="69")
+        api_raw = r.record("producer.limit.api_raw_pages", res["rows"], res["seconds"], p.peak_rss_mb)
+        topic = r.name("prod")
+        p = r.produce("69", topic, api).wait().check("producer")
+        ours_p = r.record("producer.dpe_ingest", N, p.seconds, p.peak_rss_mb)
+        res, p = r.baseline("course-producer", bootstrap=env["KAFKA_BOOTSTRAP_SERVERS"], topic=r.name("course"),
+                            api_url=api, department="69", max_rows=args.baseline_rows)
+        course_p = r.record("producer.baseline.course_blocking_send", res["rows"], res["seconds"], p.peak_rss_mb)
+        ours_p["ratio_to"] = ratios(ours_p, {"course_blocking_send": course_p, "api_raw_pages": api_raw})
+
+        # ---------------------------------------------------------------- consumer (same topic)
+        print(f"\nconsumer: Kafka -> PostgreSQL, the same topic of {N} rows", flush=True)
+        res, p = r.baseline("kafka-read", bootstrap=env["KAFKA_BOOTSTRAP_SERVERS"], topic=topic)
+        kread = r.record("consumer.limit.kafka_read_no_db", res["rows"], res["seconds"], p.peak_rss_mb)
+        res, p = r.baseline("copy", bootstrap=env["KAFKA_BOOTSTRAP_SERVERS"], topic=topic,
+                            database_url=env["DATABASE_URL"], table=r.name("copy"))
+        copy = r.record("consumer.limit.copy_no_kafka", res["rows"], res["seconds"], p.peak_rss_mb)
+        seconds, p = r.consume_until(topic, N)
+        ours_c = r.record("consumer.dpe_ingest", N, seconds, p.peak_rss_mb)
+        res, p = r.baseline("course-consumer", bootstrap=env["KAFKA_BOOTSTRAP_SERVERS"], topic=topic,
+                            group=r.name("g"), database_url=env["DATABASE_URL"], table=r.name("course"),
+                            max_rows=args.baseline_rows)
+        course_c = r.record("consumer.baseline.course_insert_commit_per_row", res["rows"], res["seconds"],
+                            p.peak_rss_mb)
+        res, p = r.baseline("executemany-100", bootstrap=env["KAFKA_BOOTSTRAP_SERVERS"], topic=topic,
+                            group=r.name("g"), database_url=env["DATABASE_URL"], table=r.name("em"))
+        em = r.record("consumer.baseline.executemany_batch_100", res["rows"], res["seconds"], p.peak_rss_mb)
+        ours_c["ratio_to"] = ratios(ours_c, {"course_insert_commit_per_row": course_c,
+                                             "executemany_batch_100": em, "kafka_read_no_db": kread,
+                                             "copy_no_kafka": copy})
+
+        # ---------------------------------------------------------------- end to end
+        print(f"\nend to end: departments 69, 01, 38 x {N} rows, from start to all rows stored", flush=True)
+        topic = r.name("e2e")
+        table = r.name("e2e")
+        t0 = time.perf_counter()
+        env_c = {**env, "KAFKA_TOPIC": topic, "KAFKA_DLQ_TOPIC": topic + "-dlq", "DB_TABLE": table,
+                 "CONSUMER_GROUP": r.name("g"), "LOG_LEVEL": "WARNING", "KAFKA_TOPIC_PARTITIONS": "6"}
+        producers = [r.produce(d, topic, api) for d in ("69", "01", "38")]
+        consumer = Proc([PY, "-m", "dpe_ingest", "consume"], env_c, r.log("consume-e2e"))
+        consumer.t0 = t0
+        seconds = r._wait_rows(consumer, table, 3 * N)
+        for p in producers:
+            p.wait().check("producer")
+        consumer.p.send_signal(signal.SIGTERM)
+        consumer.wait(120).check("consumer")
+        r.record("end_to_end.3_departments", 3 * N, seconds,
+                 max([consumer.peak_rss_mb] + [p.peak_rss_mb for p in producers]))
+
+        # ---------------------------------------------------------------- scale
+        print(f"\nscale: one department of {', '.join(map(str, sizes))} rows: time per row and peak memory",
+              flush=True)
+        for size in sizes:
+            dep = scale_deps[size]
+            topic = r.name(f"scale{size}")
+            p = r.produce(dep, topic, api).wait().check("producer")
+            rp = r.record(f"scale.producer.{size}", size, p.seconds, p.peak_rss_mb)
+            rp["us_per_row"] = round(1e6 * p.seconds / size, 1)
+            seconds, c = r.consume_until(topic, size)
+            rc = r.record(f"scale.consumer.{size}", size, seconds, c.peak_rss_mb)
+            rc["us_per_row"] = round(1e6 * seconds / size, 1)
+    finally:
+        standin.terminate()
+        standin.wait(10)
+        if bench is not None:
+            bench.stop()
+    return {
+        "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "seconds_total": round(time.perf_counter() - t_all, 1),
+        "machine": machine(),
+        "settings": {"rows": N, "baseline_rows": args.baseline_rows, "scale": sizes, "batch_size": 100,
+                     "page_size": 500, "kafka": KAFKA_VERSION, "bench_external": external},
+        "measurements": r.results,
+    }
+
+
+def machine() -> dict:
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    pg = subprocess.run(["bash", "-c", "ls -d /usr/lib/postgresql/*/ | tail -1"], capture_output=True, text=True)
+    return {"cpus": os.cpu_count(), "cpu": cpu, "memory_gib": round(mem, 1), "python": platform.python_version(),
+            "os": platform.platform(), "postgresql": Path(pg.stdout.strip() or "?").name}
+
+
+def print_table(doc: dict) -> None:
+    print("\n" + "=" * 100)
+    m = doc["machine"]
+    print(f"dpe-ingest benchmarks — {m['cpus']} cores ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}, "
+          f"Kafka {doc['settings']['kafka']}, PostgreSQL {m['postgresql']}")
+    print(f"{'measurement':<48} {'rows':>9} {'seconds':>9} {'rows/s':>10} {'peak MB':>8}  ratios")
+    for r in doc["measurements"]:
+        rat = "  ".join(f"{v:g}x {k}" for k, v in (r.get("ratio_to") or {}).items())
+        print(f"{r['name']:<48} {r['rows']:>9} {r['seconds']:>9.2f} {r['rows_per_s'] or 0:>10.0f} "
+              f"{r['peak_rss_mb'] or 0:>8.1f}  {rat}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=100_000, help="rows per department of the comparisons (100000)")
+    p.add_argument("--baseline-rows", type=int, default=20_000,
+                   help="rows the slow per-row baselines process (their rows/s is what is compared)")
+    p.add_argument("--scale", default="10000,100000,1000000", help="department sizes of the scale test")
+    p.add_argument("--out", default=str(HERE / "results.json"))
+    args = p.parse_args()
+    doc = run(args)
+    print_table(doc)
+    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nwritten {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
