@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,27 +29,58 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--no-standin", action="store_true", help="do not start the ADEME stand-in")
     up.add_argument("--rows", type=int, default=1000, help="stand-in rows per department (default 1000)")
     up.add_argument("--seed", type=int, default=1, help="stand-in dataset seed (default 1)")
-    sub.add_parser("fetch", help="fetch/build Kafka jars, templates and helm into the cache")
+    fetch = sub.add_parser("fetch", help="fetch/build Kafka jars, templates and helm into the cache")
+    fetch.add_argument("--quiet", action="store_true", help="one summary line when everything is cached")
     return p
 
 
-def _fetch() -> int:
+def _fetch(quiet: bool = False) -> int:
+    """Fetch/build every piece; each failure is reported, the others are still done; 1 if any failed."""
     from . import cache_dir
+    from ._proc import BenchError
     from .helm import HELM_VERSION, ensure_helm
-    from .kafka import KAFKA_VERSION, _storage_template, ensure_kafka_jars, find_java
-    from .postgres import ensure_template, find_bindir
+    from .kafka import KAFKA_VERSION, KafkaBroker, _cds_archive, _storage_template, ensure_kafka_jars, find_java
+    from .postgres import ensure_template, find_bindir, server_major
 
     t0 = time.monotonic()
-    java, major = find_java()
-    libs = ensure_kafka_jars()
-    _storage_template(java, libs)
-    print(f"bench fetch: Kafka {KAFKA_VERSION} jars in {libs} (Java {major}: {java})", flush=True)
-    bindir = find_bindir()
-    tpl = ensure_template(bindir)
-    print(f"bench fetch: PostgreSQL {bindir}, template {tpl}", flush=True)
-    helm = ensure_helm()
-    print(f"bench fetch: helm {HELM_VERSION} at {helm}", flush=True)
-    print(f"bench fetch: cache {cache_dir()} ready in {time.monotonic() - t0:.1f}s", flush=True)
+    done: list[str] = []
+    failed: list[str] = []
+
+    def kafka() -> str:
+        java, major = find_java()
+        libs = ensure_kafka_jars()
+        _storage_template(java, libs)
+        if not _cds_archive(java).is_file():  # one broker run writes the class-data archive
+            with tempfile.TemporaryDirectory(prefix="dpe-bench-fetch-") as tmp:
+                broker = KafkaBroker(Path(tmp))
+                try:
+                    broker.start()
+                finally:
+                    broker.stop()
+        return f"Kafka {KAFKA_VERSION} jars in {libs} (Java {major}: {java})"
+
+    def postgres() -> str:
+        bindir = find_bindir()
+        tpl = ensure_template(bindir)
+        return f"PostgreSQL {server_major(bindir)} ({bindir}), template {tpl}"
+
+    def helm() -> str:
+        return f"helm {HELM_VERSION} at {ensure_helm()}"
+
+    for name, step in (("kafka", kafka), ("postgres", postgres), ("helm", helm)):
+        try:
+            line = step()
+            done.append(line)
+            if not quiet:
+                print(f"bench fetch: {line}", flush=True)
+        except BenchError as exc:
+            failed.append(name)
+            print(f"bench fetch: {name} FAILED: {exc}", file=sys.stderr, flush=True)
+    took = time.monotonic() - t0
+    if failed:
+        print(f"bench fetch: failed: {', '.join(failed)} ({took:.1f}s)", file=sys.stderr, flush=True)
+        return 1
+    print(f"bench fetch: cache {cache_dir()} ready ({took:.1f}s)", flush=True)
     return 0
 
 
@@ -91,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "up":
             return _up(args)
         if args.action == "fetch":
-            return _fetch()
+            return _fetch(args.quiet)
     except BenchError as exc:
         print(f"dpe-ingest bench: {exc}", file=sys.stderr)
         return 1
