@@ -66,8 +66,9 @@ def test_migration_is_idempotent_and_safe_when_consumers_start_together(database
     assert pk == [("numero_dpe",)]
 
 
-def test_upsert_counts_inserted_updated_unchanged_and_last_version_wins(database_url, table):
-    s = Sink(database_url, table)
+@pytest.mark.parametrize("method", ["copy", "values"])
+def test_upsert_counts_inserted_updated_unchanged_and_last_version_wins(database_url, table, method):
+    s = Sink(database_url, table, method=method)
     s.migrate()
     res = s.write([R(i, offset=i) for i in range(100)])
     assert (res.inserted, res.updated, res.unchanged) == (100, 0, 0)
@@ -87,10 +88,11 @@ def test_upsert_counts_inserted_updated_unchanged_and_last_version_wins(database
     s.close()
 
 
-def test_write_after_the_connection_broke_reconnects(database_url, table):
+@pytest.mark.parametrize("method", ["copy", "values"])
+def test_write_after_the_connection_broke_reconnects(database_url, table, method):
     from dpe_ingest.sink import DatabaseUnavailable
 
-    s = Sink(database_url, table)
+    s = Sink(database_url, table, method=method)
     s.migrate()
     s.write([R(1)])
     pid = s.conn.get_backend_pid()
@@ -104,8 +106,9 @@ def test_write_after_the_connection_broke_reconnects(database_url, table):
     s.close()
 
 
-def test_a_row_the_database_refuses_is_isolated_and_the_rest_is_written(database_url, table):
-    s = Sink(database_url, table)
+@pytest.mark.parametrize("method", ["copy", "values"])
+def test_a_row_the_database_refuses_is_isolated_and_the_rest_is_written(database_url, table, method):
+    s = Sink(database_url, table, method=method)
     s.migrate()
     with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
         cur.execute(f'ALTER TABLE "{table}" ADD CONSTRAINT no_x CHECK (etiquette_dpe <> \'X\')')
@@ -115,6 +118,24 @@ def test_a_row_the_database_refuses_is_isolated_and_the_rest_is_written(database
     assert "no_x" in res.refused[0][1]
     assert [r[0] for r in rows_of(database_url, table)] == ["DPE00001", "DPE00003"]
     s.close()
+
+
+def test_both_strategies_store_exactly_the_same_rows(database_url, table):
+    odd = {"n": 1, "s": "tab\tnewline\ncr\rbackslash\\ \\N quote' \" é 😀", "nested": [1, {"a": None}]}
+    rows = [R(i, offset=i, extra=odd if i % 2 else {"n": i}) for i in range(50)]
+    rows.append(Row("\\N", None, None, None, None, {}, 1, 99))  # a key spelled like COPY's NULL
+    got = []
+    for method in ("copy", "values"):
+        name = f"{table}_{method}"
+        s = Sink(database_url, name, method=method)
+        s.migrate()
+        s.write(rows)
+        got.append(rows_of(database_url, name))
+        s.close()
+        with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+            cur.execute(f'DROP TABLE "{name}"')
+    assert got[0] == got[1] and len(got[0]) == 51
+    assert {r[0]: r for r in got[0]}["DPE00001"][5] == odd
 
 
 @pytest.mark.parametrize("method", ["values", "copy"])

@@ -188,7 +188,7 @@ class Sink:
     """One connection to PostgreSQL, the table migration and the batch upsert."""
 
     def __init__(self, database_url: str, table: str = "dpe_data", *, connect_timeout_s: int = 10,
-                 statement_timeout_ms: int = 60000, method: str = "values"):
+                 statement_timeout_ms: int = 60000, method: str = "copy"):
         if method not in ("values", "copy"):
             raise ValueError("method must be 'values' or 'copy'")
         self.database_url = database_url
@@ -223,6 +223,12 @@ class Sink:
             )
             with conn.cursor() as cur:
                 cur.execute("SET statement_timeout = %s", (self.statement_timeout_ms,))
+                if self.method == "copy":
+                    cur.execute(pg.sql.SQL(
+                        "CREATE TEMP TABLE IF NOT EXISTS {} (numero_dpe text, date_reception_dpe date,"
+                        " code_postal_ban text, etiquette_dpe text, departement text, extra jsonb,"
+                        " kafka_partition integer, kafka_offset bigint) ON COMMIT DELETE ROWS"
+                    ).format(pg.sql.Identifier(f"_dpe_stage_{self.table}")))
             conn.commit()
         except (pg.OperationalError, pg.InterfaceError) as exc:
             raise DatabaseUnavailable(_one_line(exc)) from exc
@@ -328,13 +334,10 @@ class Sink:
                 page_size=max(1, len(rows)), fetch=True,
             )
             return [bool(r[0]) for r in res]
-        # COPY into a temporary staging table, then one INSERT … SELECT … ON CONFLICT
+        # COPY into the session's temporary staging table (created at connect, emptied at each
+        # commit), then one INSERT … SELECT … ON CONFLICT
         sql = self._pg.sql
         stage = sql.Identifier(f"_dpe_stage_{self.table}")
-        cur.execute(sql.SQL(
-            "CREATE TEMP TABLE IF NOT EXISTS {} (numero_dpe text, date_reception_dpe date, code_postal_ban text,"
-            " etiquette_dpe text, departement text, extra jsonb, kafka_partition integer, kafka_offset bigint)"
-            " ON COMMIT DELETE ROWS").format(stage))
         import io
 
         buf = io.StringIO()
