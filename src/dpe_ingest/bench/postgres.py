@@ -170,6 +170,31 @@ def ensure_template(bindir: Path | None = None) -> Path:
     return tpl
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _sweep_orphan_homes() -> None:
+    """Delete the /tmp/dpe-pg-* dirs of Python processes that died without cleaning up (SIGKILL)."""
+    for home in Path(tempfile.gettempdir()).glob("dpe-pg-*"):
+        try:
+            owner = int((home / "owner.pid").read_text().split()[0])
+            if _alive(owner):
+                continue
+            pm = home / "data" / "postmaster.pid"
+            if pm.is_file() and _alive(int(pm.read_text().split()[0])):
+                continue
+        except (OSError, ValueError, IndexError):
+            continue
+        shutil.rmtree(home, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # The server
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +242,9 @@ class PostgresServer:
             self.workdir.mkdir(parents=True, exist_ok=True)
             if run_as_user() is not None:
                 # other users cannot reach pytest's 0700 tmp dirs: a private dir under /tmp instead
+                _sweep_orphan_homes()
                 self._home = Path(tempfile.mkdtemp(prefix="dpe-pg-"))
+                (self._home / "owner.pid").write_text(f"{os.getpid()}\n")
                 self._private_home = True
                 link = self.workdir / "pgdata"
                 if not link.exists():
