@@ -153,6 +153,7 @@ class Consumer:
         self.batch = Batch()
         self.uncommitted: dict[TopicPartition, int] = {}  # written to the DB, offsets not committed yet
         self.next_offset: dict[TopicPartition, int] = {}  # for the lag figure
+        self.carry: list = []  # (tp, message) polled while a batch was being written: for the next batch
         self.totals = Totals()
         self.writing = False
         self.stop_at: float | None = None  # monotonic deadline once a stop signal arrived
@@ -185,6 +186,9 @@ class Consumer:
     def on_partitions_revoked(self, revoked) -> None:
         revoked = set(revoked)
         dropped = self.batch.drop(revoked)
+        kept = [(tp, m) for tp, m in self.carry if tp not in revoked]
+        dropped += len(self.carry) - len(kept)
+        self.carry = kept
         lost_commits = [tp for tp in revoked if tp in self.uncommitted]
         for tp in revoked:
             self.uncommitted.pop(tp, None)
@@ -226,7 +230,10 @@ class Consumer:
                 continue
             for tp, msgs in records.items():  # should not happen (all paused); never lose them
                 for m in msgs:
-                    self._add(tp, m)
+                    if self.writing:
+                        self.carry.append((tp, m))  # not into the batch being written: into the next one
+                    else:
+                        self._add(tp, m)
 
     def _backoff(self, attempt: int) -> float:
         return min(self.cfg.retry_max_backoff_s, 0.5 * (2 ** min(attempt, 20)))
@@ -335,8 +342,10 @@ class Consumer:
         if self.batch.count == 0 and not self.uncommitted:
             return
         batch = self.batch
+        messages = batch.count
         self.writing = True
         t0 = time.monotonic()
+        n_dead = 0
         try:
             if self.consumer is not None and self.consumer.assignment():
                 self.consumer.pause(*self.consumer.assignment())
@@ -348,7 +357,8 @@ class Consumer:
                 result = self._db_call(write, "batch write")
                 if result.refused:
                     self._refused_to_dead(result.refused)
-            self.crash("after_db_commit", done)
+            if messages:
+                self.crash("after_db_commit", done)
             n_dead = batch.n_dead()
             if n_dead:
                 self._kafka_call(lambda: self._dlq_send(batch.all_dead()), "dead-letter send")
@@ -363,7 +373,7 @@ class Consumer:
                     self.consumer.resume(*paused)
         now = time.monotonic()
         rows = result.rows
-        if batch.count:
+        if messages:
             self.totals.add(result, n_dead)
             interval = max(now - self.last_batch_at, 1e-6)
             logs.event(log, "batch",
@@ -375,6 +385,9 @@ class Consumer:
                        total=self.totals.rows)
         self.last_batch_at = now
         self.batch = Batch()
+        carried, self.carry = self.carry, []
+        for tp, m in carried:
+            self._add(tp, m)
 
     def _commit(self) -> None:
         """Commit the written offsets; retry while the broker is away; give up (harmlessly: the next
@@ -519,7 +532,7 @@ class Consumer:
                 ):
                     self.flush()
                 elif self.uncommitted and not self.batch.count:
-                    self._commit()  # leftovers of an earlier failed commit
+                    self.flush()  # leftovers of an earlier commit that failed
                 self._progress()
                 if self._idle_done():
                     reason = "idle"
