@@ -95,10 +95,15 @@ def test_crash_hook_settings_are_checked():
 
 
 def test_consume_refuses_bad_settings_with_exit_2(monkeypatch, capsys):
+    monkeypatch.setattr(consumer.logs, "setup", lambda *a, **k: None)  # keep pytest's logging intact
     monkeypatch.setenv("BATCH_SIZE", "zero")
     assert consumer.main([]) == 2
     assert "BATCH_SIZE" in capsys.readouterr().err
     monkeypatch.delenv("BATCH_SIZE")
+    monkeypatch.setenv("DPE_TEST_CRASH_AT", "later")
+    assert consumer.main([]) == 2
+    assert "DPE_TEST_CRASH_AT" in capsys.readouterr().err
+    monkeypatch.delenv("DPE_TEST_CRASH_AT")
     assert consumer.main(["--exit-when-idle", "0"]) == 2
 
 
