@@ -526,7 +526,16 @@ def test_database_down_at_start_is_waited_for(kafka_bootstrap, postgres_factory,
     names = new_names("late")
     create_topic(kafka_bootstrap, names["KAFKA_TOPIC"], 2)
     sent = produce(kafka_bootstrap, names["KAFKA_TOPIC"], [doc(i, tag="L") for i in range(150)])
-    p = Proc(consumer_env(kafka_bootstrap, url, names, RETRY_MAX_BACKOFF_S=1), tmp_path, "--exit-when-idle", "4")
+    env = consumer_env(kafka_bootstrap, url, names, RETRY_MAX_BACKOFF_S=1)
+    # a signal while waiting for the database: nothing in flight, so it exits at once (not after the
+    # 600 s grace period)
+    early = Proc(env, tmp_path, "--shutdown-timeout", "600", name="early")
+    procs.append(early)
+    early.wait_for(lambda: early.events("db_unavailable"), "the consumer to wait for the database")
+    early.p.send_signal(signal.SIGTERM)
+    assert early.wait(timeout=120) == 0
+    assert early.events("stop") and not early.events("abandoned")
+    p = Proc(env, tmp_path, "--exit-when-idle", "4")
     procs.append(p)
     p.wait_for(lambda: len(p.events("db_unavailable")) >= 2, "the consumer to wait for the database")
     assert {e["what"] for e in p.events("db_unavailable")} == {"migration"}

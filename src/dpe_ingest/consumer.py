@@ -179,7 +179,12 @@ class Consumer:
             logs.event(log, "stopping", f"second {name}: exiting without waiting", logging.WARNING, signal=name)
 
     def _check_deadline(self) -> None:
-        if self.stop_at is not None and time.monotonic() >= self.stop_at:
+        """Raise :class:`Abandon` once stopping and either the grace period is over or there is nothing
+        in flight to save (e.g. a signal while still waiting for the database at start)."""
+        if self.stop_at is None:
+            return
+        idle = not self.writing and self.batch.count == 0 and not self.uncommitted
+        if idle or time.monotonic() >= self.stop_at:
             raise Abandon()
 
     # -- rebalance listener (runs on kafka-python's IO thread while our poll() waits) ------------
@@ -543,8 +548,10 @@ class Consumer:
             if self.batch.count or self.uncommitted:
                 self.flush()
         except Abandon:
-            logs.event(log, "abandoned", f"grace period over: {self.batch.count} message(s) left uncommitted "
-                       "(the next consumer replays them)", logging.WARNING, batch_rows=self.batch.count)
+            if self.batch.count or self.uncommitted:
+                logs.event(log, "abandoned", f"grace period over: {self.batch.count} message(s) left uncommitted "
+                           "(the next consumer replays them)", logging.WARNING, batch_rows=self.batch.count,
+                           uncommitted_partitions=len(self.uncommitted))
         finally:
             self.close()
         self._progress(force=True)
