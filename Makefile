@@ -1,16 +1,26 @@
 # Shortcuts for the project's scripts (the scripts are the reference; `make` is optional).
-.PHONY: test fetch bench help
+.PHONY: help test run setup bench servers
 
 help:
-	@echo "make test   - scripts/test: set up (packages, .venv, bench cache) and run the tests"
-	@echo "make fetch  - set up and fetch/build the bench's Kafka jars, PostgreSQL template, helm"
-	@echo "make bench  - start Kafka + PostgreSQL + ADEME stand-in in the foreground (Ctrl-C stops)"
+	@echo "make test      - scripts/test: set up (packages, .venv, Kafka jars, helm) and run the tests"
+	@echo "make run       - scripts/run: set up and run the pipeline locally (DEPS='69 01 38' ARGS='--standin')"
+	@echo "make setup     - scripts/setup --tests: set up only"
+	@echo "make bench     - the benchmarks: print the table and write bench/results.json (ARGS='--rows 20000')"
+	@echo "make servers   - Kafka + PostgreSQL + ADEME stand-in in the foreground (Ctrl-C stops)"
 
 test:
 	scripts/test $(ARGS)
 
-fetch:
-	scripts/test --setup-only
+run:
+	scripts/run $(or $(DEPS),69 01 38) $(ARGS)
 
-bench: fetch
+setup:
+	scripts/setup --tests
+
+bench:
+	scripts/setup
+	.venv/bin/python bench/run.py $(ARGS)
+
+servers:
+	scripts/setup
 	.venv/bin/dpe-ingest bench up $(ARGS)

@@ -27,8 +27,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("up", "logs", "kafdrop", "psql", "down")
-SHELL_FILES = [ROOT / "scripts" / s for s in SCRIPTS] + [ROOT / "scripts/lib.sh", ROOT / "images/local-base/build",
-                                                       ROOT / "images/build-venv.sh"]
+SETUP_SCRIPTS = ("setup", "test", "run")  # the README's two commands and their shared set-up
+SHELL_FILES = [ROOT / "scripts" / s for s in SCRIPTS + SETUP_SCRIPTS] + [
+    ROOT / "scripts/lib.sh", ROOT / "images/local-base/build", ROOT / "images/build-venv.sh", ROOT / ".ci/run"]
 SCHEMAS = ROOT / "tests" / "schemas"
 
 
@@ -47,6 +48,21 @@ def test_scripts_pass_shellcheck():
     cp = subprocess.run([shellcheck, "--external-sources", "--severity=style", *map(str, SHELL_FILES)],
                         capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+@pytest.mark.parametrize("name", SETUP_SCRIPTS)
+def test_setup_scripts_help_says_what_they_do_and_exit_codes(name):
+    cp = script(name, "--help")
+    assert cp.returncode == 0, cp.stderr
+    assert f"scripts/{name}" in cp.stdout and "Exit code" in cp.stdout
+    assert "set -e" not in cp.stdout, "the help is the header comment, not the code"
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    first_screen = "\n".join(readme.splitlines()[:25])
+    assert "scripts/test" in first_screen and "scripts/run" in first_screen
+    assert "exec bash scripts/test" in (ROOT / ".ci/run").read_text()
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -31,10 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--seed", type=int, default=1, help="stand-in dataset seed (default 1)")
     fetch = sub.add_parser("fetch", help="fetch/build Kafka jars, templates and helm into the cache")
     fetch.add_argument("--quiet", action="store_true", help="one summary line when everything is cached")
+    fetch.add_argument("--no-helm", action="store_true", help="skip helm (only the tests need it)")
     return p
 
 
-def _fetch(quiet: bool = False) -> int:
+def _fetch(quiet: bool = False, helm_too: bool = True) -> int:
     """Fetch/build every piece; each failure is reported, the others are still done; 1 if any failed."""
     from . import cache_dir
     from ._proc import BenchError
@@ -67,7 +68,8 @@ def _fetch(quiet: bool = False) -> int:
     def helm() -> str:
         return f"helm {HELM_VERSION} at {ensure_helm()}"
 
-    for name, step in (("kafka", kafka), ("postgres", postgres), ("helm", helm)):
+    steps = [("kafka", kafka), ("postgres", postgres)] + ([("helm", helm)] if helm_too else [])
+    for name, step in steps:
         try:
             line = step()
             done.append(line)
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "up":
             return _up(args)
         if args.action == "fetch":
-            return _fetch(args.quiet)
+            return _fetch(args.quiet, helm_too=not args.no_helm)
     except BenchError as exc:
         print(f"dpe-ingest bench: {exc}", file=sys.stderr)
         return 1
