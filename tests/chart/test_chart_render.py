@@ -86,6 +86,18 @@ def test_job_options(render):
     assert env_of(container(kafka))["KAFKA_NUM_PARTITIONS"] == "12"
 
 
+def test_jobs_fail_at_once_on_exit_codes_that_a_retry_cannot_fix(render):
+    from dpe_ingest import producer
+
+    job = producer_jobs(render.template())["69"]
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    fail = next(r for r in rules if r["action"] == "FailJob")
+    assert fail["onExitCodes"] == {"containerName": "producer", "operator": "In",
+                                   "values": [producer.EXIT_CONFIG, producer.EXIT_REFUSED]}
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
+    assert pod_spec(job)["restartPolicy"] == "Never"  # podFailurePolicy requires it
+
+
 def test_wait_for_kafka_init_container(render):
     job = producer_jobs(render.template())["69"]
     init = pod_spec(job)["initContainers"]

@@ -4,6 +4,19 @@
 {{- $v := $root.Values -}}
 {{- $p := $v.producer -}}
 backoffLimit: {{ $p.backoffLimit }}
+# Exit 2 (bad setting, e.g. department code) and 3 (the API refused the request) cannot succeed on a
+# retry: fail the Job at once.  An evicted or preempted pod does not count against backoffLimit.
+podFailurePolicy:
+  rules:
+    - action: FailJob
+      onExitCodes:
+        containerName: producer
+        operator: In
+        values: [2, 3]
+    - action: Ignore
+      onPodConditions:
+        - type: DisruptionTarget
+          status: "True"
 {{- if not (kindIs "invalid" $p.ttlSecondsAfterFinished) }}
 ttlSecondsAfterFinished: {{ $p.ttlSecondsAfterFinished }}
 {{- end }}
