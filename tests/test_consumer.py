@@ -479,6 +479,51 @@ def test_two_consumers_share_the_partitions_and_write_each_row_once(kafka_bootst
     assert batch_totals(a, b)["inserted"] == 4000
 
 
+def events_since_last_assignment(p: "Proc", name: str) -> list[dict]:
+    out: list[dict] = []
+    for e in map(parse_logfmt, p.text().splitlines()):
+        if e.get("event") == "partitions_assigned":
+            out = []
+        elif e.get("event") == name:
+            out.append(e)
+    return out
+
+
+@pytest.mark.slow
+def test_a_member_joining_while_a_partial_batch_is_in_memory(kafka_bootstrap, database_url, procs, tmp_path):
+    """The first consumer holds an unwritten partial batch of all 6 partitions when a second one joins:
+    the rebalance drops it, the first consumer keeps 3 partitions and must read their messages again
+    (kafka-python keeps the fetch position of a partition it gets back), the second reads the others."""
+    names = new_names("join")
+    topic, table, group = names["KAFKA_TOPIC"], names["DB_TABLE"], names["CONSUMER_GROUP"]
+    create_topic(kafka_bootstrap, topic, 6)
+    sent = produce(kafka_bootstrap, topic, [doc(i, tag="J") for i in range(60)])
+    # partial batches are never written by the timer here: only the final SIGTERM writes them
+    env = consumer_env(kafka_bootstrap, database_url, names, BATCH_IDLE_MS=600000, LOG_LEVEL="DEBUG")
+    a = Proc(env, tmp_path, name="a")
+    procs.append(a)
+    a.wait_for(lambda: any(int(e["batch"]) == 60 for e in a.events("polled")), "a to hold all 60 messages")
+    b = Proc(env, tmp_path, name="b")
+    procs.append(b)
+
+    def settled():
+        owned = [p.events("partitions_assigned") for p in (a, b)]
+        if not all(o and o[-1]["partitions"] not in ("", None) for o in owned):
+            return False
+        held = [max((int(e["batch"]) for e in events_since_last_assignment(p, "polled")), default=0) for p in (a, b)]
+        return sum(held) == 60
+
+    a.wait_for(settled, "both consumers to hold their partitions' messages again")
+    assert any(int(e["dropped"]) > 0 for e in a.events("partitions_revoked"))
+    assert table_count(database_url, table) == 0
+    for p in (a, b):
+        p.p.send_signal(signal.SIGTERM)
+    assert a.wait() == 0 and b.wait() == 0
+    reconcile(database_url, table, sent)
+    assert_fully_committed(kafka_bootstrap, group, sent, topic)
+    assert batch_totals(a, b)["inserted"] == 60
+
+
 @pytest.mark.slow
 def test_a_consumer_killed_mid_run_is_replaced_by_the_other_member(kafka_bootstrap, database_url, procs, tmp_path):
     """A member dies without a word (SIGKILL, as an OOM kill would): after its session times out the
@@ -516,6 +561,53 @@ def test_a_consumer_killed_mid_run_is_replaced_by_the_other_member(kafka_bootstr
     assert survivor.wait() == 0
     reconcile(database_url, table, sent)
     assert batch_totals(survivor)["unchanged"] >= 1  # the replay of the victim's last batch changed nothing
+
+
+@pytest.mark.slow
+def test_rebalance_while_the_database_is_down(kafka_bootstrap, postgres_factory, procs, tmp_path):
+    """A member leaves while the other is retrying a batch against a dead database: the rebalance drops
+    the pending rows of the revoked partitions (the new owner -- here the same consumer -- replays them)
+    and, once the database is back, every row is in the table exactly once."""
+    pg = postgres_factory()
+    names = new_names("rbdb")
+    topic, table, group = names["KAFKA_TOPIC"], names["DB_TABLE"], names["CONSUMER_GROUP"]
+    create_topic(kafka_bootstrap, topic, 6)
+    env = consumer_env(kafka_bootstrap, pg.url, names, RETRY_MAX_BACKOFF_S=1)
+    a = Proc(env, tmp_path, name="a")
+    b = Proc(env, tmp_path, "--shutdown-timeout", "3", name="b")
+    procs += [a, b]
+
+    def both_assigned():
+        last = [p.events("partitions_assigned") for p in (a, b)]
+        return all(e and e[-1]["partitions"] not in ("", None) for e in last)
+
+    a.wait_for(both_assigned, "both consumers to own partitions")
+    sent = produce(kafka_bootstrap, topic, [doc(i, tag="R") for i in range(1200)])
+    a.wait_for(lambda: table_count(pg.url, table) == 1200, "the first 1200 rows")
+    pg.kill()
+    sent += produce(kafka_bootstrap, topic, [doc(i, tag="R") for i in range(1200, 2400)])
+    a.wait_for(lambda: a.events("db_unavailable") and b.events("db_unavailable"), "both to retry the database")
+    b.p.send_signal(signal.SIGTERM)  # b gives its batch up after 3 s and leaves the group
+    assert b.wait() == 0 and b.events("abandoned")
+    a.wait_for(lambda: any(int(e["dropped"]) > 0 for e in a.events("partitions_revoked")),
+               "a's pending rows to be dropped by the rebalance")
+    a.wait_for(lambda: len(a.events("partitions_assigned")) >= 2 and a.events("partitions_assigned")[-1][
+        "partitions"].count(",") == 5, "a to own all 6 partitions")
+    pg.restart()
+
+    def done():
+        if table_count(pg.url, table) != 2400:
+            return False
+        try:
+            assert_fully_committed(kafka_bootstrap, group, sent, topic)
+            return True
+        except AssertionError:
+            return False
+
+    a.wait_for(done, "every row written and committed")
+    a.p.send_signal(signal.SIGTERM)
+    assert a.wait() == 0
+    reconcile(pg.url, table, sent)
 
 
 @pytest.mark.slow

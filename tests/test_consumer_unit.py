@@ -81,7 +81,7 @@ def test_batch_tracks_offsets_per_partition_and_drops_revoked_partitions():
     b.add_dead(p1, 7, (None, b"{}", []))
     b.add_row(p1, Row("C", None, None, None, None, {}, 1, 8))
     assert b.count == 4 and b.offsets() == {p0: 12, p1: 9}
-    assert b.drop({p1}) == 2
+    assert b.drop({p1}) == {p1: (2, 7)}  # 2 messages dropped, the first at offset 7
     assert b.count == 2 and b.offsets() == {p0: 12} and b.n_dead() == 0 and len(b.all_rows()) == 2
 
 

@@ -52,6 +52,7 @@ class Batch:
     rows: dict[TopicPartition, list[Row]] = field(default_factory=dict)
     dead: dict[TopicPartition, list[tuple[bytes | None, bytes, list]]] = field(default_factory=dict)
     last: dict[TopicPartition, int] = field(default_factory=dict)
+    first: dict[TopicPartition, int] = field(default_factory=dict)
     count: int = 0
     first_at: float = 0.0
 
@@ -60,6 +61,7 @@ class Batch:
             self.first_at = time.monotonic()
         self.count += 1
         self.last[tp] = max(offset, self.last.get(tp, -1))
+        self.first[tp] = min(offset, self.first.get(tp, offset))
 
     def add_row(self, tp: TopicPartition, row: Row) -> None:
         self._seen(tp, row.offset)
@@ -69,14 +71,18 @@ class Batch:
         self._seen(tp, offset)
         self.dead.setdefault(tp, []).append(letter)
 
-    def drop(self, tps) -> int:
-        """Forget the messages of partitions we no longer own; returns how many were dropped."""
-        n = 0
+    def drop(self, tps) -> dict[TopicPartition, tuple[int, int]]:
+        """Forget the messages of partitions we no longer own.
+        Returns {partition: (messages dropped, first offset dropped)}."""
+        out = {}
         for tp in list(tps):
-            n += len(self.rows.pop(tp, [])) + len(self.dead.pop(tp, []))
+            n = len(self.rows.pop(tp, [])) + len(self.dead.pop(tp, []))
             self.last.pop(tp, None)
-        self.count -= n
-        return n
+            first = self.first.pop(tp, None)
+            if n:
+                out[tp] = (n, first)
+            self.count -= n
+        return out
 
     def all_rows(self) -> list[Row]:
         return [r for rows in self.rows.values() for r in rows]
@@ -154,6 +160,10 @@ class Consumer:
         self.uncommitted: dict[TopicPartition, int] = {}  # written to the DB, offsets not committed yet
         self.next_offset: dict[TopicPartition, int] = {}  # for the lag figure
         self.carry: list = []  # (tp, message) polled while a batch was being written: for the next batch
+        # partitions revoked with unwritten messages: where to seek if the group gives them back to us
+        self.rewind: dict[TopicPartition, int] = {}
+        # partitions revoked with written but uncommitted offsets: to commit if they come back to us
+        self.revoked_uncommitted: dict[TopicPartition, int] = {}
         self.totals = Totals()
         self.writing = False
         self.stop_at: float | None = None  # monotonic deadline once a stop signal arrived
@@ -190,13 +200,25 @@ class Consumer:
     # -- rebalance listener (runs on kafka-python's IO thread while our poll() waits) ------------
     def on_partitions_revoked(self, revoked) -> None:
         revoked = set(revoked)
-        dropped = self.batch.drop(revoked)
-        kept = [(tp, m) for tp, m in self.carry if tp not in revoked]
-        dropped += len(self.carry) - len(kept)
+        gone = self.batch.drop(revoked)
+        rewind = {tp: first for tp, (_n, first) in gone.items()}
+        dropped = sum(n for n, _first in gone.values())
+        kept = []
+        for tp, m in self.carry:
+            if tp in revoked:
+                rewind[tp] = min(m.offset, rewind.get(tp, m.offset))
+                dropped += 1
+            else:
+                kept.append((tp, m))
         self.carry = kept
+        # kafka-python keeps the fetch position of a partition that is assigned to us again: it must
+        # then go back to the first message we dropped, or those messages would be skipped
+        for tp, offset in rewind.items():
+            self.rewind[tp] = min(offset, self.rewind.get(tp, offset))
         lost_commits = [tp for tp in revoked if tp in self.uncommitted]
+        for tp in lost_commits:
+            self.revoked_uncommitted[tp] = max(self.uncommitted.pop(tp), self.revoked_uncommitted.get(tp, 0))
         for tp in revoked:
-            self.uncommitted.pop(tp, None)
             self.next_offset.pop(tp, None)
         if revoked:
             logs.event(log, "partitions_revoked",
@@ -206,6 +228,13 @@ class Consumer:
     def on_partitions_assigned(self, assigned) -> None:
         assigned = set(assigned)
         self.joined = True
+        for tp, offset in self.rewind.items():
+            if tp in assigned:
+                self.consumer.seek(tp, offset)  # re-read what we dropped at the revocation
+        for tp, offset in self.revoked_uncommitted.items():
+            if tp in assigned:  # ours again, and these rows are in the table: commit them
+                self.uncommitted[tp] = max(offset, self.uncommitted.get(tp, 0))
+        self.rewind, self.revoked_uncommitted = {}, {}
         self.last_message_at = time.monotonic()  # --exit-when-idle: give new partitions a full idle period
         if self.writing and assigned and self.consumer is not None:
             self.consumer.pause(*assigned)  # no new data while the current batch is being written
@@ -255,7 +284,7 @@ class Consumer:
                     self.sink.migrate()
                     self.need_migrate = False
                 result = fn()
-                if attempt:
+                if attempt and self.sink.conn is not None:  # (a write with nothing left to write connects not)
                     logs.event(log, "db_recovered", f"database back after {attempt} failed attempt(s)",
                                what=what, attempts=attempt)
                 return result
