@@ -225,6 +225,14 @@ class Consumer:
                        f"partitions revoked: {_tps(revoked)}; {dropped} uncommitted message(s) left to the next owner",
                        partitions=_tps(revoked), dropped=dropped, uncommitted_dropped=len(lost_commits))
 
+    def on_partitions_lost(self, lost) -> None:
+        """We were evicted from the group: kafka-python forgets the positions (they will come from the
+        committed offsets, which another member may have moved on), so nothing to seek or re-commit."""
+        self.on_partitions_revoked(lost)
+        for tp in lost:
+            self.rewind.pop(tp, None)
+            self.revoked_uncommitted.pop(tp, None)
+
     def on_partitions_assigned(self, assigned) -> None:
         assigned = set(assigned)
         self.joined = True
@@ -446,7 +454,11 @@ class Consumer:
                                f"replays these rows (the upsert makes that harmless)", logging.WARNING,
                                error=_short(exc), partitions=_tps(offsets))
                     for tp in offsets:
-                        self.uncommitted.pop(tp, None)
+                        # if the next assignment gives the partition straight back (its position kept),
+                        # these offsets are committed then; otherwise the next owner replays the rows
+                        off = self.uncommitted.pop(tp, None)
+                        if off is not None:
+                            self.revoked_uncommitted[tp] = max(off, self.revoked_uncommitted.get(tp, 0))
                     return
                 if not isinstance(exc, (KafkaError, OSError)):
                     raise
@@ -617,7 +629,7 @@ class _Listener(ConsumerRebalanceListener):
         self.owner.on_partitions_assigned(assigned)
 
     def on_partitions_lost(self, lost):
-        self.owner.on_partitions_revoked(lost)
+        self.owner.on_partitions_lost(lost)
 
 
 def _tps(tps) -> str:
