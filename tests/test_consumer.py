@@ -20,11 +20,13 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from dpe_ingest import deadletter
 from dpe_ingest.kafka_consumer import group_offsets
+
+from kafka_util import read_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
@@ -93,30 +95,6 @@ def produce(bootstrap: str, topic: str, items, key_of=None) -> list[Sent]:
         return out
     finally:
         producer.close(timeout=10)
-
-
-def read_topic(bootstrap: str, topic: str) -> list:
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
-    try:
-        deadline = time.monotonic() + SLOW
-        parts = c.partitions_for_topic(topic)
-        while parts is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-            parts = c.partitions_for_topic(topic)
-        if not parts:
-            return []
-        tps = [TopicPartition(topic, p) for p in parts]
-        c.assign(tps)
-        c.seek_to_beginning(*tps)
-        end = c.end_offsets(tps)
-        out = []
-        while any(c.position(tp) < end[tp] for tp in tps):
-            assert time.monotonic() < deadline, f"could not read {topic}"
-            for recs in c.poll(timeout_ms=1000).values():
-                out += recs
-        return out
-    finally:
-        c.close()
 
 
 class Proc:
@@ -671,7 +649,7 @@ def test_poison_messages_go_to_the_dlq_and_do_not_block_their_partition(kafka_bo
     assert p.wait() == 0, p.text()[-4000:]
     reconcile(database_url, names["DB_TABLE"], good)
     assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic)
-    letters = read_topic(kafka_bootstrap, names["KAFKA_DLQ_TOPIC"])
+    letters = read_topic(kafka_bootstrap, names["KAFKA_DLQ_TOPIC"], timeout_s=SLOW)
     docs = sorted((deadletter.parse(r.value) for r in letters), key=lambda d: d["source"]["offset"])
     assert [(d["source"]["topic"], d["source"]["partition"], d["source"]["offset"]) for d in docs] == \
         [(topic, s.partition, s.offset) for s in bad]

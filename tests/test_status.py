@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dpe_ingest import status as st
-from dpe_ingest.status import (Checkpoint, JobState, Lag, Source, Status, bar, job_state, jobs_by_department,
+from dpe_ingest.status import (Checkpoint, Lag, Source, Status, bar, job_state, jobs_by_department,
                                render_text, to_json)
 from dpe_ingest.status_sources import Collector, Settings
 

@@ -8,8 +8,8 @@ agree).  Each entry: variable name, default, meaning.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import Mapping
 
 from . import departments
 

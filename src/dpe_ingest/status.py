@@ -28,9 +28,12 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from . import departments
+
+if TYPE_CHECKING:
+    from .status_sources import Settings
 
 EXIT_DONE, EXIT_IN_PROGRESS, EXIT_PROBLEM, EXIT_MISMATCH = 0, 1, 2, 4
 JSON_VERSION = 1

@@ -216,7 +216,6 @@ class Dataset:
     def index_range(self, department: str, date_from=None, date_to=None) -> tuple[int, int]:
         """Half-open index range [lo, hi) of the rows of ``department`` received in [from, to]."""
         dep = departments.normalize(department)
-        n = self.counts[dep]
         lo_day = 0 if date_from is None else _day_offset(date_from)
         hi_day = SPAN_DAYS - 1 if date_to is None else _day_offset(date_to)
         return self.index_range_days(dep, lo_day, hi_day)

@@ -342,7 +342,7 @@ class _Parser:
         if kind == "term" and self.peek()[0] == "colon":
             self.take()
             if field_name is not None:
-                raise _Syntax(f'Expected term but ":" found.')
+                raise _Syntax('Expected term but ":" found.')
             name = value.replace("\\", "")
             nk, nv = self.peek()
             if nk == "lpar":
