@@ -5,7 +5,7 @@ the ADEME stand-in in its own process) unless KAFKA_BOOTSTRAP_SERVERS / DATABASE
 every measurement side by side in one run, prints a table and writes ``bench/results.json``.
 
 Every program measured runs as its own process: wall seconds of the work, and its peak resident
-memory (``ru_maxrss`` from ``wait4``).  Ratios compare rows/s measured in this same run.
+memory (the kernel's high-water mark, ``VmHWM``).  Ratios compare rows/s measured in this same run.
 """
 
 from __future__ import annotations
@@ -35,7 +35,12 @@ PY = sys.executable
 
 # ------------------------------------------------------------------------------------------- processes
 class Proc:
-    """A child process whose peak RSS we read when it ends (``os.wait4``)."""
+    """A child process and its peak resident memory.
+
+    The peak is the kernel's high-water mark of the process (``VmHWM`` in /proc/PID/status), sampled
+    while it runs; ``ru_maxrss`` from wait4 is not used because a forked child starts with the
+    driver's resident pages counted, which would floor every figure at the driver's size.
+    """
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path):
         self.log = log
@@ -45,22 +50,33 @@ class Proc:
                                   stderr=self.fh)
         self.t0 = time.perf_counter()
         self.rc: int | None = None
-        self.peak_rss_mb: float | None = None
+        self.hwm_kb = 0
         self.seconds: float | None = None
+
+    def sample(self) -> None:
+        try:
+            with open(f"/proc/{self.p.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        self.hwm_kb = max(self.hwm_kb, int(line.split()[1]))
+                        return
+        except (OSError, ValueError):
+            pass
+
+    @property
+    def peak_rss_mb(self) -> float | None:
+        return self.hwm_kb / 1024.0 if self.hwm_kb else None
 
     def wait(self, timeout: float = 3600) -> "Proc":
         deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(self.p.pid, os.WNOHANG)
-            if pid:
-                break
+        while self.p.poll() is None:
+            self.sample()
             if time.monotonic() > deadline:
                 self.p.kill()
                 raise TimeoutError(f"{self.p.args} did not finish in {timeout}s; see {self.log}")
             time.sleep(0.02)
         self.seconds = time.perf_counter() - self.t0
-        self.p.returncode = self.rc = os.waitstatus_to_exitcode(status)
-        self.peak_rss_mb = usage.ru_maxrss / 1024.0
+        self.rc = self.p.returncode
         self.fh.close()
         return self
 
@@ -144,9 +160,12 @@ class Runner:
         proc.wait(120).check("consumer")
         return seconds, proc
 
-    def _wait_rows(self, proc: Proc, table: str, expected: int, timeout: float = 3600) -> float:
+    def _wait_rows(self, proc: Proc, table: str, expected: int, timeout: float = 3600,
+                   also: tuple[Proc, ...] = ()) -> float:
         deadline = time.monotonic() + timeout
         while True:
+            for p in (proc, *also):
+                p.sample()
             n = db_count(self.env["DATABASE_URL"], table)
             if n >= expected:
                 return time.perf_counter() - proc.t0
@@ -239,7 +258,7 @@ def run(args) -> dict:
         producers = [r.produce(d, topic, api) for d in ("69", "01", "38")]
         consumer = Proc([PY, "-m", "dpe_ingest", "consume"], env_c, r.log("consume-e2e"))
         consumer.t0 = t0
-        seconds = r._wait_rows(consumer, table, 3 * N)
+        seconds = r._wait_rows(consumer, table, 3 * N, also=tuple(producers))
         for p in producers:
             p.wait().check("producer")
         consumer.p.send_signal(signal.SIGTERM)
