@@ -97,6 +97,16 @@ def produce(bootstrap: str, topic: str, items, key_of=None) -> list[Sent]:
         producer.close(timeout=10)
 
 
+def wait_all_assigned(*members: "Proc") -> None:
+    """Wait until every member's last ``partitions_assigned`` event gave it at least one partition."""
+
+    def all_assigned():
+        last = [p.events("partitions_assigned") for p in members]
+        return all(e and e[-1]["partitions"] not in ("", None) for e in last)
+
+    members[0].wait_for(all_assigned, f"all {len(members)} consumers to own partitions")
+
+
 class Proc:
     """``dpe-ingest consume`` as a subprocess, its stderr in a file."""
 
@@ -442,11 +452,7 @@ def test_two_consumers_share_the_partitions_and_write_each_row_once(kafka_bootst
     b = Proc(env, tmp_path, "--exit-when-idle", "10", name="b")
     procs += [a, b]
 
-    def both_assigned():
-        last = [p.events("partitions_assigned") for p in (a, b)]
-        return all(e and e[-1]["partitions"] not in ("", None) for e in last)
-
-    a.wait_for(both_assigned, "both consumers to own partitions")
+    wait_all_assigned(a, b)
     sent = []
     for chunk in range(4):  # keep producing while they consume
         sent += produce(kafka_bootstrap, topic, [doc(i, tag="W") for i in range(chunk * 1000, chunk * 1000 + 1000)])
@@ -516,11 +522,7 @@ def test_a_consumer_killed_mid_run_is_replaced_by_the_other_member(kafka_bootstr
     survivor = Proc(env, tmp_path, name="survivor")
     procs += [victim, survivor]
 
-    def both_assigned():
-        last = [p.events("partitions_assigned") for p in (victim, survivor)]
-        return all(e and e[-1]["partitions"] not in ("", None) for e in last)
-
-    survivor.wait_for(both_assigned, "both consumers to own partitions")
+    wait_all_assigned(victim, survivor)
     sent = produce(kafka_bootstrap, topic, [doc(i, tag="V") for i in range(6000)])
     assert victim.wait() == -signal.SIGKILL
 
@@ -555,11 +557,7 @@ def test_rebalance_while_the_database_is_down(kafka_bootstrap, postgres_factory,
     b = Proc(env, tmp_path, "--shutdown-timeout", "3", name="b")
     procs += [a, b]
 
-    def both_assigned():
-        last = [p.events("partitions_assigned") for p in (a, b)]
-        return all(e and e[-1]["partitions"] not in ("", None) for e in last)
-
-    a.wait_for(both_assigned, "both consumers to own partitions")
+    wait_all_assigned(a, b)
     sent = produce(kafka_bootstrap, topic, [doc(i, tag="R") for i in range(1200)])
     a.wait_for(lambda: table_count(pg.url, table) == 1200, "the first 1200 rows")
     pg.kill()
