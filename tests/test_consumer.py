@@ -237,20 +237,32 @@ def reconcile(database_url: str, table: str, good: list[Sent]) -> None:
     assert not bad, f"{len(bad)} rows differ from their message, e.g. {bad[:3]}"
 
 
-def assert_fully_committed(bootstrap: str, group: str, sent: list[Sent], topic: str) -> None:
-    ends: dict[int, int] = {}
-    for s in sent:
-        ends[s.partition] = max(ends.get(s.partition, 0), s.offset + 1)
-    committed = {tp.partition: off for tp, off in group_offsets(bootstrap, group).items() if tp.topic == topic}
-    assert {p: committed.get(p) for p in ends} == ends
-
-
 def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     return {tp.partition: off for tp, off in group_offsets(bootstrap, group).items() if tp.topic == topic}
 
 
+def assert_fully_committed(bootstrap: str, group: str, sent: list[Sent], topic: str) -> None:
+    ends: dict[int, int] = {}
+    for s in sent:
+        ends[s.partition] = max(ends.get(s.partition, 0), s.offset + 1)
+    committed = committed_offsets(bootstrap, group, topic)
+    assert {p: committed.get(p) for p in ends} == ends
+
+
+def stored_and_committed(database_url: str, table: str, rows: int, bootstrap: str, group: str, sent: list[Sent],
+                         topic: str, not_yet: tuple[type[BaseException], ...] = (AssertionError,)) -> bool:
+    """``rows`` rows are in the table and every sent offset is committed (a ``wait_for`` predicate)."""
+    if table_count(database_url, table) != rows:
+        return False
+    try:
+        assert_fully_committed(bootstrap, group, sent, topic)
+        return True
+    except not_yet:
+        return False
+
+
 def committed_prefix(bootstrap: str, group: str, topic: str, sent: list[Sent]) -> set[str]:
-    committed = {tp.partition: off for tp, off in group_offsets(bootstrap, group).items() if tp.topic == topic}
+    committed = committed_offsets(bootstrap, group, topic)
     return {s.doc["numero_dpe"] for s in sent if s.offset < committed.get(s.partition, 0)}
 
 
@@ -426,16 +438,9 @@ def test_broker_restart_mid_run(kafka_broker_factory, database_url, procs, tmp_p
     broker.restart()
     sent += produce(broker.bootstrap, topic, [doc(i, tag="B") for i in range(20000, 21000)])
 
-    def done():
-        if table_count(database_url, table) != 21000:
-            return False
-        try:
-            assert_fully_committed(bootstrap, group, sent, topic)
-            return True
-        except Exception:  # noqa: BLE001 - not yet
-            return False
-
-    p.wait_for(done, "all 21000 rows written and committed")
+    p.wait_for(lambda: stored_and_committed(database_url, table, 21000, bootstrap, group, sent, topic,
+                                            not_yet=(Exception,)),  # the broker may still be coming back
+               "all 21000 rows written and committed")
     p.p.send_signal(signal.SIGTERM)
     assert p.wait() == 0, p.text()[-4000:]
     reconcile(database_url, table, sent)
@@ -526,16 +531,8 @@ def test_a_consumer_killed_mid_run_is_replaced_by_the_other_member(kafka_bootstr
     sent = produce(kafka_bootstrap, topic, [doc(i, tag="V") for i in range(6000)])
     assert victim.wait() == -signal.SIGKILL
 
-    def done():
-        if table_count(database_url, table) != 6000:
-            return False
-        try:
-            assert_fully_committed(kafka_bootstrap, group, sent, topic)
-            return True
-        except AssertionError:
-            return False
-
-    survivor.wait_for(done, "every row written and committed")
+    survivor.wait_for(lambda: stored_and_committed(database_url, table, 6000, kafka_bootstrap, group, sent, topic),
+                      "every row written and committed")
     assert len(survivor.events("partitions_assigned")) >= 2  # it took the dead member's partitions over
     survivor.p.send_signal(signal.SIGTERM)
     assert survivor.wait() == 0
@@ -571,16 +568,8 @@ def test_rebalance_while_the_database_is_down(kafka_bootstrap, postgres_factory,
         "partitions"].count(",") == 5, "a to own all 6 partitions")
     pg.restart()
 
-    def done():
-        if table_count(pg.url, table) != 2400:
-            return False
-        try:
-            assert_fully_committed(kafka_bootstrap, group, sent, topic)
-            return True
-        except AssertionError:
-            return False
-
-    a.wait_for(done, "every row written and committed")
+    a.wait_for(lambda: stored_and_committed(pg.url, table, 2400, kafka_bootstrap, group, sent, topic),
+               "every row written and committed")
     a.p.send_signal(signal.SIGTERM)
     assert a.wait() == 0
     reconcile(pg.url, table, sent)
