@@ -113,34 +113,30 @@ def database_url(tmp_path_factory) -> str:
 # -------------------------------------------------------------------------------------------------
 # Private servers a test may kill and restart
 # -------------------------------------------------------------------------------------------------
+def _private_servers(tmp_path_factory, cls, dirname: str, what: str):
+    """A factory fixture's body: ``factory(**kwargs)`` starts a new ``cls``; all are stopped after the test."""
+    servers = []
+
+    def factory(**kwargs):
+        server = cls(tmp_path_factory.mktemp(dirname), **kwargs)
+        servers.append(server)
+        return _start(server, what)
+
+    yield factory
+    for server in servers:
+        _stop(server)
+
+
 @pytest.fixture
 def kafka_broker_factory(tmp_path_factory):
     """``factory(**kwargs) -> KafkaBroker`` started (kwargs: port, controller_port, heap)."""
-    brokers: list[KafkaBroker] = []
-
-    def factory(**kwargs) -> KafkaBroker:
-        broker = KafkaBroker(tmp_path_factory.mktemp("kafka-private"), **kwargs)
-        brokers.append(broker)
-        return _start(broker, "private Kafka broker")
-
-    yield factory
-    for broker in brokers:
-        _stop(broker)
+    yield from _private_servers(tmp_path_factory, KafkaBroker, "kafka-private", "private Kafka broker")
 
 
 @pytest.fixture
 def postgres_factory(tmp_path_factory):
     """``factory(**kwargs) -> PostgresServer`` started (kwargs: port)."""
-    servers: list[PostgresServer] = []
-
-    def factory(**kwargs) -> PostgresServer:
-        server = PostgresServer(tmp_path_factory.mktemp("postgres-private"), **kwargs)
-        servers.append(server)
-        return _start(server, "private PostgreSQL")
-
-    yield factory
-    for server in servers:
-        _stop(server)
+    yield from _private_servers(tmp_path_factory, PostgresServer, "postgres-private", "private PostgreSQL")
 
 
 @pytest.fixture
