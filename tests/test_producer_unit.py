@@ -12,7 +12,7 @@ GOOD = {"numero_dpe": "2169E0123456Z", "date_reception_dpe": "2023-04-05", "code
 
 
 def test_good_row_passes_and_becomes_message():
-    assert validate_row(GOOD, BASE_FIELDS) is None
+    assert validate_row(GOOD) is None
     msg = to_message({**GOOD, "_score": None, "other": 1}, BASE_FIELDS, "69")
     assert msg == {**GOOD, "departement": "69"}
 
@@ -28,13 +28,13 @@ def test_good_row_passes_and_becomes_message():
     ({"code_postal_ban": "6900"}, "unparsable code_postal_ban"),
 ])
 def test_bad_rows_have_a_reason(change, reason):
-    got = validate_row({**GOOD, **change}, BASE_FIELDS)
+    got = validate_row({**GOOD, **change})
     assert got is not None and got.startswith(reason)
 
 
 def test_missing_optional_fields_are_fine():
-    assert validate_row({"numero_dpe": "X", "date_reception_dpe": None}, BASE_FIELDS) is None
-    assert validate_row(["not", "a", "row"], BASE_FIELDS).startswith("row is a list")
+    assert validate_row({"numero_dpe": "X", "date_reception_dpe": None}) is None
+    assert validate_row(["not", "a", "row"]).startswith("row is a list")
 
 
 def test_qs_and_cursor():

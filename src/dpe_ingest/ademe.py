@@ -19,6 +19,7 @@ import logging
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
@@ -53,6 +54,11 @@ class Page:
     next_url: str | None
     url: str
     attempts: int = 1
+
+    @property
+    def has_next(self) -> bool:
+        """data-fair gives ``next`` only after a full page; an empty page also means the end."""
+        return bool(self.next_url and self.rows)
 
     @property
     def after(self) -> str | None:
@@ -218,13 +224,20 @@ class AdemeClient:
         return params
 
     def pages(self, params: dict[str, Any]) -> Iterator[Page]:
-        """Every page of a query, following ``next`` until the API runs dry."""
-        page = self.fetch(self.lines_url, params)
-        while True:
-            yield page
-            if not page.next_url or not page.rows:
-                return
-            page = self.fetch(page.next_url)
+        """Every page of a query, following ``next`` until the API runs dry.
+
+        The next page is fetched in a background thread while the caller handles the current one;
+        closing the iterator early waits for that one fetch to end.
+        """
+        with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
+            pending = pool.submit(self.fetch, self.lines_url, params)
+            while True:
+                page = pending.result()
+                if page.has_next:
+                    pending = pool.submit(self.fetch, page.next_url)
+                yield page
+                if not page.has_next:
+                    return
 
 
 class _TruncatedBody(Exception):
