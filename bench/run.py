@@ -201,10 +201,11 @@ def run(args) -> dict:
         env = bench.env
     sizes = [int(s) for s in args.scale.split(",") if s]
     N = args.rows
-    counts = {"69": N, "01": N, "38": N, "13": max(sizes), "33": 0}
-    for i, s in enumerate(sizes):
-        counts[["75", "59", "13"][i % 3] if s != max(sizes) else "13"] = s
-    scale_deps = {s: (["75", "59", "13"][i % 3] if s != max(sizes) else "13") for i, s in enumerate(sizes)}
+    scale_pool = ["75", "59", "13", "33", "31", "44"]  # departments the comparisons do not use
+    if len(sizes) > len(scale_pool):
+        raise SystemExit(f"--scale takes at most {len(scale_pool)} sizes")
+    scale_deps = dict(zip(sizes, scale_pool))
+    counts = {"69": N, "01": N, "38": N, **{dep: size for size, dep in scale_deps.items()}}
     port = free_port()
     standin_args = [PY, "-m", "dpe_ingest", "ademe-standin", "--port", str(port), "--rows-per-department", "0"]
     for dep, n in counts.items():
