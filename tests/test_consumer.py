@@ -25,6 +25,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 
 from dpe_ingest import deadletter
 from dpe_ingest.kafka_consumer import group_offsets
+from dpe_ingest.status_sources import Collector
 
 from kafka_util import read_topic
 
@@ -602,17 +603,18 @@ def test_database_down_at_start_is_waited_for(kafka_bootstrap, postgres_factory,
     assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, names["KAFKA_TOPIC"])
 
 
-def test_poison_messages_go_to_the_dlq_and_do_not_block_their_partition(kafka_bootstrap, database_url, procs,
-                                                                       tmp_path):
-    names = new_names("poison")
-    topic = names["KAFKA_TOPIC"]
-    create_topic(kafka_bootstrap, topic, 2)
+POISON_REASONS = ["not JSON", "not valid UTF-8", "missing numero_dpe", "empty numero_dpe", "is not a date",
+                  "not an object", "NUL character"]
+
+
+def produce_with_poison(bootstrap: str, topic: str) -> tuple[list[Sent], list[Sent], list[Sent]]:
+    """300 good rows over 2 partitions and 7 poison messages between the good rows of partition 0;
+    returns (every message, the good ones, the poison ones) in the order sent."""
+    create_topic(bootstrap, topic, 2)
     poison = [b"this is not json", b"\xff\xfe\x00binary", json.dumps({"date_reception_dpe": "2023-01-01"}).encode(),
               json.dumps({"numero_dpe": "", "departement": "69"}).encode(),
               json.dumps(doc(9001, tag="Z", date_reception_dpe="31/12/2023")).encode(),
               json.dumps(["an", "array"]).encode(), json.dumps(doc(9002, tag="Z", etiquette_dpe="nul\u0000")).encode()]
-    reasons = ["not JSON", "not valid UTF-8", "missing numero_dpe", "empty numero_dpe", "is not a date",
-               "not an object", "NUL character"]
     items = []
     for i in range(300):
         items.append(doc(i, tag="G"))
@@ -620,7 +622,7 @@ def test_poison_messages_go_to_the_dlq_and_do_not_block_their_partition(kafka_bo
             items.append(poison.pop(0))
     assert not poison
     # every poison message goes to partition 0, between good rows of that partition
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
     sent = []
     for item in items:
         raw = json.dumps(item).encode() if isinstance(item, dict) else item
@@ -631,6 +633,14 @@ def test_poison_messages_go_to_the_dlq_and_do_not_block_their_partition(kafka_bo
     producer.close()
     good = [s for s, item in zip(sent, items) if isinstance(item, dict)]
     bad = [s for s, item in zip(sent, items) if not isinstance(item, dict)]
+    return sent, good, bad
+
+
+def test_poison_messages_go_to_the_dlq_and_do_not_block_their_partition(kafka_bootstrap, database_url, procs,
+                                                                       tmp_path):
+    names = new_names("poison")
+    topic = names["KAFKA_TOPIC"]
+    sent, good, bad = produce_with_poison(kafka_bootstrap, topic)
     p = Proc(consumer_env(kafka_bootstrap, database_url, names), tmp_path, "--exit-when-idle", "5")
     procs.append(p)
     assert p.wait() == 0, p.text()[-4000:]
@@ -640,7 +650,8 @@ def test_poison_messages_go_to_the_dlq_and_do_not_block_their_partition(kafka_bo
     docs = sorted((deadletter.parse(r.value) for r in letters), key=lambda d: d["source"]["offset"])
     assert [(d["source"]["topic"], d["source"]["partition"], d["source"]["offset"]) for d in docs] == \
         [(topic, s.partition, s.offset) for s in bad]
-    for d, s, reason in zip(docs, bad, reasons):
+    assert [d["id"] for d in docs] == [deadletter.consumer_id(topic, s.partition, s.offset) for s in bad]
+    for d, s, reason in zip(docs, bad, POISON_REASONS):
         assert reason in d["reason"] and d["stage"] == "consumer"
         if d["payload_b64"] is not None:
             import base64
@@ -650,6 +661,44 @@ def test_poison_messages_go_to_the_dlq_and_do_not_block_their_partition(kafka_bo
             assert d["payload"] == json.loads(s.value)
     assert all(dict(r.headers)["dlq.stage"] == b"consumer" for r in letters)
     assert batch_totals(p)["dead_letters"] == 7
+
+
+@pytest.mark.slow
+def test_dead_letters_resent_by_a_replay_keep_their_id_and_are_counted_once(kafka_bootstrap, database_url, procs,
+                                                                           tmp_path):
+    names = new_names("dlqre")
+    topic = names["KAFKA_TOPIC"]
+    sent, good, bad = produce_with_poison(kafka_bootstrap, topic)
+    env = consumer_env(kafka_bootstrap, database_url, names, BATCH_IDLE_MS=60000)
+    # dies once the first batch's dead letters are acknowledged, before its offsets are committed
+    crashed = Proc({**env, "DPE_TEST_CRASH_AT": "after_dlq_send"}, tmp_path, name="crash")
+    procs.append(crashed)
+    assert crashed.wait() == -signal.SIGKILL, crashed.text()[-4000:]
+    assert [e["point"] for e in crashed.events("test_crash")] == ["after_dlq_send"]
+    first = read_topic(kafka_bootstrap, names["KAFKA_DLQ_TOPIC"], timeout_s=SLOW)
+    assert first, "the crashed run had sent dead letters"
+    final = Proc(env | {"BATCH_IDLE_MS": "1000"}, tmp_path, "--exit-when-idle", "5", name="final")
+    procs.append(final)
+    assert final.wait() == 0, final.text()[-4000:]
+    reconcile(database_url, names["DB_TABLE"], good)
+    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic)
+
+    letters = read_topic(kafka_bootstrap, names["KAFKA_DLQ_TOPIC"], timeout_s=SLOW)
+    ids = [deadletter.parse(r.value)["id"] for r in letters]
+    assert len(letters) == len(bad) + len(first), "the replay sent the crashed batch's letters again"
+    assert sorted(set(ids)) == sorted(deadletter.consumer_id(topic, s.partition, s.offset) for s in bad)
+    # what `dpe-ingest status` and `scripts/run` count: each refused message once
+    collector = Collector(settings=None)
+    for r in letters:
+        collector._on_dead_letter(r)
+    want: dict[str, dict[str, int]] = {}
+    for s in bad:
+        try:
+            dep = json.loads(s.value).get("departement") or "?"
+        except (ValueError, AttributeError):
+            dep = "?"
+        want.setdefault(dep, {"consumer": 0})["consumer"] += 1
+    assert collector.dead == want and sum(v["consumer"] for v in want.values()) == len(bad)
 
 
 def test_sigterm_writes_the_partial_batch_commits_and_exits_0(kafka_bootstrap, database_url, procs, tmp_path):

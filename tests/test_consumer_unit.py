@@ -66,6 +66,21 @@ def test_unreadable_bytes_are_kept_raw_and_json_payloads_as_json():
     assert err.value.payload == {"numero_dpe": ""} and err.value.raw is None
 
 
+def test_a_refused_message_keeps_its_department_for_the_dead_letter_counts():
+    with pytest.raises(Invalid) as err:  # kept raw (NUL), the department still known
+        parse_message(msg(numero_dpe="X", departement="69", etiquette_dpe="D\u0000"), 0, 0)
+    assert err.value.raw is not None and err.value.department == "69"
+    with pytest.raises(Invalid) as err:
+        parse_message(msg(numero_dpe="", departement="2A"), 0, 0)
+    assert err.value.department == "2A"
+    with pytest.raises(Invalid) as err:
+        parse_message(msg(numero_dpe="X", departement="6\u00009", etiquette_dpe="D"), 0, 0)
+    assert err.value.department is None
+    with pytest.raises(Invalid) as err:
+        parse_message(b"[1]", 0, 0)
+    assert err.value.department is None
+
+
 def test_dedupe_keeps_the_last_version_of_each_numero():
     rows = [Row("A", None, "1", None, None, {}, 0, 1), Row("B", None, "1", None, None, {}, 0, 2),
             Row("A", None, "2", None, None, {}, 0, 3)]
@@ -113,7 +128,15 @@ def test_safe_url_hides_the_password():
 
 def test_dead_letter_of_a_refused_message_names_the_source():
     value, headers = deadletter.build("missing numero_dpe", "consumer", payload={"a": 1},
+                                      letter_id=deadletter.consumer_id("t", 2, 5),
                                       source={"topic": "t", "partition": 2, "offset": 5})
     doc = deadletter.parse(value)
     assert doc["source"] == {"topic": "t", "partition": 2, "offset": 5} and doc["stage"] == "consumer"
-    assert dict(headers)["dlq.reason"] == b"missing numero_dpe"
+    assert doc["id"] == "consumer:t/2/5"
+    assert dict(headers)["dlq.reason"] == b"missing numero_dpe" and dict(headers)["dlq.id"] == b"consumer:t/2/5"
+
+
+def test_dead_letter_ids_name_the_row_not_the_attempt():
+    assert deadletter.producer_id("69", None, 3) == "producer:69/-/3"
+    assert deadletter.producer_id("69", "1700000000000,abc", 3) == "producer:69/1700000000000,abc/3"
+    assert deadletter.consumer_id("t", 0, 7) != deadletter.consumer_id("t", 1, 7)

@@ -16,6 +16,7 @@ import pytest
 from dpe_ingest.config import BASE_FIELDS
 from dpe_ingest.standin.data import Dataset
 from dpe_ingest.standin.faults import Faults
+from dpe_ingest.status_sources import Collector
 
 from kafka_util import command, duplicates, events, read_topic, run, start
 
@@ -86,7 +87,9 @@ def test_three_departments_in_parallel_produce_exactly_the_api_rows(kafka_bootst
 
 
 def test_finished_department_is_not_fetched_again_unless_asked(kafka_bootstrap, standin, topics):
-    ds = Dataset({"2A": 1_200}, seed=3)
+    ds = Dataset({"2A": 1_200}, seed=3, malformed_rate=0.02)
+    bad = ds.malformed_indices("2A")
+    assert bad
     srv = standin(ds)
     env = env_for(kafka_bootstrap, srv, topics, "2a")
     assert run(command("produce"), env).returncode == 0
@@ -98,8 +101,17 @@ def test_finished_department_is_not_fetched_again_unless_asked(kafka_bootstrap, 
     assert forced.returncode == 0 and events(forced.stderr, "restart")
     assert srv.requests_served > served
     records = read_topic(kafka_bootstrap, topics["KAFKA_TOPIC"])
-    assert len(records) == 2 * 1_200  # the forced re-run re-sent every row on purpose
+    assert len(records) == 2 * (1_200 - len(bad))  # the forced re-run re-sent every row on purpose
     assert set(messages_by_department(records)["2A"]) == set(expected(ds, "2A"))
+    # ... and every dead letter, with the same id: `dpe-ingest status` counts each refused row once
+    letters = read_topic(kafka_bootstrap, topics["KAFKA_DLQ_TOPIC"])
+    ids = [json.loads(r.value)["id"] for r in letters]
+    assert len(ids) == 2 * len(bad) and len(set(ids)) == len(bad)
+    assert all(i.startswith("producer:2A/") for i in ids)
+    collector = Collector(settings=None)
+    for r in letters:
+        collector._on_dead_letter(r)
+    assert collector.dead == {"2A": {"producer": len(bad)}}
 
 
 def _wait_for_page(log_path, page: int, proc, timeout=120):

@@ -125,6 +125,26 @@ def test_consumer_dead_letters_count_as_accounted_for():
     assert (v.state, v.dead_letters, v.progress) == ("done", 3, 1.0)
 
 
+def test_a_dead_letter_sent_again_by_a_replay_is_counted_once():
+    from types import SimpleNamespace
+
+    from dpe_ingest import deadletter
+
+    def letter(letter_id, dep="69", stage="consumer"):
+        value, _ = deadletter.build("bad", stage, letter_id=letter_id, department=dep)
+        return SimpleNamespace(value=value)
+
+    c = Collector(settings=None)
+    for rec in (letter("consumer:t/0/5"), letter("consumer:t/0/5"), letter("consumer:t/1/5"),
+                letter("producer:2A/-/3", "2A", "producer"), letter("producer:2A/-/3", "2A", "producer"),
+                letter("producer:2A/abc/3", "2A", "producer"), SimpleNamespace(value=b"not json")):
+        c._on_dead_letter(rec)
+    assert c.dead == {"69": {"consumer": 2}, "2A": {"producer": 2}, "?": {"?": 1}}
+    c._forget_dead_letters()  # the topic is read again from its start: nothing is remembered
+    c._on_dead_letter(letter("consumer:t/0/5"))
+    assert c.dead == {"69": {"consumer": 1}}
+
+
 def test_a_source_down_is_shown_with_its_reason_and_gives_exit_2():
     sources = ok_sources()
     sources["database"] = Source(ok=False, error="OperationalError: connection refused")

@@ -36,7 +36,7 @@ from .sink import DatabaseUnavailable, Invalid, Row, Sink, WriteResult, parse_me
 
 log = logging.getLogger("dpe_ingest.consumer")
 
-CRASH_POINTS = ("after_poll", "after_insert", "after_db_commit")
+CRASH_POINTS = ("after_poll", "after_insert", "after_db_commit", "after_dlq_send")
 PROGRESS_EVERY_S = 10.0
 
 
@@ -120,7 +120,7 @@ class Totals:
 # the test-only crash hook
 # ---------------------------------------------------------------------------------------------
 class CrashHook:
-    """``DPE_TEST_CRASH_AT=after_poll|after_insert|after_db_commit`` with ``DPE_TEST_CRASH_AFTER_BATCHES=N``:
+    """``DPE_TEST_CRASH_AT=after_poll|after_insert|after_db_commit|after_dlq_send`` with ``DPE_TEST_CRASH_AFTER_BATCHES=N``:
     once N batches are fully done, SIGKILL ourselves at that point of the next batch.  TESTS ONLY."""
 
     def __init__(self, env) -> None:
@@ -351,11 +351,10 @@ class Consumer:
         try:
             row = parse_message(msg.value, msg.partition, msg.offset)
         except Invalid as bad:
-            payload = bad.payload
-            department = payload.get("departement") if isinstance(payload, dict) else None
             value, headers = deadletter.build(
-                bad.reason, "consumer", payload=payload, raw=bad.raw,
-                department=department if isinstance(department, str) else None,
+                bad.reason, "consumer", payload=bad.payload, raw=bad.raw,
+                letter_id=deadletter.consumer_id(msg.topic, msg.partition, msg.offset),
+                department=bad.department,
                 source={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
             )
             self.batch.add_dead(tp, msg.offset, (msg.key, value, headers))
@@ -373,6 +372,7 @@ class Consumer:
                        "code_postal_ban": row.code_postal_ban, "etiquette_dpe": row.etiquette_dpe,
                        "departement": row.departement, **row.extra}
             value, headers = deadletter.build(reason, "consumer", payload=payload, department=row.departement,
+                                              letter_id=deadletter.consumer_id(topic, row.partition, row.offset),
                                               source={"topic": topic, "partition": row.partition,
                                                       "offset": row.offset})
             self.batch.dead.setdefault(tp, []).append((row.numero_dpe.encode("utf-8"), value, headers))
@@ -404,6 +404,7 @@ class Consumer:
             n_dead = batch.n_dead()
             if n_dead:
                 self._kafka_call(lambda: self._dlq_send(batch.all_dead()), "dead-letter send")
+                self.crash("after_dlq_send", done)
             for tp, off in batch.offsets().items():
                 self.uncommitted[tp] = max(off, self.uncommitted.get(tp, 0))
             self._commit()

@@ -3,10 +3,16 @@
 One message format for both sides, so a user reads one topic to see every refused row:
 
 - key: the original key (numero_dpe) when there is one, else ``None``
-- value: JSON ``{"reason", "stage", "department", "payload", "payload_b64", "source": {topic,
-  partition, offset} | null, "at"}``; ``payload`` is the row as received when it was JSON,
-  ``payload_b64`` the raw bytes when they were not valid UTF-8/JSON.
-- headers: ``dlq.reason`` and ``dlq.stage``, so Kafdrop shows why without decoding the value.
+- value: JSON ``{"id", "reason", "stage", "department", "payload", "payload_b64", "source", "at"}``;
+  ``payload`` is the row as received when it was JSON, ``payload_b64`` the raw bytes when they were
+  not valid UTF-8/JSON; ``source`` is ``{topic, partition, offset}`` (consumer) or ``{api_url, page,
+  after, index}`` (producer).
+- headers: ``dlq.reason``, ``dlq.stage`` and ``dlq.id``, so Kafdrop shows why without decoding the value.
+
+Dead letters are at-least-once (a producer resumed from its checkpoint re-reads one page, a consumer
+replays an uncommitted batch), so a letter may be sent twice.  ``id`` names the refused row, the same
+on every replay: ``consumer:<topic>/<partition>/<offset>`` or ``producer:<department>/<after>/<index>``
+(``after`` is the cursor the page was fetched with, ``-`` for the first page).  Count distinct ids.
 """
 
 from __future__ import annotations
@@ -17,17 +23,30 @@ import json
 from typing import Any
 
 
+def consumer_id(topic: str, partition: int, offset: int) -> str:
+    """The id of a message the consumer refuses: where it sits in the topic."""
+    return f"consumer:{topic}/{partition}/{offset}"
+
+
+def producer_id(department: str, after: str | None, index: int) -> str:
+    """The id of a row the producer refuses: the page's cursor (what a resume re-reads) and its place."""
+    return f"producer:{department}/{after or '-'}/{index}"
+
+
 def build(
     reason: str,
     stage: str,
     *,
+    letter_id: str,
     payload: Any = None,
     raw: bytes | None = None,
     department: str | None = None,
     source: dict | None = None,
 ) -> tuple[bytes, list[tuple[str, bytes]]]:
-    """Return (value bytes, headers) of one dead letter.  ``stage`` is ``producer`` or ``consumer``."""
+    """Return (value bytes, headers) of one dead letter.  ``stage`` is ``producer`` or ``consumer``;
+    ``letter_id`` comes from :func:`consumer_id` or :func:`producer_id`."""
     doc: dict[str, Any] = {
+        "id": letter_id,
         "reason": reason,
         "stage": stage,
         "department": department,
@@ -37,7 +56,8 @@ def build(
         "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
     }
     value = json.dumps(doc, ensure_ascii=False, default=str).encode("utf-8")
-    headers = [("dlq.reason", reason.encode("utf-8")[:1000]), ("dlq.stage", stage.encode("ascii"))]
+    headers = [("dlq.reason", reason.encode("utf-8")[:1000]), ("dlq.stage", stage.encode("ascii")),
+               ("dlq.id", letter_id.encode("utf-8"))]
     return value, headers
 
 

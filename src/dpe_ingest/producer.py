@@ -176,11 +176,12 @@ class Producer:
                                           date_from=cfg.date_from, date_to=cfg.date_to, after=after)
         tracker = SendTracker()
         topic, dlq = cfg.kafka.topic, cfg.kafka.dlq_topic
+        fetched_with = after  # the cursor of the page at hand: what a resume re-reads it with
         for page in self.client.pages(params):  # the next page is fetched while this one goes to Kafka
             page_no += 1
             if page.total is not None:
                 prog.total = page.total
-            for row in page.rows:
+            for index, row in enumerate(page.rows):
                 reason = validate_row(row)
                 if reason is None:
                     msg = to_message(row, cfg.fields, cfg.department)
@@ -188,9 +189,10 @@ class Producer:
                                               value=json.dumps(msg, ensure_ascii=False).encode("utf-8")))
                     prog.rows += 1
                 else:
-                    value, headers = deadletter.build(reason, "producer", payload=row,
-                                                      department=cfg.department,
-                                                      source={"api_url": page.url, "page": page_no})
+                    value, headers = deadletter.build(
+                        reason, "producer", payload=row, department=cfg.department,
+                        letter_id=deadletter.producer_id(cfg.department, fetched_with, index),
+                        source={"api_url": page.url, "page": page_no, "after": fetched_with, "index": index})
                     numero = row.get("numero_dpe") if isinstance(row, dict) else None
                     tracker.add(producer.send(dlq, key=numero.encode("utf-8") if isinstance(numero, str)
                                               and numero else None, value=value, headers=headers))
@@ -203,6 +205,7 @@ class Producer:
                 "rows": prog.rows, "dead": prog.dead, "total": prog.total, "done": not page.has_next,
                 "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             })
+            fetched_with = page.after
             prog.pages += 1
             prog.line(page_no, len(page.rows))
             if page.has_next and self.stop.is_set():

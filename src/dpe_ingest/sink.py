@@ -34,11 +34,14 @@ MAX_KEY_CHARS = 200
 class Invalid(ValueError):
     """A message that cannot go to the database; ``reason`` is the human-readable cause."""
 
-    def __init__(self, reason: str, payload: Any = None, raw: bytes | None = None):
+    def __init__(self, reason: str, payload: Any = None, raw: bytes | None = None, department: str | None = None):
         super().__init__(reason)
         self.reason = reason
         self.payload = payload
         self.raw = raw
+        if department is None and isinstance(payload, dict) and isinstance(payload.get("departement"), str):
+            department = payload["departement"]
+        self.department = department  # for the dead letter: which department's count it belongs to
 
 
 @dataclass(frozen=True)
@@ -110,8 +113,12 @@ def parse_message(value: bytes | None, partition: int, offset: int) -> Row:
     try:
         _check_value(doc, "value")
     except Invalid as exc:
-        # the payload itself cannot be re-encoded faithfully: keep the raw bytes
-        raise Invalid(exc.reason, raw=value) from None
+        # the payload itself cannot be re-encoded faithfully: keep the raw bytes (and the department,
+        # when it is a clean string, so that the dead letter is counted where it belongs)
+        dep = doc.get("departement")
+        if not isinstance(dep, str) or "\x00" in dep or len(dep) > 10:
+            dep = None
+        raise Invalid(exc.reason, raw=value, department=dep) from None
     numero = doc.get("numero_dpe")
     if numero is None:
         raise Invalid("missing numero_dpe", payload=doc)

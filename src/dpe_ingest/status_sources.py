@@ -125,22 +125,6 @@ class TopicReader:
             self.tps = []
 
 
-def group_offsets(bootstrap: str, group: str, timeout_ms: int = 10000) -> dict:
-    """Committed offsets of a consumer group: {TopicPartition: offset} (empty for an unknown group)."""
-    from kafka.admin import KafkaAdminClient
-
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="dpe-ingest-status",
-                             request_timeout_ms=max(timeout_ms, 5000), bootstrap_timeout_ms=timeout_ms)
-    try:
-        if hasattr(admin, "list_group_offsets"):  # kafka-python 3
-            res = admin.list_group_offsets(group).get(group, {})
-        else:  # kafka-python 2
-            res = admin.list_consumer_group_offsets(group)
-    finally:
-        admin.close()
-    return {tp: om.offset for tp, om in res.items() if om.offset is not None and om.offset >= 0}
-
-
 # ---------------------------------------------------------------------------------------------
 # Kubernetes
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +177,8 @@ class Collector:
     job_lister: Callable[[str | None, str | None, float], tuple[dict, str]] | None = None
     checkpoints: dict[str, Checkpoint] = field(default_factory=dict)
     dead: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: ids of the dead letters counted: a letter sent again by a replay is counted once
+    dead_ids: set[str] = field(default_factory=set)
     _readers: dict[str, TopicReader] = field(default_factory=dict)
 
     # -- folding records ----------------------------------------------------------------------
@@ -216,8 +202,13 @@ class Collector:
             doc = deadletter.parse(rec.value)
             dep = doc.get("department") or "?"
             stage = doc.get("stage") or "?"
+            letter_id = doc.get("id")
         except (ValueError, AttributeError, UnicodeDecodeError):
-            dep, stage = "?", "?"
+            dep, stage, letter_id = "?", "?", None
+        if isinstance(letter_id, str):
+            if letter_id in self.dead_ids:
+                return  # the same refused row, sent again by a replay
+            self.dead_ids.add(letter_id)
         if dep != "?":
             try:
                 dep = departments.normalize(dep)
@@ -225,6 +216,10 @@ class Collector:
                 pass
         by = self.dead.setdefault(dep, {})
         by[stage] = by.get(stage, 0) + 1
+
+    def _forget_dead_letters(self) -> None:
+        self.dead.clear()
+        self.dead_ids.clear()
 
     def _reader(self, name: str, topic: str, fold) -> TopicReader:
         r = self._readers.get(name)
@@ -294,6 +289,8 @@ class Collector:
                 begin = c.beginning_offsets(tps)
             finally:
                 c.close()
+            from .kafka_consumer import group_offsets
+
             committed = group_offsets(s.bootstrap, s.group, ms)
             per: dict[int, int] = {}
             for tp in tps:
@@ -327,7 +324,7 @@ class Collector:
         sources["checkpoints"] = self._read_topic("checkpoints", s.checkpoint_topic, self._on_checkpoint,
                                                   self.checkpoints.clear)
         sources["dead_letters"] = self._read_topic("dead_letters", s.dlq_topic, self._on_dead_letter,
-                                                   self.dead.clear)
+                                                   self._forget_dead_letters)
         sources["database"], stored, labels = self.read_database()
         sources["consumer_lag"], lag = self.read_lag()
         sources["kubernetes"], jobs = self.read_jobs()
