@@ -6,6 +6,9 @@
   bench's, never yours) that the test may kill/restart; stopped when the test ends.
 - ``standin_factory``: ``factory(dataset=None, faults=None, **kw)`` starts an ADEME stand-in.
 - ``helm_bin`` (Path): helm v3.22.0 ($HELM or the cache's, built when missing).
+- ``kubeconfig`` (Path): admin kubeconfig of a real API server: $DPE_TEST_KUBECONFIG (your cluster)
+  or a session kube-apiserver v1.37.2 + etcd (no kubelet: objects are validated and admitted, no
+  pod ever runs).
 - ``unique_name``: ``unique_name("prefix")`` -> ``prefix_1a2b3c4d``, a fresh name valid as a topic,
   a consumer group and a table name.
 
@@ -48,7 +51,9 @@ def pytest_report_header(config):
     kafka = f"KAFKA_BOOTSTRAP_SERVERS={_env('KAFKA_BOOTSTRAP_SERVERS')} (yours)" if _env("KAFKA_BOOTSTRAP_SERVERS") \
         else f"bench Kafka {KAFKA_VERSION} (started on first use)"
     pg = "DATABASE_URL (yours)" if _env("DATABASE_URL") else "bench PostgreSQL (started on first use)"
-    return f"bench: {kafka}; {pg}"
+    kube = "DPE_TEST_KUBECONFIG (yours)" if _env("DPE_TEST_KUBECONFIG") else \
+        "bench kube-apiserver (started on first use)"
+    return f"bench: {kafka}; {pg}; {kube}"
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -156,6 +161,23 @@ def standin_factory():
     yield factory
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(tmp_path_factory) -> Path:
+    """Admin kubeconfig of a real Kubernetes API server: the bench's kube-apiserver + etcd, or the
+    cluster of DPE_TEST_KUBECONFIG (tests create and delete namespaces ``t-…`` of their own there)."""
+    user = _env("DPE_TEST_KUBECONFIG")
+    if user:
+        yield Path(user).expanduser()
+        return
+    from dpe_ingest.bench.kube import KubeAPIServer
+
+    server = _start(KubeAPIServer(tmp_path_factory.mktemp("kube-apiserver")), "Kubernetes API server")
+    try:
+        yield server.kubeconfig
+    finally:
+        _stop(server)
 
 
 # -------------------------------------------------------------------------------------------------

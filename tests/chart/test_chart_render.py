@@ -339,7 +339,10 @@ def test_notes(render, tmp_path):
     assert "port-forward svc/dpe-kafdrop 9000:9000" in notes
     assert "SELECT departement, count(*) FROM dpe_data GROUP BY 1" in notes
     assert "producer.rerun.69=1" in notes
-    assert "--reuse-values --set departments=" in notes
+    # the department it suggests adding is one not installed yet
+    assert '--reuse-values --set departments="{69,01,38,13}"' in notes
+    notes = _notes(render, tmp_path / "c", sets={"departments": "{38,13,33,75,59,31,44,67}"})
+    assert "Add a department" not in notes and "producer.rerun.38=1" in notes
     notes = _notes(render, tmp_path / "b", values_files=[CHART / "values-external.yaml"])
     assert "port-forward svc/dpe-kafdrop" in notes
     assert 'psql "postgresql://dpe@postgres.data.svc.cluster.local:5432/dpe"' in notes

@@ -3,7 +3,8 @@
     dpe-ingest bench up      start Kafka, PostgreSQL and the ADEME stand-in in the foreground, print
                              the export lines, stop everything on Ctrl-C / SIGTERM
     dpe-ingest bench fetch   download/build everything into the cache (Kafka jars, storage and
-                             PostgreSQL templates, helm), e.g. to warm up CI; no server is left running
+                             PostgreSQL templates, helm, kube-apiserver + etcd), e.g. to warm up CI;
+                             no server is left running
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--no-standin", action="store_true", help="do not start the ADEME stand-in")
     up.add_argument("--rows", type=int, default=1000, help="stand-in rows per department (default 1000)")
     up.add_argument("--seed", type=int, default=1, help="stand-in dataset seed (default 1)")
-    fetch = sub.add_parser("fetch", help="fetch/build Kafka jars, templates and helm into the cache")
+    fetch = sub.add_parser("fetch", help="fetch/build Kafka jars, templates, helm, kube-apiserver and etcd into the cache")
     fetch.add_argument("--quiet", action="store_true", help="one summary line when everything is cached")
-    fetch.add_argument("--no-helm", action="store_true", help="skip helm (only the tests need it)")
+    fetch.add_argument("--no-helm", action="store_true", help="skip helm, kube-apiserver and etcd (only the tests need them)")
     return p
 
 
@@ -68,7 +69,13 @@ def _fetch(quiet: bool = False, helm_too: bool = True) -> int:
     def helm() -> str:
         return f"helm {HELM_VERSION} at {ensure_helm()}"
 
-    steps = [("kafka", kafka), ("postgres", postgres)] + ([("helm", helm)] if helm_too else [])
+    def kube() -> str:
+        from .kube import ETCD_VERSION, K8S_VERSION, ensure_etcd, ensure_kube_apiserver
+
+        return (f"kube-apiserver {K8S_VERSION} at {ensure_kube_apiserver(quiet)}, "
+                f"etcd {ETCD_VERSION} at {ensure_etcd(quiet)}")
+
+    steps = [("kafka", kafka), ("postgres", postgres)] + ([("helm", helm), ("kube", kube)] if helm_too else [])
     for name, step in steps:
         try:
             line = step()
