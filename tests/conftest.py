@@ -89,30 +89,39 @@ def _stop(server) -> None:
 # -------------------------------------------------------------------------------------------------
 # Session servers (or the user's own)
 # -------------------------------------------------------------------------------------------------
+def _session_server(tmp_path_factory, env_name: str, make, what: str, value, user_value=str):
+    """Fixture body: the user's own server when ``env_name`` is set, else one the bench starts."""
+    user = _env(env_name)
+    if user:
+        yield user_value(user)
+        return
+    server = _start(make(tmp_path_factory.mktemp(what.lower().replace(" ", "-"))), what)
+    try:
+        yield value(server)
+    finally:
+        _stop(server)
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory) -> str:
-    user = _env("KAFKA_BOOTSTRAP_SERVERS")
-    if user:
-        yield user
-        return
-    broker = _start(KafkaBroker(tmp_path_factory.mktemp("kafka-session")), "Kafka broker")
-    try:
-        yield broker.bootstrap
-    finally:
-        _stop(broker)
+    yield from _session_server(tmp_path_factory, "KAFKA_BOOTSTRAP_SERVERS", KafkaBroker, "Kafka broker",
+                               lambda broker: broker.bootstrap)
 
 
 @pytest.fixture(scope="session")
 def database_url(tmp_path_factory) -> str:
-    user = _env("DATABASE_URL")
-    if user:
-        yield user
-        return
-    server = _start(PostgresServer(tmp_path_factory.mktemp("postgres-session")), "PostgreSQL")
-    try:
-        yield server.url
-    finally:
-        _stop(server)
+    yield from _session_server(tmp_path_factory, "DATABASE_URL", PostgresServer, "PostgreSQL",
+                               lambda server: server.url)
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(tmp_path_factory) -> Path:
+    """Admin kubeconfig of a real Kubernetes API server: the bench's kube-apiserver + etcd, or the
+    cluster of DPE_TEST_KUBECONFIG (tests create and delete namespaces ``t-…`` of their own there)."""
+    from dpe_ingest.bench.kube import KubeAPIServer
+
+    yield from _session_server(tmp_path_factory, "DPE_TEST_KUBECONFIG", KubeAPIServer, "Kubernetes API server",
+                               lambda server: server.kubeconfig, lambda user: Path(user).expanduser())
 
 
 # -------------------------------------------------------------------------------------------------
@@ -161,23 +170,6 @@ def standin_factory():
     yield factory
     for server in servers:
         server.stop()
-
-
-@pytest.fixture(scope="session")
-def kubeconfig(tmp_path_factory) -> Path:
-    """Admin kubeconfig of a real Kubernetes API server: the bench's kube-apiserver + etcd, or the
-    cluster of DPE_TEST_KUBECONFIG (tests create and delete namespaces ``t-…`` of their own there)."""
-    user = _env("DPE_TEST_KUBECONFIG")
-    if user:
-        yield Path(user).expanduser()
-        return
-    from dpe_ingest.bench.kube import KubeAPIServer
-
-    server = _start(KubeAPIServer(tmp_path_factory.mktemp("kube-apiserver")), "Kubernetes API server")
-    try:
-        yield server.kubeconfig
-    finally:
-        _stop(server)
 
 
 # -------------------------------------------------------------------------------------------------
