@@ -198,3 +198,10 @@ def run(cmd: Sequence[str], what: str, timeout: float = 600, env: dict[str, str]
         tail_ = "\n".join(out.strip().splitlines()[-30:])
         raise BenchError(f"{what} failed (exit {res.returncode}): {' '.join(map(str, cmd))}\n{tail_}")
     return out
+
+
+def place_built(built: Path, target: Path, what: str, got: str | None, want: str) -> None:
+    """Move a binary just built into place (atomically), once it says the version expected."""
+    if got != want:
+        raise BenchError(f"the {what} just built says {got!r}, expected {want}")
+    os.replace(built, target)

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._proc import BenchError, cache_dir, file_lock, run
+from ._proc import BenchError, cache_dir, file_lock, place_built, run
 
 HELM_VERSION = "v3.22.0"
 HELM_MODULE = "helm.sh/helm/v3"
@@ -118,10 +118,7 @@ def build_helm(target: Path, quiet: bool = False) -> None:
         run([go, "install", "-trimpath", f"-ldflags={_ldflags()}", f"{HELM_MODULE}/cmd/helm@{HELM_VERSION}"],
             f"building helm {HELM_VERSION}", timeout=3600, env=env, log_path=cache / "helm-build.log")
         built = tmp_bin / "helm"
-        got = helm_version(built)
-        if got != HELM_VERSION:
-            raise BenchError(f"the helm just built says {got!r}, expected {HELM_VERSION}")
-        os.replace(built, target)
+        place_built(built, target, "helm", helm_version(built), HELM_VERSION)
     finally:
         shutil.rmtree(tmp_bin, ignore_errors=True)
     if not quiet:

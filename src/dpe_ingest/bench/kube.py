@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ._proc import BenchError, cache_dir, file_lock, free_port, run, spawn, tail, terminate
+from ._proc import BenchError, cache_dir, file_lock, free_port, place_built, run, spawn, tail, terminate
 from .helm import _find_go
 
 K8S_VERSION = "v1.37.2"
@@ -84,10 +84,7 @@ def _build(name: str, version: str, target: Path, prepare, package: str, ldflags
         built = work / name
         run([go, "build", "-trimpath", f"-ldflags={ldflags}", "-o", str(built), package],
             f"building {name} {version}", timeout=3600, env=env, cwd=work, log_path=log)
-        got = _version_of(built)
-        if got != version:
-            raise BenchError(f"the {name} just built says {got!r}, expected {version}")
-        os.replace(built, target)
+        place_built(built, target, name, _version_of(built), version)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if not quiet:
