@@ -7,9 +7,10 @@ import time
 from typing import Iterable
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.admin import KafkaAdminClient
+from kafka.errors import KafkaError
 
+from . import kafka_io
 from .config import KafkaSettings
 
 log = logging.getLogger("dpe_ingest.consumer")
@@ -90,20 +91,10 @@ def ensure_topics(settings: KafkaSettings, timeout_ms: int = 15000) -> list[str]
     admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers.split(","),
                              client_id="dpe-ingest-consumer-admin", request_timeout_ms=timeout_ms,
                              bootstrap_timeout_ms=timeout_ms)
-    created = []
     try:
-        existing = set(admin.list_topics())
-        for name, parts in ((settings.topic, settings.partitions), (settings.dlq_topic, 1)):
-            if name in existing:
-                continue
-            try:
-                admin.create_topics([NewTopic(name, parts, settings.replication_factor)])
-                created.append(name)
-            except TopicAlreadyExistsError:
-                pass
+        return kafka_io.ensure_topics(admin, kafka_io.data_topics(settings))
     finally:
         admin.close()
-    return created
 
 
 def group_offsets(bootstrap: str, group: str, timeout_ms: int = 15000) -> dict[TopicPartition, int]:

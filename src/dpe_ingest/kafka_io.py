@@ -72,12 +72,16 @@ def ensure_topics(admin: KafkaAdminClient, specs: Iterable[TopicSpec]) -> list[s
     return created
 
 
-def pipeline_topics(settings: KafkaSettings, checkpoint_topic: str) -> list[TopicSpec]:
+def data_topics(settings: KafkaSettings) -> list[TopicSpec]:
+    """The rows topic (KAFKA_TOPIC_PARTITIONS partitions) and the dead-letter topic (1 partition)."""
     rf = settings.replication_factor
-    return [
-        TopicSpec(settings.topic, settings.partitions, rf),
-        TopicSpec(settings.dlq_topic, 1, rf),
-        TopicSpec(checkpoint_topic, 1, rf, (("cleanup.policy", "compact"),)),
+    return [TopicSpec(settings.topic, settings.partitions, rf), TopicSpec(settings.dlq_topic, 1, rf)]
+
+
+def pipeline_topics(settings: KafkaSettings, checkpoint_topic: str) -> list[TopicSpec]:
+    """What the producer needs: the data topics and its compacted checkpoint topic."""
+    return data_topics(settings) + [
+        TopicSpec(checkpoint_topic, 1, settings.replication_factor, (("cleanup.policy", "compact"),)),
     ]
 
 
