@@ -205,3 +205,71 @@ def place_built(built: Path, target: Path, what: str, got: str | None, want: str
     if got != want:
         raise BenchError(f"the {what} just built says {got!r}, expected {want}")
     os.replace(built, target)
+
+
+class LocalServer:
+    """The life cycle shared by the bench's servers: ``start()`` (a no-op when running) launches the
+    process and waits until it serves, killing it if it does not; ``stop()`` a clean shutdown
+    (``stop_signal``, then SIGKILL), ``kill()`` a crash (SIGKILL), ``restart()`` both in turn,
+    ``cleanup()`` what a test fixture calls at the end.  Subclasses give ``_launch`` and ``_wait_ready``."""
+
+    stop_signal = signal.SIGTERM
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.start_seconds: float | None = None  # how long the last start() took
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.running else None
+
+    def start(self, timeout: float = 60.0):
+        with self._lock:
+            if self.running:
+                return self
+            t0 = time.monotonic()
+            self.proc = self._launch()
+            try:
+                self._wait_ready(t0 + timeout)
+            except BaseException:
+                kill(self.proc)
+                raise
+            self.start_seconds = time.monotonic() - t0
+            return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._lock:
+            terminate(self.proc, self.stop_signal, timeout)
+            self._exited()
+
+    def kill(self) -> None:
+        with self._lock:
+            kill(self.proc)
+            self._exited()
+
+    def restart(self, timeout: float = 60.0):
+        self.stop()
+        return self.start(timeout)
+
+    def cleanup(self) -> None:
+        self.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+    def _launch(self) -> subprocess.Popen:
+        raise NotImplementedError
+
+    def _wait_ready(self, deadline: float) -> None:
+        raise NotImplementedError
+
+    def _exited(self) -> None:
+        """Called once the process has ended (stop or kill)."""

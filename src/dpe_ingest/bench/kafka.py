@@ -18,13 +18,12 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
 
-from ._proc import (BenchError, cache_dir, file_lock, free_port, kill, port_open, run, spawn, tail,
-                    terminate, wait_port_free)
+from ._proc import (BenchError, LocalServer, cache_dir, file_lock, free_port, port_open, run, spawn, tail,
+                    wait_port_free)
 
 KAFKA_VERSION = "4.4.0"
 SCALA_VERSION = "2.13"
@@ -253,7 +252,7 @@ def _storage_template(java: str, libs: Path) -> Path:
 # ----------------------------------------------------------------------------------------------
 # The broker
 # ----------------------------------------------------------------------------------------------
-class KafkaBroker:
+class KafkaBroker(LocalServer):
     """One KRaft node (broker + controller) on 127.0.0.1, data and log in ``workdir``.
 
     ``start()`` returns once a kafka-python client has connected and listed the topics.
@@ -263,6 +262,7 @@ class KafkaBroker:
 
     def __init__(self, workdir: Path | str, port: int | None = None, controller_port: int | None = None,
                  heap: str = "512m") -> None:
+        super().__init__()
         self.workdir = Path(workdir).resolve()
         self.port = int(port) if port else free_port()
         self.controller_port = int(controller_port) if controller_port else free_port()
@@ -271,76 +271,37 @@ class KafkaBroker:
         self.heap = heap
         self.data_dir = self.workdir / "data"
         self.log_path = self.workdir / "kafka.log"
-        self.proc: subprocess.Popen | None = None
-        self.start_seconds: float | None = None  # how long the last start() took
         self._cds_dump: Path | None = None  # archive this JVM writes at its clean exit
-        self._lock = threading.Lock()
 
     # -- public API -------------------------------------------------------------------------------
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.running else None
-
-    def start(self, timeout: float = 60.0) -> "KafkaBroker":
-        with self._lock:
-            if self.running:
-                return self
-            t0 = time.monotonic()
-            java, _ = find_java()
-            libs = ensure_kafka_jars()
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            if not (self.data_dir / "meta.properties").is_file():
-                shutil.rmtree(self.data_dir, ignore_errors=True)
-                shutil.copytree(_storage_template(java, libs), self.data_dir)
-            props = self.workdir / "server.properties"
-            props.write_text(_server_properties(self.port, self.controller_port, self.data_dir))
-            log4j = self.workdir / "log4j2.properties"
-            log4j.write_text(_LOG4J2)
-            for p in (self.port, self.controller_port):
-                wait_port_free(p)
-            cmd = _java_cmd(java, libs, log4j, self.heap)
-            cmd[1:1] = self._cds_args(java)
-            self.proc = spawn(cmd + ["kafka.Kafka", props], self.log_path, cwd=self.workdir)
-            try:
-                self._wait_ready(t0 + timeout)
-            except BaseException:
-                kill(self.proc)
-                raise
-            self.start_seconds = time.monotonic() - t0
-            return self
-
-    def stop(self, timeout: float = 30.0) -> None:
-        with self._lock:
-            terminate(self.proc, signal.SIGTERM, timeout)
-            self._publish_cds()
-
-    def kill(self) -> None:
-        with self._lock:
-            kill(self.proc)
-            self._publish_cds()
-
-    def restart(self, timeout: float = 60.0) -> "KafkaBroker":
-        self.stop()
-        return self.start(timeout)
-
-    def __enter__(self) -> "KafkaBroker":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     def __repr__(self) -> str:
         return f"KafkaBroker({self.bootstrap}, running={self.running}, workdir={self.workdir})"
 
     # -- internals --------------------------------------------------------------------------------
+    def _launch(self) -> subprocess.Popen:
+        java, _ = find_java()
+        libs = ensure_kafka_jars()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not (self.data_dir / "meta.properties").is_file():
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            shutil.copytree(_storage_template(java, libs), self.data_dir)
+        props = self.workdir / "server.properties"
+        props.write_text(_server_properties(self.port, self.controller_port, self.data_dir))
+        log4j = self.workdir / "log4j2.properties"
+        log4j.write_text(_LOG4J2)
+        for p in (self.port, self.controller_port):
+            wait_port_free(p)
+        cmd = _java_cmd(java, libs, log4j, self.heap)
+        cmd[1:1] = self._cds_args(java)
+        return spawn(cmd + ["kafka.Kafka", props], self.log_path, cwd=self.workdir)
+
+    def _exited(self) -> None:
+        self._publish_cds()
+
     def _cds_args(self, java: str) -> list[str]:
         if os.environ.get("DPE_BENCH_KAFKA_CDS", "1") == "0":
             return []

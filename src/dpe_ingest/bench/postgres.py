@@ -20,11 +20,10 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from ._proc import (BenchError, cache_dir, file_lock, free_port, kill, run, spawn, tail, terminate,
+from ._proc import (BenchError, LocalServer, cache_dir, file_lock, free_port, run, spawn, tail,
                     use_pdeathsig, wait_port_free)
 
 USER = "dpe"
@@ -198,7 +197,7 @@ def _sweep_orphan_homes() -> None:
 # ----------------------------------------------------------------------------------------------
 # The server
 # ----------------------------------------------------------------------------------------------
-class PostgresServer:
+class PostgresServer(LocalServer):
     """A PostgreSQL server on 127.0.0.1:``port``; ``url`` = postgresql://dpe:dpe@127.0.0.1:PORT/dpe.
 
     ``stop()`` is a fast shutdown (SIGINT: clients are disconnected, then a checkpoint), ``kill()``
@@ -206,15 +205,15 @@ class PostgresServer:
     ``cleanup()`` stops the server and deletes its data (a private dir under /tmp when root).
     """
 
+    stop_signal = signal.SIGINT  # fast shutdown
+
     def __init__(self, workdir: Path | str, port: int | None = None) -> None:
+        super().__init__()
         self.workdir = Path(workdir).resolve()
         self.port = int(port) if port else free_port()
         self.log_path = self.workdir / "postgres.log"
-        self.proc: subprocess.Popen | None = None
-        self.start_seconds: float | None = None
         self._home: Path | None = None  # data + socket dir
         self._private_home = False
-        self._lock = threading.Lock()
 
     @property
     def url(self) -> str:
@@ -223,14 +222,6 @@ class PostgresServer:
     @property
     def dsn(self) -> dict:
         return dict(host="127.0.0.1", port=self.port, user=USER, password=PASSWORD, dbname=DATABASE)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.running else None
 
     @property
     def data_dir(self) -> Path | None:
@@ -259,53 +250,24 @@ class PostgresServer:
             _chown_tree(self._home)
         return data
 
-    def start(self, timeout: float = 60.0) -> "PostgresServer":
-        with self._lock:
-            if self.running:
-                return self
-            t0 = time.monotonic()
-            bindir = find_bindir()
-            data = self._prepare(bindir)
-            wait_port_free(self.port)
-            # a postmaster.pid left by a crash is handled by postgres itself (stale pid check)
-            cmd = [bindir / "postgres", "-D", data, "-p", str(self.port), "-k", self._home,
-                   "-c", "listen_addresses=127.0.0.1", "-c", "shared_buffers=32MB",
-                   "-c", "max_connections=100", "-c", "fsync=on", "-c", "synchronous_commit=on",
-                   "-c", "full_page_writes=on", "-c", "max_wal_size=256MB", "-c", "logging_collector=off",
-                   "-c", "log_min_messages=warning", "-c", "log_line_prefix=%m [%p] ",
-                   "-c", "unix_socket_permissions=0777", "-c", "timezone=UTC"]
-            self.proc = spawn(_as_user(cmd), self.log_path, env=_child_env(), cwd=self._home)
-            try:
-                self._wait_ready(t0 + timeout)
-            except BaseException:
-                kill(self.proc)
-                raise
-            self.start_seconds = time.monotonic() - t0
-            return self
-
-    def stop(self, timeout: float = 30.0) -> None:
-        with self._lock:
-            terminate(self.proc, signal.SIGINT, timeout)  # SIGINT = fast shutdown
-
-    def kill(self) -> None:
-        with self._lock:
-            kill(self.proc)
-
-    def restart(self, timeout: float = 60.0) -> "PostgresServer":
-        self.stop()
-        return self.start(timeout)
+    def _launch(self) -> subprocess.Popen:
+        bindir = find_bindir()
+        data = self._prepare(bindir)
+        wait_port_free(self.port)
+        # a postmaster.pid left by a crash is handled by postgres itself (stale pid check)
+        cmd = [bindir / "postgres", "-D", data, "-p", str(self.port), "-k", self._home,
+               "-c", "listen_addresses=127.0.0.1", "-c", "shared_buffers=32MB",
+               "-c", "max_connections=100", "-c", "fsync=on", "-c", "synchronous_commit=on",
+               "-c", "full_page_writes=on", "-c", "max_wal_size=256MB", "-c", "logging_collector=off",
+               "-c", "log_min_messages=warning", "-c", "log_line_prefix=%m [%p] ",
+               "-c", "unix_socket_permissions=0777", "-c", "timezone=UTC"]
+        return spawn(_as_user(cmd), self.log_path, env=_child_env(), cwd=self._home)
 
     def cleanup(self) -> None:
         self.stop()
         if self._private_home and self._home is not None:
             shutil.rmtree(self._home, ignore_errors=True)
             self._home = None
-
-    def __enter__(self) -> "PostgresServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.cleanup()
 
     def __repr__(self) -> str:
         return f"PostgresServer({self.url}, running={self.running}, workdir={self.workdir})"
