@@ -23,4 +23,4 @@ bench:
 
 servers:
 	scripts/setup
-	.venv/bin/dpe-ingest bench up $(ARGS)
+	.venv/bin/dpe-ingest testbed up $(ARGS)

@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from dpe_ingest.bench import KAFKA_VERSION, Bench  # noqa: E402
+from dpe_ingest.testbed import KAFKA_VERSION, LocalServers  # noqa: E402
 
 PY = sys.executable
 
@@ -197,7 +197,7 @@ def run(args) -> dict:
                "DATABASE_URL": os.environ["DATABASE_URL"]}
     else:
         print("starting the bench (Kafka, PostgreSQL)…", flush=True)
-        bench = Bench(work / "servers").start()
+        bench = LocalServers(work / "servers").start()
         env = bench.env
     sizes = [int(s) for s in args.scale.split(",") if s]
     N = args.rows

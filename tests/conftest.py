@@ -1,4 +1,4 @@
-"""Session fixtures: the bench's real servers, started lazily and stopped at the end.
+"""Session fixtures: the testbed's real servers, started lazily and stopped at the end.
 
 - ``kafka_bootstrap`` (str): $KAFKA_BOOTSTRAP_SERVERS (your own Kafka) or a session KafkaBroker.
 - ``database_url`` (str): $DATABASE_URL (your own PostgreSQL) or a session PostgresServer.
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from dpe_ingest.bench import BenchError, KafkaBroker, PostgresServer, ensure_helm
-from dpe_ingest.bench.kafka import KAFKA_VERSION
+from dpe_ingest.testbed import LaunchError, KafkaBroker, PostgresServer, ensure_helm
+from dpe_ingest.testbed.kafka import KAFKA_VERSION
 
 _started: list[object] = []  # every server started in this session (safety net at exit)
 _timings: list[str] = []
@@ -74,8 +74,8 @@ def _start(server, what: str):
     t0 = time.monotonic()
     try:
         server.start()
-    except BenchError as exc:
-        pytest.fail(f"could not start the bench's {what}: {exc}", pytrace=False)
+    except LaunchError as exc:
+        pytest.fail(f"could not start the testbed's {what}: {exc}", pytrace=False)
     _timings.append(f"{what} started in {time.monotonic() - t0:.1f}s")
     return server
 
@@ -116,9 +116,9 @@ def database_url(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def kubeconfig(tmp_path_factory) -> Path:
-    """Admin kubeconfig of a real Kubernetes API server: the bench's kube-apiserver + etcd, or the
+    """Admin kubeconfig of a real Kubernetes API server: the testbed's kube-apiserver + etcd, or the
     cluster of DPE_TEST_KUBECONFIG (tests create and delete namespaces ``t-…`` of their own there)."""
-    from dpe_ingest.bench.kube import KubeAPIServer
+    from dpe_ingest.testbed.kube import KubeAPIServer
 
     yield from _session_server(tmp_path_factory, "DPE_TEST_KUBECONFIG", KubeAPIServer, "Kubernetes API server",
                                lambda server: server.kubeconfig, lambda user: Path(user).expanduser())
@@ -179,7 +179,7 @@ def standin_factory():
 def helm_bin() -> Path:
     try:
         return ensure_helm()
-    except BenchError as exc:
+    except LaunchError as exc:
         pytest.fail(f"no helm binary: {exc}", pytrace=False)
 
 

@@ -1,4 +1,4 @@
-"""``dpe-ingest run``: the whole pipeline as local processes on the bench's Kafka and PostgreSQL.
+"""``dpe-ingest run``: the whole pipeline as local processes on the testbed's Kafka and PostgreSQL.
 
 Each test runs ``dpe-ingest run`` as a real process, with KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL set to
 the session bench (so the run reuses it instead of starting its own) and topics, group and table
@@ -200,7 +200,7 @@ def test_without_servers_the_run_starts_the_bench_and_stops_it(run_env):
     res = subprocess.run([sys.executable, "-m", "dpe_ingest", "run", "01", "--standin", "--rows-per-department",
                           "500"], env=full, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr[-4000:]
-    assert "starting the bench's Kafka and PostgreSQL" in res.stderr
+    assert "starting the testbed's Kafka and PostgreSQL" in res.stderr
     assert summary_rows(res.stdout)["01"] == ["500", "500", "500", "0", "ok"]
     assert processes_with(run_env["DPE_TEST_RUN_MARKER"]) == []  # broker and PostgreSQL stopped too
 
@@ -233,6 +233,6 @@ def test_keep_leaves_the_bench_running_for_status(run_env):
             while processes_with(run_env["DPE_TEST_RUN_MARKER"]) and time.monotonic() < deadline:
                 time.sleep(0.5)
         d = re.search(r"data and logs in (\S+)\)", res.stderr)
-        if d and Path(d.group(1)).name.startswith("dpe-run-bench-"):
+        if d and Path(d.group(1)).name.startswith("dpe-run-testbed-"):
             shutil.rmtree(d.group(1), ignore_errors=True)
     assert processes_with(run_env["DPE_TEST_RUN_MARKER"]) == []

@@ -10,7 +10,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "produce": ("dpe_ingest.producer", "page one department of the ADEME API into Kafka (a Job)"),
     "consume": ("dpe_ingest.consumer", "write the Kafka topic into PostgreSQL in batches (a Deployment)"),
     "ademe-standin": ("dpe_ingest.standin.server", "serve the local stand-in of the ADEME data-fair API"),
-    "bench": ("dpe_ingest.bench.cli", "start/stop the local bench: real Kafka, PostgreSQL, stand-in"),
+    "testbed": ("dpe_ingest.testbed.cli", "start/stop the local bench: real Kafka, PostgreSQL, stand-in"),
     "run": ("dpe_ingest.local_run", "run the whole pipeline locally as processes, then summarise"),
     "status": ("dpe_ingest.status", "show per-department progress: API, Kafka, PostgreSQL, Jobs"),
 }

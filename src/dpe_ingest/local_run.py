@@ -2,7 +2,7 @@
 
 What it does, in order:
 
-1. Kafka and PostgreSQL: the bench's (``dpe_ingest.bench``, started here and stopped at the end)
+1. Kafka and PostgreSQL: the testbed's (``dpe_ingest.testbed``, started here and stopped at the end)
    unless KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL point at your own;
 2. the API: the real ADEME API (ADEME_API_URL, default data.ademe.fr) when it answers a short probe,
    else -- or with ``--standin`` -- the local stand-in, started in this process;
@@ -129,51 +129,51 @@ def spawn(name: str, args: list[str], env: dict[str, str], relay: Relay) -> Chil
 
 
 # ---------------------------------------------------------------------------------------------
-# infrastructure: bench servers, API
+# infrastructure: testbed servers, API
 # ---------------------------------------------------------------------------------------------
 class Infra:
     """Kafka, PostgreSQL and the API: started here when not given, stopped in :meth:`stop`."""
 
     def __init__(self, env: dict[str, str]):
         self.env = env
-        self.bench: Any = None  # dpe_ingest.bench.Bench, in this process (dies with us)
-        self.detached: subprocess.Popen | None = None  # ``dpe-ingest bench up`` for --keep
+        self.servers: Any = None  # dpe_ingest.testbed.LocalServers, in this process (dies with us)
+        self.detached: subprocess.Popen | None = None  # ``dpe-ingest testbed up`` for --keep
         self.detached_dir: str | None = None
         self.standin: Any = None
         self.kafka_origin = self.db_origin = self.api_origin = "given"
 
-    def start_bench(self, keep: bool) -> None:
+    def start_testbed(self, keep: bool) -> None:
         need_kafka = not (self.env.get("KAFKA_BOOTSTRAP_SERVERS") or "").strip()
         need_pg = not (self.env.get("DATABASE_URL") or "").strip()
         if not (need_kafka or need_pg):
             return
         what = " and ".join(w for w, need in (("Kafka", need_kafka), ("PostgreSQL", need_pg)) if need)
-        logs.event(log, "bench", f"{'KAFKA_BOOTSTRAP_SERVERS' if need_kafka else 'DATABASE_URL'} not set: starting "
-                   f"the bench's {what} on 127.0.0.1" + (" (kept running after the run: --keep)" if keep else ""))
+        logs.event(log, "testbed", f"{'KAFKA_BOOTSTRAP_SERVERS' if need_kafka else 'DATABASE_URL'} not set: starting "
+                   f"the testbed's {what} on 127.0.0.1" + (" (kept running after the run: --keep)" if keep else ""))
         if keep:
             got = self._start_detached()
         else:
-            from .bench import Bench
+            from .testbed import LocalServers
 
-            self.bench = Bench(kafka=need_kafka, postgres=need_pg)
-            self.bench.start()
-            got = self.bench.env
+            self.servers = LocalServers(kafka=need_kafka, postgres=need_pg)
+            self.servers.start()
+            got = self.servers.env
         if need_kafka:
             self.env["KAFKA_BOOTSTRAP_SERVERS"] = got["KAFKA_BOOTSTRAP_SERVERS"]
-            self.kafka_origin = "bench"
+            self.kafka_origin = "testbed"
         if need_pg:
             self.env["DATABASE_URL"] = got["DATABASE_URL"]
-            self.db_origin = "bench"
+            self.db_origin = "testbed"
 
     def _start_detached(self, timeout_s: float = 300.0) -> dict[str, str]:
-        """``dpe-ingest bench up`` in its own session, not tied to us: it outlives the run (--keep)."""
+        """``dpe-ingest testbed up`` in its own session, not tied to us: it outlives the run (--keep)."""
         import tempfile
 
-        self.detached_dir = tempfile.mkdtemp(prefix="dpe-run-bench-")
-        out = os.path.join(self.detached_dir, "bench.env")
-        with open(out, "wb") as fo, open(os.path.join(self.detached_dir, "bench.log"), "wb") as fe:
+        self.detached_dir = tempfile.mkdtemp(prefix="dpe-run-testbed-")
+        out = os.path.join(self.detached_dir, "testbed.env")
+        with open(out, "wb") as fo, open(os.path.join(self.detached_dir, "testbed.log"), "wb") as fe:
             self.detached = subprocess.Popen(
-                [sys.executable, "-m", "dpe_ingest", "bench", "up", "--no-standin",
+                [sys.executable, "-m", "dpe_ingest", "testbed", "up", "--no-standin",
                  "--workdir", os.path.join(self.detached_dir, "data")],
                 stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, start_new_session=True, env=self.env)
         deadline = time.monotonic() + timeout_s
@@ -188,7 +188,7 @@ class Infra:
                 return got
             if self.detached.poll() is not None or time.monotonic() > deadline:
                 self._stop_detached()
-                raise RuntimeError(f"dpe-ingest bench up did not come up; see {self.detached_dir}/bench.log")
+                raise RuntimeError(f"dpe-ingest testbed up did not come up; see {self.detached_dir}/testbed.log")
             time.sleep(0.5)
 
     def _stop_detached(self) -> None:
@@ -223,15 +223,15 @@ class Infra:
         if self.standin is not None:
             self.standin.stop()
             self.standin = None
-        if self.bench is not None:
+        if self.servers is not None:
             try:
-                self.bench.stop()
+                self.servers.stop()
             except Exception as exc:  # noqa: BLE001
-                logs.event(log, "bench_stop_failed", f"stopping the bench: {exc}", logging.WARNING)
-            self.bench = None
+                logs.event(log, "testbed_stop_failed", f"stopping the testbed: {exc}", logging.WARNING)
+            self.servers = None
         if self.detached is not None:
             if keep and self.detached.poll() is None:
-                print(f"# --keep: the bench is still running (pid {self.detached.pid}, data and logs in "
+                print(f"# --keep: the testbed is still running (pid {self.detached.pid}, data and logs in "
                       f"{self.detached_dir}); to use it, then stop it:\n"
                       f"export KAFKA_BOOTSTRAP_SERVERS={self.env.get('KAFKA_BOOTSTRAP_SERVERS')}\n"
                       f"export DATABASE_URL='{self.env.get('DATABASE_URL')}'\n"
@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dpe-ingest run",
         description="Run the whole pipeline locally as processes (no Kubernetes): Kafka and PostgreSQL from the "
-        "bench unless KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL are set, one producer per department, one consumer; "
+        "testbed unless KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL are set, one producer per department, one consumer; "
         "then print a summary per department. Other settings come from the environment (docs/configuration.md).",
         epilog="exit codes: 0 counts match; 1 a producer or the consumer failed; 2 bad usage; 4 counts do not "
         "reconcile; 130 interrupted. See docs/run-and-status.md.")
@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true",
                    help="fetch departments again even if their checkpoint says done (PRODUCER_RESTART=true)")
     p.add_argument("--keep", action="store_true",
-                   help="leave the bench's Kafka and PostgreSQL running at the end (prints how to reach them)")
+                   help="leave the testbed's Kafka and PostgreSQL running at the end (prints how to reach them)")
     p.add_argument("--probe-timeout", type=float, default=3.0, metavar="SECONDS",
                    help="how long to wait for the real API before using the stand-in (default 3)")
     p.add_argument("--drain-timeout", type=float, default=600.0, metavar="SECONDS",
@@ -461,9 +461,9 @@ class Run:
     def execute(self) -> int:
         a = self.args
         try:
-            self.infra.start_bench(keep=a.keep)
+            self.infra.start_testbed(keep=a.keep)
         except Exception as exc:  # noqa: BLE001
-            logs.event(log, "bench_failed", f"could not start the bench: {exc}", logging.ERROR)
+            logs.event(log, "testbed_failed", f"could not start the testbed: {exc}", logging.ERROR)
             return EXIT_FAILED
         if self.stop.event.is_set():
             return self.interrupted()

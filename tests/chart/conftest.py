@@ -11,7 +11,7 @@ from chartlib import FALLBACK_HELM, Renderer
 
 @pytest.fixture(scope="session")
 def helm(request) -> str:
-    """The helm binary: the bench's ``helm_bin`` fixture when there is one, else .cache/bin/helm."""
+    """The helm binary: the testbed's ``helm_bin`` fixture when there is one, else .cache/bin/helm."""
     try:
         return str(request.getfixturevalue("helm_bin"))
     except pytest.FixtureLookupError:

@@ -1,6 +1,6 @@
-"""Process and file helpers shared by the bench servers (Kafka, PostgreSQL, helm).
+"""Process and file helpers shared by the testbed servers (Kafka, PostgreSQL, helm).
 
-Every server the bench starts is a direct child of the Python process, in its own session (so a
+Every server the testbed starts is a direct child of the Python process, in its own session (so a
 Ctrl-C in the terminal reaches pytest, which then stops the servers in order) and, when started
 from the main thread, with a Linux parent-death signal (so a server never outlives a Python process
 that was killed outright).  The signal is tied to the *thread* that started the child, hence main
@@ -26,8 +26,8 @@ from typing import Iterator, Sequence
 _PR_SET_PDEATHSIG = 1
 
 
-class BenchError(RuntimeError):
-    """A bench server or tool could not be fetched, built, started or stopped; the message says why."""
+class LaunchError(RuntimeError):
+    """A testbed server or tool could not be fetched, built, started or stopped; the message says why."""
 
 
 def repo_root() -> Path | None:
@@ -63,10 +63,10 @@ def file_lock(path: Path, what: str = "", wait_s: float = 1800.0) -> Iterator[No
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
                 if not told and what:
-                    print(f"bench: waiting for another process to finish {what} ({path})", file=sys.stderr)
+                    print(f"testbed: waiting for another process to finish {what} ({path})", file=sys.stderr)
                     told = True
                 if time.monotonic() > deadline:
-                    raise BenchError(f"timed out after {wait_s:.0f}s waiting for the lock {path}") from None
+                    raise LaunchError(f"timed out after {wait_s:.0f}s waiting for the lock {path}") from None
                 time.sleep(0.5)
         try:
             yield
@@ -103,7 +103,7 @@ def wait_port_free(port: int, timeout: float = 20.0, host: str = "127.0.0.1") ->
     deadline = time.monotonic() + timeout
     while not port_bindable(port, host):
         if time.monotonic() > deadline:
-            raise BenchError(f"port {host}:{port} is still in use after {timeout:.0f}s")
+            raise LaunchError(f"port {host}:{port} is still in use after {timeout:.0f}s")
         time.sleep(0.1)
 
 
@@ -181,34 +181,34 @@ def tail(path: Path, lines: int = 40) -> str:
 
 def run(cmd: Sequence[str], what: str, timeout: float = 600, env: dict[str, str] | None = None,
         cwd: Path | None = None, log_path: Path | None = None) -> str:
-    """Run a short command; on failure raise BenchError with its output."""
+    """Run a short command; on failure raise LaunchError with its output."""
     try:
         res = subprocess.run([str(c) for c in cmd], stdin=subprocess.DEVNULL, capture_output=True,
                              text=True, timeout=timeout, env=env, cwd=cwd,
                              preexec_fn=_set_pdeathsig if use_pdeathsig() else None)
     except FileNotFoundError:
-        raise BenchError(f"{what}: command not found: {cmd[0]}") from None
+        raise LaunchError(f"{what}: command not found: {cmd[0]}") from None
     except subprocess.TimeoutExpired:
-        raise BenchError(f"{what}: {' '.join(map(str, cmd))} did not finish in {timeout:.0f}s") from None
+        raise LaunchError(f"{what}: {' '.join(map(str, cmd))} did not finish in {timeout:.0f}s") from None
     out = (res.stdout or "") + (res.stderr or "")
     if log_path is not None:
         with open(log_path, "a", encoding="utf-8") as fh:
             fh.write(f"\n===== {' '.join(map(str, cmd))} -> {res.returncode}\n{out}")
     if res.returncode != 0:
         tail_ = "\n".join(out.strip().splitlines()[-30:])
-        raise BenchError(f"{what} failed (exit {res.returncode}): {' '.join(map(str, cmd))}\n{tail_}")
+        raise LaunchError(f"{what} failed (exit {res.returncode}): {' '.join(map(str, cmd))}\n{tail_}")
     return out
 
 
 def place_built(built: Path, target: Path, what: str, got: str | None, want: str) -> None:
     """Move a binary just built into place (atomically), once it says the version expected."""
     if got != want:
-        raise BenchError(f"the {what} just built says {got!r}, expected {want}")
+        raise LaunchError(f"the {what} just built says {got!r}, expected {want}")
     os.replace(built, target)
 
 
 class LocalServer:
-    """The life cycle shared by the bench's servers: ``start()`` (a no-op when running) launches the
+    """The life cycle shared by the testbed's servers: ``start()`` (a no-op when running) launches the
     process and waits until it serves, killing it if it does not; ``stop()`` a clean shutdown
     (``stop_signal``, then SIGKILL), ``kill()`` a crash (SIGKILL), ``restart()`` both in turn,
     ``cleanup()`` what a test fixture calls at the end.  Subclasses give ``_launch`` and ``_wait_ready``."""

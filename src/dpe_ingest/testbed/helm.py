@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._proc import BenchError, cache_dir, file_lock, place_built, run
+from ._proc import LaunchError, cache_dir, file_lock, place_built, run
 
 HELM_VERSION = "v3.22.0"
 HELM_MODULE = "helm.sh/helm/v3"
@@ -55,7 +55,7 @@ def _find_go() -> str:
     go = shutil.which("go") or next((p for p in ("/usr/local/go/bin/go", "/usr/lib/go/bin/go")
                                      if os.access(p, os.X_OK)), None)
     if not go:
-        raise BenchError(f"helm {HELM_VERSION} is not built yet and no Go toolchain was found to build it: "
+        raise LaunchError(f"helm {HELM_VERSION} is not built yet and no Go toolchain was found to build it: "
                          "apt-get install -y golang-go (scripts/test does it), or set HELM=/path/to/helm")
     if _go_version(go) >= (1, 21):
         return go
@@ -71,7 +71,7 @@ def _find_go() -> str:
     m = re.search(r'"Dir":\s*"([^"]+)"', out)
     new_go = Path(m.group(1)) / "bin" / "go" if m else None
     if new_go is None or not new_go.is_file():
-        raise BenchError(f"go mod download {mod} gave no toolchain (output: {out[-500:]})")
+        raise LaunchError(f"go mod download {mod} gave no toolchain (output: {out[-500:]})")
     new_go.chmod(0o755)
     return str(new_go)
 
@@ -111,7 +111,7 @@ def build_helm(target: Path, quiet: bool = False) -> None:
                CGO_ENABLED="0")
     env.setdefault("GOTOOLCHAIN", "auto")  # Debian's go.env says local: allow the switch to helm's Go
     if not quiet:
-        print(f"bench: building helm {HELM_VERSION} with {go} (go install, Go module proxy) -> {target}; "
+        print(f"testbed: building helm {HELM_VERSION} with {go} (go install, Go module proxy) -> {target}; "
               f"log {cache / 'helm-build.log'}", flush=True)
     t0 = time.monotonic()
     try:
@@ -122,7 +122,7 @@ def build_helm(target: Path, quiet: bool = False) -> None:
     finally:
         shutil.rmtree(tmp_bin, ignore_errors=True)
     if not quiet:
-        print(f"bench: helm {HELM_VERSION} built in {time.monotonic() - t0:.0f}s", flush=True)
+        print(f"testbed: helm {HELM_VERSION} built in {time.monotonic() - t0:.0f}s", flush=True)
 
 def ensure_helm(quiet: bool = False) -> Path:
     """Path of a helm binary: $HELM when set (used as is), else ``<cache>/bin/helm`` v3.22.0."""
@@ -132,7 +132,7 @@ def ensure_helm(quiet: bool = False) -> Path:
         if not path.is_file() and shutil.which(user):
             path = Path(shutil.which(user))  # type: ignore[arg-type]
         if not path.is_file() or not os.access(path, os.X_OK):
-            raise BenchError(f"HELM={user!r} is not an executable file")
+            raise LaunchError(f"HELM={user!r} is not an executable file")
         return path
     target = cache_dir() / "bin" / "helm"
     if helm_version(target) == HELM_VERSION:
@@ -143,17 +143,17 @@ def ensure_helm(quiet: bool = False) -> Path:
     told = False
     while _other_build_running():
         if not told:
-            print("bench: waiting for a running `go install helm.sh/helm/...` to finish", file=sys.stderr, flush=True)
+            print("testbed: waiting for a running `go install helm.sh/helm/...` to finish", file=sys.stderr, flush=True)
             told = True
         if time.monotonic() > deadline:
-            raise BenchError("a `go install helm.sh/helm/...` has been running for an hour; giving up")
+            raise LaunchError("a `go install helm.sh/helm/...` has been running for an hour; giving up")
         time.sleep(2)
     with file_lock(cache_dir() / "helm.lock", f"building helm {HELM_VERSION}", wait_s=3600):
         have = helm_version(target)
         if have == HELM_VERSION:
             return target
         if have is not None and not quiet:
-            print(f"bench: {target} says {have!r}, not {HELM_VERSION}: rebuilding it with helm's release "
+            print(f"testbed: {target} says {have!r}, not {HELM_VERSION}: rebuilding it with helm's release "
                   "link flags", flush=True)
         build_helm(target, quiet=quiet)
     return target

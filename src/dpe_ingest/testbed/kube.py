@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ._proc import BenchError, cache_dir, file_lock, free_port, place_built, run, spawn, tail, terminate
+from ._proc import LaunchError, cache_dir, file_lock, free_port, place_built, run, spawn, tail, terminate
 from .helm import _find_go
 
 K8S_VERSION = "v1.37.2"
@@ -74,7 +74,7 @@ def _build(name: str, version: str, target: Path, prepare, package: str, ldflags
     env = _go_env()
     log = cache_dir() / f"{name}-build.log"
     if not quiet:
-        print(f"bench: building {name} {version} with {go} (Go module proxy) -> {target}; log {log}", flush=True)
+        print(f"testbed: building {name} {version} with {go} (Go module proxy) -> {target}; log {log}", flush=True)
     t0 = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix=f"{name}-build.", dir=target.parent))
     try:
@@ -88,7 +88,7 @@ def _build(name: str, version: str, target: Path, prepare, package: str, ldflags
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if not quiet:
-        print(f"bench: {name} {version} built in {time.monotonic() - t0:.0f}s", flush=True)
+        print(f"testbed: {name} {version} built in {time.monotonic() - t0:.0f}s", flush=True)
 
 
 def _prepare_kube_apiserver(go: str, work: Path, env: dict, log: Path) -> None:
@@ -98,10 +98,10 @@ def _prepare_kube_apiserver(go: str, work: Path, env: dict, log: Path) -> None:
               log_path=log)
     gomod = json.loads(out[out.index("{"):out.rindex("}") + 1]).get("GoMod")
     if not gomod:
-        raise BenchError(f"go mod download {mod} did not give its go.mod")
+        raise LaunchError(f"go mod download {mod} did not give its go.mod")
     staging = re.findall(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/", Path(gomod).read_text(), re.M)
     if not staging:
-        raise BenchError(f"no staging modules found in the go.mod of {mod}")
+        raise LaunchError(f"no staging modules found in the go.mod of {mod}")
     lines = [f"module dpe.local/build\n\ngo 1.26.0\n\nrequire k8s.io/kubernetes {K8S_VERSION}\n"]
     lines += [f"replace {m} => {m} {STAGING_VERSION}" for m in staging]
     (work / "go.mod").write_text("\n".join(lines) + "\n")
@@ -161,7 +161,7 @@ class KubeAPIServer:
         etcd, apiserver = ensure_etcd(self.quiet), ensure_kube_apiserver(self.quiet)
         openssl = shutil.which("openssl")
         if not openssl:
-            raise BenchError("openssl is needed to make the API server's service-account key: "
+            raise LaunchError("openssl is needed to make the API server's service-account key: "
                              "apt-get install -y openssl")
         t0 = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -209,7 +209,7 @@ class KubeAPIServer:
                                     ("kube-apiserver", self.proc, self.log)):
                 if proc is not None and proc.poll() is not None:
                     self.stop()
-                    raise BenchError(f"{what} exited {proc.returncode} at start:\n{tail(log)}")
+                    raise LaunchError(f"{what} exited {proc.returncode} at start:\n{tail(log)}")
             if ca.is_file():
                 try:
                     self.request("GET", "/readyz", ca=ca)
@@ -218,7 +218,7 @@ class KubeAPIServer:
                     last = str(exc)
             time.sleep(0.3)
         self.stop()
-        raise BenchError(f"kube-apiserver not ready after {timeout:.0f}s ({last}):\n{tail(self.log)}")
+        raise LaunchError(f"kube-apiserver not ready after {timeout:.0f}s ({last}):\n{tail(self.log)}")
 
     def request(self, method: str, path: str, body: dict | None = None, ca: Path | None = None) -> dict | str:
         """One call to the API (admin); JSON answers decoded.  HTTP errors raise urllib's HTTPError."""

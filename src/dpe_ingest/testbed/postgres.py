@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._proc import (BenchError, LocalServer, cache_dir, file_lock, free_port, run, spawn, tail,
+from ._proc import (LaunchError, LocalServer, cache_dir, file_lock, free_port, run, spawn, tail,
                     use_pdeathsig, wait_port_free)
 
 USER = "dpe"
@@ -55,7 +55,7 @@ def find_bindir() -> Path:
     for c in cands:
         if (c / "initdb").is_file() and (c / "postgres").is_file():
             return c
-    raise BenchError("PostgreSQL server binaries (initdb, postgres) not found in /usr/lib/postgresql/*/bin, "
+    raise LaunchError("PostgreSQL server binaries (initdb, postgres) not found in /usr/lib/postgresql/*/bin, "
                      "pg_config --bindir or PATH: apt-get install -y postgresql (scripts/test does it), "
                      "or set PG_BINDIR")
 
@@ -96,7 +96,7 @@ def run_as_user() -> pwd.struct_passwd | None:
         _run_as_cache = pwd.getpwnam("nobody")
         return _run_as_cache
     except KeyError:
-        raise BenchError("running as root and no unprivileged user to run PostgreSQL as "
+        raise LaunchError("running as root and no unprivileged user to run PostgreSQL as "
                          "(no postgres, dpebench or nobody account)") from None
 
 
@@ -105,7 +105,7 @@ def _as_user(cmd: list) -> list:
     if user is None:
         return [str(c) for c in cmd]
     if not shutil.which("setpriv"):
-        raise BenchError("running as root: setpriv (util-linux) is needed to run PostgreSQL as "
+        raise LaunchError("running as root: setpriv (util-linux) is needed to run PostgreSQL as "
                          f"{user.pw_name}")
     death = ["--pdeathsig=KILL"] if use_pdeathsig() else []  # setuid clears the one set before
     return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", *death,
@@ -160,7 +160,7 @@ def ensure_template(bindir: Path | None = None) -> Path:
             with open(log, "a") as fh:
                 fh.write(res.stdout + res.stderr)
             if res.returncode != 0 or "ERROR" in res.stdout + res.stderr:
-                raise BenchError(f"creating database {DATABASE} in single-user mode failed:\n{res.stdout}{res.stderr}")
+                raise LaunchError(f"creating database {DATABASE} in single-user mode failed:\n{res.stdout}{res.stderr}")
             (data / ".complete").write_text(major + "\n")
             shutil.rmtree(tpl, ignore_errors=True)
             shutil.copytree(data, tpl, symlinks=True)
@@ -273,14 +273,14 @@ class PostgresServer(LocalServer):
         return f"PostgresServer({self.url}, running={self.running}, workdir={self.workdir})"
 
     # -- internals --------------------------------------------------------------------------------
-    def _fail(self, why: str) -> BenchError:
-        return BenchError(f"PostgreSQL on 127.0.0.1:{self.port} {why}; log {self.log_path}:\n{tail(self.log_path)}")
+    def _fail(self, why: str) -> LaunchError:
+        return LaunchError(f"PostgreSQL on 127.0.0.1:{self.port} {why}; log {self.log_path}:\n{tail(self.log_path)}")
 
     def _wait_ready(self, deadline: float) -> None:
         assert self.proc is not None
         try:
             import psycopg2
-        except ImportError:  # pragma: no cover - the bench's users have it ([dev], [consumer])
+        except ImportError:  # pragma: no cover - the testbed's users have it ([dev], [consumer])
             psycopg2 = None
         last: Exception | None = None
         while time.monotonic() < deadline:

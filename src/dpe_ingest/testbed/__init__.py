@@ -1,12 +1,12 @@
-"""The local bench: real servers that tests, ``dpe-ingest bench up`` and local runs start and stop.
+"""The testbed: real servers that tests, ``dpe-ingest testbed up`` and local runs start and stop.
 
-- ``KafkaBroker`` (``bench.kafka``): Apache Kafka 4.4.0, KRaft combined mode, jars from Maven Central.
-- ``PostgresServer`` (``bench.postgres``): the machine's PostgreSQL (Debian's 15), role/db ``dpe``.
-- ``ensure_helm()`` (``bench.helm``): helm v3.22.0 built from source into the cache.
-- ``Bench``: Kafka + PostgreSQL (+ optionally the ADEME stand-in) together, with their environment::
+- ``KafkaBroker`` (``testbed.kafka``): Apache Kafka 4.4.0, KRaft combined mode, jars from Maven Central.
+- ``PostgresServer`` (``testbed.postgres``): the machine's PostgreSQL (Debian's 15), role/db ``dpe``.
+- ``ensure_helm()`` (``testbed.helm``): helm v3.22.0 built from source into the cache.
+- ``LocalServers``: Kafka + PostgreSQL (+ optionally the ADEME stand-in) together, with their environment::
 
-      with Bench(standin=True) as bench:
-          subprocess.run([...], env={**os.environ, **bench.env})
+      with LocalServers(standin=True) as servers:
+          subprocess.run([...], env={**os.environ, **servers.env})
 
 Everything listens on 127.0.0.1 on free ports; downloads and builds are cached in ``.cache/``
 (``$DPE_CACHE_DIR``).
@@ -20,15 +20,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._proc import BenchError, cache_dir
+from ._proc import LaunchError, cache_dir
 from .helm import ensure_helm
 from .kafka import KAFKA_VERSION, KafkaBroker
 from .postgres import PostgresServer
 
-__all__ = ["Bench", "BenchError", "KafkaBroker", "PostgresServer", "ensure_helm", "cache_dir", "KAFKA_VERSION"]
+__all__ = ["LocalServers", "LaunchError", "KafkaBroker", "PostgresServer", "ensure_helm", "cache_dir", "KAFKA_VERSION"]
 
 
-class Bench:
+class LocalServers:
     """Kafka + PostgreSQL (+ the ADEME stand-in when ``standin=True``) on free 127.0.0.1 ports.
 
     ``env`` gives KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL (and ADEME_API_URL with the stand-in).
@@ -39,7 +39,7 @@ class Bench:
                  standin: bool = False, dataset: Any = None, rows_per_department: int = 1000, seed: int = 1,
                  kafka_port: int | None = None, postgres_port: int | None = None, standin_port: int = 0) -> None:
         self._own_workdir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dpe-bench-")).resolve()
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dpe-testbed-")).resolve()
         self.kafka = KafkaBroker(self.workdir / "kafka", port=kafka_port) if kafka else None
         self.postgres = PostgresServer(self.workdir / "postgres", port=postgres_port) if postgres else None
         self._standin_wanted = standin
@@ -47,7 +47,7 @@ class Bench:
         self.standin: Any = None
         self.timings: dict[str, float] = {}
 
-    def start(self) -> "Bench":
+    def start(self) -> "LocalServers":
         try:
             if self.postgres is not None:
                 t0 = time.monotonic()
@@ -94,7 +94,7 @@ class Bench:
     def exports(self) -> str:
         return "\n".join(f"export {k}={v}" for k, v in self.env.items())
 
-    def __enter__(self) -> "Bench":
+    def __enter__(self) -> "LocalServers":
         return self.start()
 
     def __exit__(self, *exc) -> None:

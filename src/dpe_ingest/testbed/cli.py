@@ -1,8 +1,8 @@
-"""``dpe-ingest bench``: the local bench from the command line.
+"""``dpe-ingest testbed``: the local servers from the command line.
 
-    dpe-ingest bench up      start Kafka, PostgreSQL and the ADEME stand-in in the foreground, print
+    dpe-ingest testbed up      start Kafka, PostgreSQL and the ADEME stand-in in the foreground, print
                              the export lines, stop everything on Ctrl-C / SIGTERM
-    dpe-ingest bench fetch   download/build everything into the cache (Kafka jars, storage and
+    dpe-ingest testbed fetch   download/build everything into the cache (Kafka jars, storage and
                              PostgreSQL templates, helm, kube-apiserver + etcd), e.g. to warm up CI;
                              no server is left running
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dpe-ingest bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="dpe-ingest testbed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     up = sub.add_parser("up", help="start Kafka + PostgreSQL + the ADEME stand-in in the foreground")
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 def _fetch(quiet: bool = False, helm_too: bool = True) -> int:
     """Fetch/build every piece; each failure is reported, the others are still done; 1 if any failed."""
     from . import cache_dir
-    from ._proc import BenchError
+    from ._proc import LaunchError
     from .helm import HELM_VERSION, ensure_helm
     from .kafka import KAFKA_VERSION, KafkaBroker, _cds_archive, _storage_template, ensure_kafka_jars, find_java
     from .postgres import ensure_template, find_bindir, server_major
@@ -53,7 +53,7 @@ def _fetch(quiet: bool = False, helm_too: bool = True) -> int:
         libs = ensure_kafka_jars()
         _storage_template(java, libs)
         if not _cds_archive(java).is_file():  # one broker run writes the class-data archive
-            with tempfile.TemporaryDirectory(prefix="dpe-bench-fetch-") as tmp:
+            with tempfile.TemporaryDirectory(prefix="dpe-testbed-fetch-") as tmp:
                 broker = KafkaBroker(Path(tmp))
                 try:
                     broker.start()
@@ -81,20 +81,20 @@ def _fetch(quiet: bool = False, helm_too: bool = True) -> int:
             line = step()
             done.append(line)
             if not quiet:
-                print(f"bench fetch: {line}", flush=True)
-        except BenchError as exc:
+                print(f"testbed fetch: {line}", flush=True)
+        except LaunchError as exc:
             failed.append(name)
-            print(f"bench fetch: {name} FAILED: {exc}", file=sys.stderr, flush=True)
+            print(f"testbed fetch: {name} FAILED: {exc}", file=sys.stderr, flush=True)
     took = time.monotonic() - t0
     if failed:
-        print(f"bench fetch: failed: {', '.join(failed)} ({took:.1f}s)", file=sys.stderr, flush=True)
+        print(f"testbed fetch: failed: {', '.join(failed)} ({took:.1f}s)", file=sys.stderr, flush=True)
         return 1
-    print(f"bench fetch: cache {cache_dir()} ready ({took:.1f}s)", flush=True)
+    print(f"testbed fetch: cache {cache_dir()} ready ({took:.1f}s)", flush=True)
     return 0
 
 
 def _up(args: argparse.Namespace) -> int:
-    from . import Bench
+    from . import LocalServers
 
     stop = threading.Event()
 
@@ -103,29 +103,29 @@ def _up(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
-    bench = Bench(args.workdir, standin=not args.no_standin, rows_per_department=args.rows, seed=args.seed,
+    servers = LocalServers(args.workdir, standin=not args.no_standin, rows_per_department=args.rows, seed=args.seed,
                   kafka_port=args.kafka_port, postgres_port=args.postgres_port, standin_port=args.standin_port)
-    print(f"bench: starting PostgreSQL and Kafka (data and logs in {bench.workdir})", file=sys.stderr, flush=True)
+    print(f"testbed: starting PostgreSQL and Kafka (data and logs in {servers.workdir})", file=sys.stderr, flush=True)
     try:
-        bench.start()
-        t = bench.timings
-        print(f"bench: up (PostgreSQL {t.get('postgres', 0):.1f}s, Kafka {t.get('kafka', 0):.1f}s); "
+        servers.start()
+        t = servers.timings
+        print(f"testbed: up (PostgreSQL {t.get('postgres', 0):.1f}s, Kafka {t.get('kafka', 0):.1f}s); "
               "paste these lines in another shell, Ctrl-C here to stop:", file=sys.stderr, flush=True)
-        print(bench.exports(), flush=True)
+        print(servers.exports(), flush=True)
         while not stop.wait(1.0):
-            for name, server in (("Kafka", bench.kafka), ("PostgreSQL", bench.postgres)):
+            for name, server in (("Kafka", servers.kafka), ("PostgreSQL", servers.postgres)):
                 if server is not None and not server.running:
-                    print(f"bench: {name} exited unexpectedly; log {server.log_path}", file=sys.stderr, flush=True)
+                    print(f"testbed: {name} exited unexpectedly; log {server.log_path}", file=sys.stderr, flush=True)
                     return 1
     finally:
-        print("bench: stopping", file=sys.stderr, flush=True)
-        bench.stop()
-    print("bench: stopped", file=sys.stderr, flush=True)
+        print("testbed: stopping", file=sys.stderr, flush=True)
+        servers.stop()
+    print("testbed: stopped", file=sys.stderr, flush=True)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ._proc import BenchError
+    from ._proc import LaunchError
 
     args = _parser().parse_args(argv)
     try:
@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             return _up(args)
         if args.action == "fetch":
             return _fetch(args.quiet, helm_too=not args.no_helm)
-    except BenchError as exc:
-        print(f"dpe-ingest bench: {exc}", file=sys.stderr)
+    except LaunchError as exc:
+        print(f"dpe-ingest testbed: {exc}", file=sys.stderr)
         return 1
     _parser().print_help()
     return 2

@@ -1,4 +1,4 @@
-"""The bench's servers are real: Kafka takes and serves messages, PostgreSQL stores rows, both keep
+"""The testbed's servers are real: Kafka takes and serves messages, PostgreSQL stores rows, both keep
 their data over a crash and a restart, helm is the pinned version."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from dpe_ingest.bench import Bench
-from dpe_ingest.bench.helm import HELM_VERSION
+from dpe_ingest.testbed import LocalServers
+from dpe_ingest.testbed.helm import HELM_VERSION
 
 
 def _create_topic(bootstrap: str, topic: str, partitions: int) -> None:
@@ -147,11 +147,11 @@ def test_private_postgres_keeps_committed_rows_over_crash_and_restart(postgres_f
     conn2.close()
 
 
-def test_bench_gives_the_environment_of_its_servers(unique_name):
-    with Bench(kafka=False, standin=True, rows_per_department=5) as bench:
-        env = bench.env
+def test_testbed_gives_the_environment_of_its_servers(unique_name):
+    with LocalServers(kafka=False, standin=True, rows_per_department=5) as servers:
+        env = servers.env
         assert set(env) == {"DATABASE_URL", "ADEME_API_URL"}
-        assert env["DATABASE_URL"] == bench.postgres.url
+        assert env["DATABASE_URL"] == servers.postgres.url
         import requests
 
         page = requests.get(env["ADEME_API_URL"] + "/lines", params={"size": 3}, timeout=30).json()
@@ -160,8 +160,8 @@ def test_bench_gives_the_environment_of_its_servers(unique_name):
             cur.execute("SELECT current_user, current_database()")
             assert cur.fetchone() == ("dpe", "dpe")
         conn.close()
-        assert f"export DATABASE_URL={env['DATABASE_URL']}" in bench.exports()
-    assert not bench.postgres.running
+        assert f"export DATABASE_URL={env['DATABASE_URL']}" in servers.exports()
+    assert not servers.postgres.running
 
 
 def test_helm_binary_is_the_pinned_version(helm_bin):
