@@ -140,13 +140,16 @@ class CheckpointStore:
                                  request_timeout_ms=30000)
         try:
             deadline = time.monotonic() + timeout_s
-            parts = None
-            while parts is None:
+            # The topic was just created (ensure_topics): until its leader is elected, the metadata leaves
+            # it out and kafka-python answers an empty set (3.x; None in 2.x).  Wait for it; an unreadable
+            # checkpoint topic is an error, never "no checkpoint" (that would fetch the department again).
+            parts = consumer.partitions_for_topic(self.topic)
+            while not parts:
+                if time.monotonic() > deadline:
+                    raise KafkaUnavailable(f"checkpoint topic {self.topic} has no partition in the broker's "
+                                           f"metadata after {timeout_s:.0f}s (does it exist?)")
+                time.sleep(0.2)
                 parts = consumer.partitions_for_topic(self.topic)
-                if parts is None:
-                    if time.monotonic() > deadline:
-                        return None
-                    time.sleep(0.2)
             tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
             consumer.assign(tps)
             consumer.seek_to_beginning(*tps)
