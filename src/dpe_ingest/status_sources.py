@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 from . import deadletter, departments
 from .config import CONTRACT, KafkaSettings, _get
-from .status import Checkpoint, Lag, Source, Status, jobs_by_department, now_iso
+from .status_model import Checkpoint, Lag, Source, Status, jobs_by_department, now_iso
 
 log = logging.getLogger("dpe_ingest.status")
 
