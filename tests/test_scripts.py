@@ -7,9 +7,12 @@
   loads and installs with the expected helm values, ``scripts/logs`` follows as many pods as there
   are, ``scripts/psql`` runs the default count or the given arguments in the PostgreSQL pod;
 - the workflows validate against the GitHub workflow JSON schema (tests/schemas, vendored from the
-  check-jsonschema package, which takes it from SchemaStore) and do what the e2e needs;
-- skaffold.yaml builds both images from their Dockerfiles and deploys the chart with them: its helm
-  values exist in the chart and ``helm template`` with them renders the built images.
+  check-jsonschema package, which takes it from SchemaStore), pass actionlint (the linter GitHub
+  users run, v1.7.12 built by the testbed, with shellcheck on every ``run:``), and do what the e2e
+  and the release need;
+- skaffold.yaml validates against skaffold's own schema for its apiVersion (tests/schemas), builds
+  both images from their Dockerfiles and deploys the chart with them: its helm values exist in the
+  chart and ``helm template`` with them renders the built images.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,7 +93,8 @@ def test_bad_usage_exits_2_with_a_reason(name, args):
 
 
 @pytest.mark.parametrize("raw,code", [("1", "01"), ("01", "01"), ("2a", "2A"), ("2B", "2B"), ("69", "69"),
-                                      ("95", "95"), ("971", "971"), ("976", "976")])
+                                      ("95", "95"), ("971", "971"), ("976", "976"), ("977", "977"),
+                                      ("978", "978"), ("988", "988"), ("none", "none"), ("NONE", "none")])
 def test_department_normalisation_matches_the_package(raw, code):
     from dpe_ingest import departments
 
@@ -99,7 +104,7 @@ def test_department_normalisation_matches_the_package(raw, code):
     assert cp.stdout.strip() == code == departments.normalize(raw)
 
 
-@pytest.mark.parametrize("raw", ["0", "00", "20", "96", "970", "977", "2C", "690", "ab", ""])
+@pytest.mark.parametrize("raw", ["0", "00", "20", "96", "970", "979", "989", "99", "2C", "6a", "690", "ab", "non", ""])
 def test_invalid_departments_are_refused_like_the_package(raw):
     from dpe_ingest import departments
 
@@ -352,15 +357,84 @@ def workflow(name: str) -> dict:
     return yaml.load((ROOT / ".github/workflows" / name).read_text(), Loader=WorkflowLoader)
 
 
-@pytest.mark.parametrize("name", ["ci.yml", "e2e-kind.yml"])
-def test_workflow_is_valid_against_the_github_workflow_schema(name):
+WORKFLOWS = sorted(p.name for p in (ROOT / ".github/workflows").glob("*.y*ml"))
+
+
+def test_the_workflows_are_those_expected():
+    assert WORKFLOWS == ["ci.yml", "e2e-kind.yml", "release.yml"]
+
+
+def _schema_errors(doc: dict) -> list[str]:
     import jsonschema
 
     schema = json.loads((SCHEMAS / "github-workflow.json").read_text())
-    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(workflow(name)), key=str)
-    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
-    doc = workflow(name)
-    assert {"push", "pull_request"} <= set(doc["on"])
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=str)
+    return [f"{list(e.path)}: {e.message}" for e in errors]
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_is_valid_against_the_github_workflow_schema(name):
+    errors = _schema_errors(workflow(name))
+    assert not errors, "\n".join(errors)
+    if name != "release.yml":
+        assert {"push", "pull_request"} <= set(workflow(name)["on"])
+
+
+def test_the_workflow_schema_refuses_a_misspelt_key():
+    doc = workflow("ci.yml")
+    job = doc["jobs"]["ci"]
+    job["runs_on"] = job.pop("runs-on")
+    assert any("runs_on" in e or "runs-on" in e for e in _schema_errors(doc))
+
+
+@pytest.fixture(scope="module")
+def actionlint() -> list[str]:
+    """actionlint (the testbed's build, or $ACTIONLINT) with shellcheck and pyflakes given explicitly,
+    so that every ``run:`` script is checked here exactly as on a developer's machine."""
+    from dpe_ingest.testbed import LaunchError
+    from dpe_ingest.testbed.actionlint import ensure_actionlint
+
+    try:
+        binary = ensure_actionlint(quiet=True)
+    except LaunchError as exc:
+        pytest.fail(f"no actionlint: {exc} (scripts/setup --tests builds it into .cache/bin)")
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.fail("shellcheck is not installed: apt-get install -y shellcheck (actionlint runs it on run: "
+                    "scripts; scripts/test should install it)")
+    pyflakes = Path(sys.executable).with_name("pyflakes")
+    assert pyflakes.is_file(), f"{pyflakes} missing: pip install -e '.[dev]'"
+    return [str(binary), f"-shellcheck={shellcheck}", f"-pyflakes={pyflakes}", "-no-color", "-oneline"]
+
+
+def test_workflows_pass_actionlint(actionlint):
+    files = [f".github/workflows/{name}" for name in WORKFLOWS]
+    cp = subprocess.run([*actionlint, *files], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert cp.returncode == 0, f"actionlint (exit {cp.returncode}):\n{cp.stdout}{cp.stderr}"
+
+
+def test_actionlint_refuses_a_broken_workflow(actionlint, tmp_path):
+    wf = tmp_path / ".github" / "workflows" / "broken.yml"
+    wf.parent.mkdir(parents=True)
+    wf.write_text(
+        "name: broken\n"
+        "on: push\n"
+        "jobs:\n"
+        "  build:\n"
+        "    runs-on: ubuntu-24.04\n"
+        "    steps:\n"
+        "      - uses: actions/checkout@v4\n"
+        "        with:\n"
+        "          fetch-deepth: 0\n"                      # not an input of actions/checkout
+        "      - run: echo ${{ github.refname }}\n"        # no such property of github
+        "      - run: for f in $(ls *.txt); do cat $f; done\n"  # shellcheck: SC2045, SC2086
+    )
+    cp = subprocess.run([*actionlint, str(wf)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert cp.returncode == 1, (cp.returncode, cp.stdout, cp.stderr)
+    out = cp.stdout
+    assert '"fetch-deepth"' in out and "[action]" in out, out
+    assert '"refname"' in out and "[expression]" in out, out
+    assert "SC2045" in out and "[shellcheck]" in out, out
 
 
 def test_ci_workflow_runs_ci_run():
@@ -382,6 +456,84 @@ def test_e2e_workflow_runs_up_offline_waits_for_jobs_and_checks_rows():
     assert int(rows) > 0
 
 
+def test_release_workflow_builds_both_images_for_two_platforms_and_pushes_them_to_ghcr():
+    doc = workflow("release.yml")
+    assert doc["on"] == {"push": {"tags": ["v[0-9]+.[0-9]+.[0-9]+*"]}}
+    assert doc["permissions"] == {"contents": "read"}, "write access only where it is needed"
+    images = doc["jobs"]["images"]
+    assert images["permissions"]["packages"] == "write"
+    components = images["strategy"]["matrix"]["component"]
+    assert components == ["producer", "consumer"]
+    steps = images["steps"]
+    login = next(s for s in steps if s.get("uses", "").startswith("docker/login-action@"))
+    assert login["with"]["registry"] == "${{ env.REGISTRY }}" and doc["env"]["REGISTRY"] == "ghcr.io"
+    assert login["with"]["password"] == "${{ secrets.GITHUB_TOKEN }}"
+    meta = next(s for s in steps if s.get("uses", "").startswith("docker/metadata-action@"))
+    assert meta["with"]["images"] == \
+        "${{ env.REGISTRY }}/${{ needs.version.outputs.owner }}/dpe-ingest-${{ matrix.component }}"
+    assert "type=semver,pattern={{version}}" in meta["with"]["tags"].splitlines()
+    build = next(s for s in steps if s.get("uses", "").startswith("docker/build-push-action@"))
+    assert build["with"]["context"] == "."
+    assert build["with"]["platforms"].split(",") == ["linux/amd64", "linux/arm64"]
+    assert build["with"]["push"] is True and build["with"]["tags"] == "${{ steps.meta.outputs.tags }}"
+    assert "VERSION=${{ needs.version.outputs.version }}" in build["with"]["build-args"].splitlines()
+    assert any(s.get("uses", "").startswith("docker/setup-qemu-action@") for s in steps), "arm64 on amd64 runners"
+    # the same Dockerfiles the image tests and scripts/up build, and the repository names of the chart
+    values = chart_values()
+    for comp in components:
+        dockerfile = build["with"]["file"].replace("${{ matrix.component }}", comp)
+        assert dockerfile == f"images/{comp}/Dockerfile" and (ROOT / dockerfile).is_file()
+        assert values[comp]["image"]["repository"] == f"dpe-ingest-{comp}"
+
+
+def test_release_workflow_pushes_the_chart_as_an_oci_artifact_after_the_images():
+    doc = workflow("release.yml")
+    chart = doc["jobs"]["chart"]
+    assert set(chart["needs"]) == {"version", "images"} and chart["permissions"]["packages"] == "write"
+    runs = "\n".join(s.get("run", "") for s in chart["steps"])
+    assert "helm package charts/dpe-ingest --destination dist" in runs
+    assert 'helm registry login "$REGISTRY"' in runs and "--password-stdin" in runs
+    assert 'helm push "dist/dpe-ingest-$VERSION.tgz" "oci://$REGISTRY/$OWNER/charts"' in runs
+    setup = next(s for s in chart["steps"] if s.get("uses", "").startswith("azure/setup-helm@"))
+    assert setup["with"]["version"] == "${{ env.HELM_VERSION }}" and doc["env"]["HELM_VERSION"] == "v3.22.0"
+
+
+def _release_check(tmp_path: Path, tag: str, owner: str = "Some-Owner", repo: Path = ROOT):
+    """Runs the release's version step as GitHub would (bash, the repository as working directory)."""
+    (step,) = [s for s in workflow("release.yml")["jobs"]["version"]["steps"] if s.get("id") == "check"]
+    out = tmp_path / "github_output"
+    out.write_text("")
+    env = dict(os.environ, GITHUB_REF_NAME=tag, GITHUB_REPOSITORY_OWNER=owner, GITHUB_OUTPUT=str(out))
+    cp = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", step["run"]], capture_output=True, text=True, env=env,
+                        cwd=repo, timeout=60)
+    return cp, dict(line.split("=", 1) for line in out.read_text().splitlines())
+
+
+def test_release_version_step_accepts_the_chart_version_and_lowers_the_owner(tmp_path):
+    version = yaml.safe_load((ROOT / "charts/dpe-ingest/Chart.yaml").read_text())["version"]
+    cp, outputs = _release_check(tmp_path, f"v{version}")
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert outputs == {"version": version, "owner": "some-owner"}
+
+
+def test_release_version_step_refuses_a_tag_that_is_not_the_chart_version(tmp_path):
+    cp, outputs = _release_check(tmp_path, "v99.0.0")
+    assert cp.returncode == 1 and outputs == {}
+    assert "::error::tag v99.0.0 is not v + the version of Chart.yaml" in cp.stdout
+    # the chart and the package must agree too: a chart bumped alone is refused
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "charts", repo / "charts")
+    shutil.copy(ROOT / "pyproject.toml", repo / "pyproject.toml")
+    chart_yaml = repo / "charts/dpe-ingest/Chart.yaml"
+    text = chart_yaml.read_text()
+    version = yaml.safe_load(text)["version"]
+    chart_yaml.write_text(text.replace(f"version: {version}", "version: 9.9.9").replace(
+        f'appVersion: "{version}"', 'appVersion: "9.9.9"'))
+    assert yaml.safe_load(chart_yaml.read_text())["appVersion"] == "9.9.9"
+    cp, _ = _release_check(tmp_path, "v9.9.9", repo=repo)
+    assert cp.returncode == 1 and f"pyproject.toml ({version})" in cp.stdout, cp.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # skaffold.yaml
 # ---------------------------------------------------------------------------------------------
@@ -395,6 +547,85 @@ def chart_values() -> dict:
 
 def sanitized(image: str) -> str:
     return re.sub(r"[-/.]", "_", image)
+
+
+def skaffold_schema_errors(doc: dict) -> list[str]:
+    """What skaffold's own JSON schema for the document's apiVersion (tests/schemas) refuses."""
+    import jsonschema
+
+    version = doc["apiVersion"].split("/", 1)[1]
+    path = SCHEMAS / f"skaffold-{version}.json"
+    assert path.is_file(), f"no schema for {doc['apiVersion']}: vendor it as {path} (see tests/schemas/README.md)"
+    validator = jsonschema.Draft7Validator(json.loads(path.read_text()))
+    out: list[str] = []
+
+    def leaves(err) -> None:
+        # the schema nests anyOf (the top level, each kind of build/deploy): the useful messages
+        # are the innermost ones, e.g. "Additional properties are not allowed ('tagpolicy' was unexpected)"
+        if not err.context:
+            line = f"/{'/'.join(map(str, err.absolute_path))}: {err.message}"
+            if line not in out:
+                out.append(line)
+        for sub in err.context:
+            leaves(sub)
+
+    for err in validator.iter_errors(doc):
+        leaves(err)
+    return out
+
+
+def with_profile(doc: dict, name: str) -> dict:
+    """The configuration with one profile's JSON patches (add/replace) applied, as skaffold does."""
+    import copy
+
+    doc = copy.deepcopy(doc)
+    (profile,) = [p for p in doc["profiles"] if p["name"] == name]
+    for patch in profile.get("patches", []):
+        assert patch["op"] in ("add", "replace"), patch
+        *parents, last = patch["path"].strip("/").split("/")
+        node = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if patch["op"] == "replace":
+            assert last in node, f"profile {name}: {patch['path']} does not exist"
+        node[last] = patch["value"]
+    del doc["profiles"]
+    return doc
+
+
+def test_skaffold_yaml_is_valid_against_skaffolds_own_schema():
+    doc = skaffold()
+    assert doc["apiVersion"] == "skaffold/v4beta14"
+    errors = skaffold_schema_errors(doc)
+    assert not errors, "\n".join(errors)
+    for name in [p["name"] for p in doc["profiles"]]:
+        errors = skaffold_schema_errors(with_profile(doc, name))
+        assert not errors, f"with profile {name}:\n" + "\n".join(errors)
+
+
+@pytest.mark.parametrize("where,misspelt", [
+    (("deploy", "helm", "releases", 0), "chartPath"),
+    (("build",), "tagPolicy"),
+    (("build", "artifacts", 1, "docker"), "dockerfile"),
+    ((), "deploy"),
+])
+def test_skaffold_schema_refuses_a_misspelt_key(where, misspelt):
+    doc = skaffold()
+    node = doc
+    for part in where:
+        node = node[part]
+    wrong = misspelt.lower() if misspelt != misspelt.lower() else misspelt + "s"
+    node[wrong] = node.pop(misspelt)
+    errors = skaffold_schema_errors(doc)
+    assert errors, f"{wrong} accepted"
+    assert any(f"'{wrong}' was unexpected" in e for e in errors), errors
+
+
+def test_skaffold_schema_refuses_a_profile_patch_that_makes_an_invalid_config():
+    doc = skaffold()
+    doc["profiles"][0]["patches"] = [{"op": "add", "path": "/deploy/kubecontext", "value": "kind-dpe"}]
+    errors = skaffold_schema_errors(with_profile(doc, doc["profiles"][0]["name"]))
+    assert any("'kubecontext' was unexpected" in e for e in errors), errors
 
 
 def test_skaffold_builds_both_images_from_the_repo_with_their_dockerfiles():

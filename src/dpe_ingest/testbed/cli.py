@@ -75,7 +75,13 @@ def _fetch(quiet: bool = False, helm_too: bool = True) -> int:
         return (f"kube-apiserver {K8S_VERSION} at {ensure_kube_apiserver(quiet)}, "
                 f"etcd {ETCD_VERSION} at {ensure_etcd(quiet)}")
 
-    steps = [("kafka", kafka), ("postgres", postgres)] + ([("helm", helm), ("kube", kube)] if helm_too else [])
+    def actionlint() -> str:
+        from .actionlint import ACTIONLINT_VERSION, ensure_actionlint
+
+        return f"actionlint {ACTIONLINT_VERSION} at {ensure_actionlint(quiet)}"
+
+    steps = [("kafka", kafka), ("postgres", postgres)] + (
+        [("helm", helm), ("kube", kube), ("actionlint", actionlint)] if helm_too else [])
     for name, step in steps:
         try:
             line = step()
