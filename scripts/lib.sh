@@ -89,16 +89,18 @@ need_cluster() {
 
 kc() { kubectl --namespace "$DPE_NAMESPACE" "$@"; }
 
-# Department code as the chart writes it in the dpe-ingest/department label: 1 -> 01, 2a -> 2A.
+# Department code as the chart writes it in the dpe-ingest/department label: 1 -> 01, 2a -> 2A,
+# NONE -> none (the rows without a department).
 # Exit 2 on an invalid code.
 normalize_department() {
     local raw="$1" code
     code="$(printf '%s' "$raw" | tr '[:lower:]' '[:upper:]')"
     [[ "$code" =~ ^[1-9]$ ]] && code="0$code"
-    if [[ "$code" =~ ^(0[1-9]|1[0-9]|2[AB]|2[1-9]|[3-8][0-9]|9[0-5]|97[1-6])$ ]]; then
+    [ "$code" = NONE ] && code=none
+    if [[ "$code" =~ ^(0[1-9]|1[0-9]|2[AB]|2[1-9]|[3-8][0-9]|9[0-5]|97[1-8]|988|none)$ ]]; then
         printf '%s\n' "$code"
     else
-        usage_error "invalid department code '$raw': valid forms are 01..19, 2A, 2B, 21..95, 971..976"
+        usage_error "invalid department code '$raw': valid forms are 01..19, 2A, 2B, 21..95, 971..978, 988, none (rows without a department)"
     fi
 }
 

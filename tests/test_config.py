@@ -13,23 +13,29 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("raw,code", [
     (69, "69"), ("69", "69"), (1, "01"), ("1", "01"), ("01", "01"), ("2a", "2A"), ("2B", "2B"),
     (971, "971"), ("976", "976"), (" 38 ", "38"), (95, "95"), (69.0, "69"),
+    (975, "975"), ("977", "977"), (978, "978"), ("988", "988"), ("none", "none"), (" NONE ", "none"),
 ])
 def test_department_normalisation(raw, code):
     assert departments.normalize(raw) == code
 
 
-@pytest.mark.parametrize("raw", ["99", 20, "20", "00", "0", "96", "970", "977", "2C", "abc", "", None, True, 6.5])
+@pytest.mark.parametrize("raw", ["99", 20, "20", "00", "0", "96", "970", "979", "987", "989", "2C", "6a", "abc", "",
+                                 "nothing", None, True, 6.5])
 def test_invalid_department_names_valid_forms(raw):
     with pytest.raises(departments.InvalidDepartment) as err:
         departments.normalize(raw)
-    assert "01..19, 2A, 2B, 21..95, 971..976" in str(err.value)
+    assert "01..19, 2A, 2B, 21..95, 971..978, 988, none" in str(err.value)
 
 
 def test_department_list_forms():
     assert departments.parse_list("69,01,38") == ["69", "01", "38"]
     assert departments.parse_list("69 1 2a 69") == ["69", "01", "2A"]
     assert departments.parse_list([69, "01", 38]) == ["69", "01", "38"]
-    assert len(departments.ALL_DEPARTMENTS) == 19 + 2 + 75 + 6
+    assert departments.parse_list("none,69,NONE") == ["none", "69"]
+    assert len(departments.ALL_DEPARTMENTS) == 19 + 2 + 75 + 8 + 1
+    assert departments.ALL_CODES == departments.ALL_DEPARTMENTS + ("none",)
+    assert departments.stored_department("none") is None and departments.stored_department("2A") == "2A"
+    assert departments.dns_label("none") == "none"
     with pytest.raises(departments.InvalidDepartment):
         departments.parse_list("")
 
@@ -47,7 +53,7 @@ def test_producer_config_defaults_and_overrides():
 
 @pytest.mark.parametrize("env,needle", [
     ({}, "DEPARTMENT is not set"),
-    ({"DEPARTMENT": "99"}, "valid forms are 01..19, 2A, 2B, 21..95, 971..976"),
+    ({"DEPARTMENT": "99"}, "valid forms are 01..19, 2A, 2B, 21..95, 971..978, 988, none"),
     ({"DEPARTMENT": "69", "ADEME_PAGE_SIZE": "0"}, "ADEME_PAGE_SIZE=0 is out of range"),
     ({"DEPARTMENT": "69", "ADEME_PAGE_SIZE": "20000"}, "ADEME_PAGE_SIZE=20000 is out of range"),
     ({"DEPARTMENT": "69", "ADEME_PAGE_SIZE": "lots"}, "not a whole number"),

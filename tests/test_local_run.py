@@ -128,7 +128,7 @@ def test_malformed_rows_are_dead_lettered_and_an_unreachable_api_falls_back_to_t
 def test_bad_department_code_exits_2_before_starting_anything(run_env):
     res = dpe_run(["69", "20"], run_env, timeout=60)
     assert res.returncode == 2
-    assert "invalid department code '20': valid forms are 01..19, 2A, 2B, 21..95, 971..976" in res.stderr
+    assert "invalid department code '20': valid forms are 01..19, 2A, 2B, 21..95, 971..978, 988, none" in res.stderr
     assert "event=spawned" not in res.stderr
     res = dpe_run(["69", "--malformed-rate", "2"], run_env, timeout=60)
     assert res.returncode == 2 and "--malformed-rate must be between 0 and 1" in res.stderr

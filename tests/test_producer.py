@@ -49,7 +49,7 @@ def expected(dataset: Dataset, dep: str) -> dict[str, dict]:
         if dataset.is_malformed(dep, i):
             continue
         msg = {f: row.get(f) for f in BASE_FIELDS}
-        msg["departement"] = dep
+        msg["departement"] = None if dep == "none" else dep
         out[msg["numero_dpe"]] = msg
     return out
 
@@ -203,10 +203,55 @@ def test_malformed_rows_go_to_the_dead_letter_topic_and_are_counted(kafka_bootst
     assert good == expected(ds, "971")
 
 
-def test_bad_department_code_exits_non_zero_with_the_valid_forms(kafka_bootstrap, topics):
-    res = run(command("produce"), {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "DEPARTMENT": "99", **topics})
+@pytest.mark.parametrize("code", ["99", "2C", "6a", "979"])
+def test_bad_department_code_exits_non_zero_with_the_valid_forms(kafka_bootstrap, standin, topics, code):
+    srv = standin(Dataset(10))
+    res = run(command("produce", code), env_for(kafka_bootstrap, srv, topics, code))
     assert res.returncode == 2
-    assert "invalid department code '99'" in res.stderr and "01..19, 2A, 2B, 21..95, 971..976" in res.stderr
+    assert f"invalid department code '{code}'" in res.stderr
+    assert "01..19, 2A, 2B, 21..95, 971..978, 988, none" in res.stderr
+    assert srv.requests_served == 0
+    _assert_nothing_written(kafka_bootstrap, topics)
+
+
+def test_empty_department_exits_2_and_writes_nothing(kafka_bootstrap, standin, topics):
+    srv = standin(Dataset(10))
+    res = run(command("produce"), env_for(kafka_bootstrap, srv, topics, ""))
+    assert res.returncode == 2 and "DEPARTMENT is not set" in res.stderr
+    assert srv.requests_served == 0
+    _assert_nothing_written(kafka_bootstrap, topics)
+
+
+def _assert_nothing_written(kafka_bootstrap, topics):
+    from kafka.admin import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        existing = set(admin.list_topics())
+    finally:
+        admin.close()
+    assert not existing & {topics["KAFKA_TOPIC"], topics["KAFKA_DLQ_TOPIC"], topics["PRODUCER_CHECKPOINT_TOPIC"]}
+
+
+def test_rows_without_a_department_and_the_new_codes(kafka_bootstrap, standin, topics):
+    """`none` fetches exactly the rows without code_departement_ban (departement null in Kafka, NULL in
+    dpe_data); 977/978/988 are departments like the others.  Every department plus none is the whole
+    dataset."""
+    ds = Dataset({"977": 700, "978": 0, "988": 1_100}, default_rows=0, rows_without_department=1_234, seed=4)
+    srv = standin(ds)
+    deps = ["none", "977", "978", "988"]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda d: run(command("produce"), env_for(kafka_bootstrap, srv, topics, d)), deps))
+    for dep, res in zip(deps, results):
+        assert res.returncode == 0, f"producer {dep} failed:\n{res.stderr[-3000:]}"
+        assert events(res.stderr, "done")[0]["rows"] == str(ds.count(dep))
+    records = read_topic(kafka_bootstrap, topics["KAFKA_TOPIC"])
+    assert duplicates(records) == 0 and len(records) == ds.total == 1_234 + 700 + 1_100
+    got = messages_by_department(records)
+    assert set(got) == {None, "977", "988"}
+    assert len(got[None]) == 1_234 and all(m["code_postal_ban"] is None for m in got[None].values())
+    assert set(got[None]) == {r["numero_dpe"] for r in ds.iter_rows("none")}
+    assert got["988"] == expected(ds, "988")
 
 
 def test_fatal_400_exits_non_zero_with_the_api_message(kafka_bootstrap, standin, topics):

@@ -93,7 +93,8 @@ def test_bad_usage_exits_2_with_a_reason(name, args):
 
 
 @pytest.mark.parametrize("raw,code", [("1", "01"), ("01", "01"), ("2a", "2A"), ("2B", "2B"), ("69", "69"),
-                                      ("95", "95"), ("971", "971"), ("976", "976")])
+                                      ("95", "95"), ("971", "971"), ("976", "976"), ("977", "977"),
+                                      ("978", "978"), ("988", "988"), ("none", "none"), ("NONE", "none")])
 def test_department_normalisation_matches_the_package(raw, code):
     from dpe_ingest import departments
 
@@ -103,7 +104,7 @@ def test_department_normalisation_matches_the_package(raw, code):
     assert cp.stdout.strip() == code == departments.normalize(raw)
 
 
-@pytest.mark.parametrize("raw", ["0", "00", "20", "96", "970", "977", "2C", "690", "ab", ""])
+@pytest.mark.parametrize("raw", ["0", "00", "20", "96", "970", "979", "989", "99", "2C", "6a", "690", "ab", "non", ""])
 def test_invalid_departments_are_refused_like_the_package(raw):
     from dpe_ingest import departments
 

@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import requests
 
-from . import logs
+from . import departments, logs
 
 log = logging.getLogger("dpe_ingest.ademe")
 
@@ -74,8 +74,15 @@ def cursor_of(url: str | None) -> str | None:
 
 
 def build_qs(department: str, date_from: str | None = None, date_to: str | None = None) -> str:
-    """data-fair ``qs`` (Elasticsearch query-string syntax) selecting one department and dates."""
-    parts = [f'code_departement_ban:"{department}"']
+    """data-fair ``qs`` (Elasticsearch query-string syntax) selecting one department and dates.
+
+    The pseudo-department ``none`` is the rows without code_departement_ban: no term on that field
+    ever matches them, only ``NOT _exists_:code_departement_ban`` does.
+    """
+    if departments.is_none(department):
+        parts = ["NOT _exists_:code_departement_ban"]
+    else:
+        parts = [f'code_departement_ban:"{department}"']
     if date_from or date_to:
         parts.append(f"date_reception_dpe:[{date_from or '*'} TO {date_to or '*'}]")
     return " AND ".join(parts)

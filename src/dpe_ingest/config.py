@@ -34,7 +34,7 @@ CONTRACT: dict[str, tuple[str | None, str]] = {
     "LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING, ERROR"),
     "KAFKA_CLIENT_LOG_LEVEL": ("CRITICAL", "Log level of the kafka-python library itself (its connection errors)"),
     # producer
-    "DEPARTMENT": (None, "Department code of this producer: 01..19, 2A, 2B, 21..95, 971..976"),
+    "DEPARTMENT": (None, "Department code of this producer: 01..19, 2A, 2B, 21..95, 971..978, 988, or none (the rows without a department)"),
     "ADEME_API_URL": (DEFAULT_API_URL, "Dataset URL of the ADEME data-fair API (…/datasets/dpe03existant)"),
     "ADEME_PAGE_SIZE": ("500", "Rows per API call (1..10000)"),
     "ADEME_DATE_FROM": (None, "Optional first date_reception_dpe (YYYY-MM-DD), inclusive"),

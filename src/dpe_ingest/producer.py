@@ -75,7 +75,7 @@ def to_message(row: dict, fields: tuple[str, ...], department: str) -> dict:
     msg = {f: row.get(f) for f in fields}
     if isinstance(msg.get("date_reception_dpe"), str):
         msg["date_reception_dpe"] = msg["date_reception_dpe"][:10]
-    msg["departement"] = department
+    msg["departement"] = departments.stored_department(department)  # None (SQL NULL) for `none`
     return msg
 
 

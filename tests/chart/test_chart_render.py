@@ -46,6 +46,8 @@ def test_one_job_per_department_canonical_codes(render):
     [
         ("set", "{69,01,38}", ["69", "01", "38"]),
         ("set", "{2A,2b,971,976}", ["2A", "2B", "971", "976"]),
+        ("set", "{975,977,978,988,none}", ["975", "977", "978", "988", "none"]),
+        ("set_string", "69 NONE 988", ["69", "none", "988"]),
         ("set", "69", ["69"]),
         ("set", "{69,69,069}", None),  # 069 is not a code
         ("set_string", r"69\,01\,38", ["69", "01", "38"]),
@@ -301,9 +303,19 @@ def test_names_follow_release_and_override(render):
     assert all(j["metadata"]["name"].startswith("ingest-producer-69-") for j in producer_jobs(docs).values())
     docs = render.template(sets={"fullnameOverride": "x"}, release="long-" + "a" * 40)
     assert named(docs, "Deployment", "x-consumer")
-    docs = render.template(release="r" * 53, sets={"departments": "{976}"})
+    docs = render.template(release="r" * 53, sets={"departments": "{976,none}"})
     for d in docs:
         assert len(d["metadata"]["name"]) <= 63, d["metadata"]["name"]
+
+
+def test_rows_without_a_department_get_a_dns_safe_job(render):
+    import re
+
+    jobs = producer_jobs(render.template(sets={"departments": "{69,none}"}))
+    assert list(jobs) == ["69", "none"]
+    name = jobs["none"]["metadata"]["name"]
+    assert re.fullmatch(r"dpe-producer-none-[0-9a-f]{8}", name), name
+    assert env_of(container(jobs["none"], "producer"))["DEPARTMENT"] == "none"
 
 
 def test_labels_select_by_component_and_department(render):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-VALID_FORMS = "01..19, 2A, 2B, 21..95, 971..976"
+VALID_FORMS = "01..19, 2A, 2B, 21..95, 971..978, 988, none"
 
 
 @pytest.mark.parametrize(
@@ -12,7 +12,10 @@ VALID_FORMS = "01..19, 2A, 2B, 21..95, 971..976"
     [
         ("set", "{69,99}", '"99"'),
         ("set", "{20}", '"20"'),
-        ("set", "{977}", '"977"'),
+        ("set", "{979}", '"979"'),
+        ("set", "{99}", '"99"'),
+        ("set", "{6a}", '"6a"'),
+        ("set", "{nothing}", '"nothing"'),
         ("set", "{0}", '"0"'),
         ("set", "{2C}", '"2C"'),
         ("set", "{abc}", '"abc"'),

@@ -53,10 +53,11 @@ app.kubernetes.io/part-of: dpe-ingest
 Departments
 ============================================================================================= */}}
 
-{{- define "dpe-ingest.validForms" -}}01..19, 2A, 2B, 21..95, 971..976{{- end -}}
+{{- define "dpe-ingest.validForms" -}}01..19, 2A, 2B, 21..95, 971..978, 988, none (rows without a department){{- end -}}
 
 {{/* One department code (string, int64 or float64 as --set / YAML typed it) -> canonical code:
-1 -> 01, "2a" -> 2A.  Fails with a sentence naming the value and the valid forms. */}}
+1 -> 01, "2a" -> 2A, "NONE" -> none (the rows without code_departement_ban).  Fails with a sentence
+naming the value and the valid forms. */}}
 {{- define "dpe-ingest.department" -}}
 {{- $raw := . -}}
 {{- $kind := kindOf $raw -}}
@@ -65,7 +66,8 @@ Departments
 {{- end -}}
 {{- $text := toString $raw | trim | upper -}}
 {{- if regexMatch "^[0-9]$" $text -}}{{- $text = printf "0%s" $text -}}{{- end -}}
-{{- if not (regexMatch "^(0[1-9]|1[0-9]|2[AB]|2[1-9]|[3-8][0-9]|9[0-5]|97[1-6])$" $text) -}}
+{{- if eq $text "NONE" -}}{{- $text = "none" -}}{{- end -}}
+{{- if not (regexMatch "^(0[1-9]|1[0-9]|2[AB]|2[1-9]|[3-8][0-9]|9[0-5]|97[1-8]|988|none)$" $text) -}}
 {{- fail (printf "departments: invalid department code %q: valid forms are %s (1..9 are read as 01..09, 2a/2b as 2A/2B)" (toString $raw) (include "dpe-ingest.validForms" .)) -}}
 {{- end -}}
 {{- $text -}}

@@ -32,8 +32,15 @@ SPAN_DAYS = (END_DATE - START_DATE).days + 1
 _DAY_STR = [(START_DATE + _dt.timedelta(days=k)).isoformat() for k in range(SPAN_DAYS)]
 _ORDINAL0 = START_DATE.toordinal()
 
-DEPARTMENT_POSITION: dict[str, int] = {d: k for k, d in enumerate(departments.ALL_DEPARTMENTS)}
-N_DEPARTMENTS = len(departments.ALL_DEPARTMENTS)
+#: every code the stand-in serves rows for: the departments, then ``none`` (rows without
+#: code_departement_ban).  Positions of the historical 102 codes come first and never move, so the
+#: ``_i`` of a row does not depend on the codes added later (977, 978, 988, none).
+CODES: tuple[str, ...] = departments.ALL_CODES
+_POSITION_ORDER = ([d for d in departments.ALL_DEPARTMENTS if d not in ("977", "978", "988")]
+                   + ["977", "978", "988", departments.NONE])
+DEPARTMENT_POSITION: dict[str, int] = {d: k for k, d in enumerate(_POSITION_ORDER)}
+N_DEPARTMENTS = len(_POSITION_ORDER)
+assert set(_POSITION_ORDER) == set(CODES)
 
 # Energy label distribution of existing dwellings (dpe03existant), rounded: A+B about 4-5 % (ADEME
 # observatoire DPE), F about 10 %, G about 7 % (DPE logements existants, July 2021 - Sept 2023).
@@ -113,7 +120,13 @@ def _communes(dep: str) -> list[tuple[str, str, str]]:
         elif dep == "2B":  # Haute-Corse: 202xx / 206xx
             cp = f"20{2 if (h >> 8) % 3 else 6}{(h >> 16) % 10}{(h >> 24) % 10 if k else 0}"
             insee = f"2B{(h >> 32) % 366 + 1:03d}"
-        elif len(dep) == 3:  # overseas: 971xx .. 976xx
+        elif dep == "977":  # Saint-Barthélemy: one commune
+            cp, insee = "97133", "97701"
+        elif dep == "978":  # Saint-Martin: one commune
+            cp, insee = "97150", "97801"
+        elif dep == departments.NONE:  # no BAN address at all: the address fields are absent
+            cp, insee = "", ""
+        elif len(dep) == 3:  # overseas: 971xx .. 976xx, Nouvelle-Calédonie 988xx
             cp = f"{dep}{(h >> 8) % 9}0" if k else f"{dep}00"
             insee = f"{dep}{(h >> 16) % 60 + 1:02d}"
         elif dep == "75":
@@ -165,7 +178,10 @@ class Dataset:
     """The synthetic dataset: ``rows_per_department`` rows in each department of ALL_DEPARTMENTS.
 
     ``rows_per_department`` is one count for every department, or a mapping ``{department: count}``;
-    departments absent from the mapping get ``default_rows`` (1000 unless given).
+    departments absent from the mapping get ``default_rows`` (1000 unless given).  The rows without a
+    department (pseudo-department ``none``: no code_departement_ban, no BAN address) number
+    ``rows_without_department`` (0 unless given, or a ``"none"`` key of the mapping); only
+    ``qs=NOT _exists_:code_departement_ban`` reaches them, as in data-fair.
     """
 
     dataset_id = "dpe03existant"
@@ -176,6 +192,7 @@ class Dataset:
         seed: int = 1,
         malformed_rate: float = 0.0,
         default_rows: int | None = None,
+        rows_without_department: int | None = None,
     ):
         if not 0.0 <= float(malformed_rate) <= 1.0:
             raise ValueError(f"malformed_rate={malformed_rate!r} must be between 0 and 1")
@@ -185,24 +202,28 @@ class Dataset:
         if isinstance(rows_per_department, Mapping):
             default = 1000 if default_rows is None else int(default_rows)
             counts = {d: default for d in departments.ALL_DEPARTMENTS}
+            counts[departments.NONE] = 0
             for dep, n in rows_per_department.items():
                 counts[departments.normalize(dep)] = int(n)
         else:
             counts = {d: int(rows_per_department) for d in departments.ALL_DEPARTMENTS}
+            counts[departments.NONE] = 0
+        if rows_without_department is not None:
+            counts[departments.NONE] = int(rows_without_department)
         for dep, n in counts.items():
             if n < 0:
                 raise ValueError(f"rows for department {dep} must be >= 0, got {n}")
         self.counts: dict[str, int] = counts
-        self._dep_seed = {d: _mix(self.seed * 0x1000193 ^ hash_str(d)) for d in departments.ALL_DEPARTMENTS}
-        self._communes = {d: _communes(d) for d in departments.ALL_DEPARTMENTS}
+        self._dep_seed = {d: _mix(self.seed * 0x1000193 ^ hash_str(d)) for d in CODES}
+        self._communes = {d: _communes(d) for d in CODES}
         self._num_offset = {d: h % 10_000_000 for d, h in self._dep_seed.items()}
         #: how many rows were generated so far (all threads; approximate under concurrency)
         self.generated_rows = 0
 
     # ---------------------------------------------------------------- counting and positions
     def count(self, department: str | None = None, date_from=None, date_to=None) -> int:
-        """Rows of ``department`` (all departments if None) with date_reception_dpe in [from, to]."""
-        deps = departments.ALL_DEPARTMENTS if department is None else (departments.normalize(department),)
+        """Rows of ``department`` (every row if None) with date_reception_dpe in [from, to]."""
+        deps = CODES if department is None else (departments.normalize(department),)
         total = 0
         for dep in deps:
             lo, hi = self.index_range(dep, date_from, date_to)
@@ -315,9 +336,12 @@ class Dataset:
         d7 = (int(f"{((i + self._num_offset[dep]) * _NUM_MULT + _NUM_ADD) % 10_000_000:07d}"[::-1])
               * 7_654_321 + 2_718_281) % 10_000_000
         hi_part = i // 10_000_000
-        if len(dep) == 3:
-            code2 = "97"
-            letter = _LETTERS[(hi_part * 6 + int(dep[2]) - 1) % 26]
+        if dep == departments.NONE:
+            code2 = "00"
+            letter = _LETTERS[hi_part % 26]
+        elif len(dep) == 3:
+            code2 = dep[:2]  # 97 overseas, 98 Nouvelle-Calédonie
+            letter = _LETTERS[(hi_part * 8 + int(dep[2]) - 1) % 26]
         else:
             code2 = dep
             letter = _LETTERS[hi_part % 26]
@@ -341,10 +365,11 @@ class Dataset:
             row["annee_construction"] = y0 + (g >> 44) % (y1 - y0 + 1)
         row["surface_habitable_logement"] = surface
         row["type_energie_principale_chauffage"] = _ENERGIES[(g >> 50) % 8]
-        row["code_postal_ban"] = cp
-        row["code_insee_ban"] = insee
-        row["nom_commune_ban"] = commune
-        row["code_departement_ban"] = dep
+        if cp:  # a row without a department has no BAN address (absent keys, as in ES _source)
+            row["code_postal_ban"] = cp
+            row["code_insee_ban"] = insee
+            row["nom_commune_ban"] = commune
+            row["code_departement_ban"] = dep
         row["_i"] = i * N_DEPARTMENTS + DEPARTMENT_POSITION[dep]
         row["_rand"] = (g >> 20) % 1_000_000
         if with_id:

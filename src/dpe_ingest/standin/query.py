@@ -37,7 +37,10 @@ FILTER_SUFFIXES = ("_in", "_nin", "_eq", "_neq", "_gt", "_gte", "_lt", "_lte", "
                    "_search", "_exists", "_nexists")
 # sort keys data-fair accepts besides the schema fields
 _EXTRA_SORT_KEYS = ("_key", "_count", "_time", "metric", "_i", "_rand", "_score")
-ALL_DEPS = frozenset(departments.ALL_DEPARTMENTS)
+#: the universe of a query: every department and ``none`` (the rows without code_departement_ban)
+ALL_DEPS = frozenset(departments.ALL_CODES)
+#: the rows that have a code_departement_ban (what a term on that field can ever match)
+REAL_DEPS = frozenset(departments.ALL_DEPARTMENTS)
 _NO_DAY = (-(10**9), 10**9)
 
 
@@ -243,8 +246,8 @@ def _filter_param(name: str, key: str, suffix: str, value: str) -> list[Box]:
                 raise bad(f"Filtre {name} nécessite une valeur.")
         else:
             values = [value]
-        chosen = frozenset(str(v) for v in values) & ALL_DEPS
-        if suffix in ("_neq", "_nin"):
+        chosen = frozenset(str(v) for v in values) & REAL_DEPS
+        if suffix in ("_neq", "_nin"):  # an ES must_not: rows without the field match it too
             chosen = ALL_DEPS - frozenset(str(v) for v in values)
         return [(chosen, *_NO_DAY)] if chosen else []
     if key == DATE_FIELD and suffix in ("_eq", "_gt", "_gte", "_lt", "_lte"):
@@ -413,6 +416,9 @@ def _check_fields(node) -> None:
         _check_fields(node[1])
     else:
         name = node[1]
+        if name == "_exists_" and _unquote(node[2], node[3]).replace("\\", "") not in FIELDS:
+            # commons.ts checkQuery names the pseudo-field in this message, not the missing column
+            raise bad(f"Impossible d'appliquer un filtre sur le champ {name}, il n'existe pas dans le jeu de données.")
         if name not in ("<implicit>", "_exists_") and name not in FIELDS:
             raise bad(f"Impossible d'appliquer un filtre sur le champ {name}, il n'existe pas dans le jeu de données.")
 
@@ -436,19 +442,29 @@ def _boxes(node) -> list[Box]:
             out.extend(_boxes(child))
         return out
     if op == "not":
-        raise unsupported('la négation (NOT) dans "qs"')
+        # only the negation of department clauses (no date part) is evaluated: its complement is
+        # exact, rows without code_departement_ban included (an ES must_not)
+        inner = _boxes(node[1])
+        if any((lo, hi) != _NO_DAY for _, lo, hi in inner):
+            raise unsupported('la négation (NOT) d\'une condition de date dans "qs"')
+        covered = frozenset().union(*(deps for deps, _, _ in inner)) if inner else frozenset()
+        rest = ALL_DEPS - covered
+        return [(rest, *_NO_DAY)] if rest else []
     _, name, kind, value = node
     if name == "<implicit>":
         raise unsupported('une recherche sans champ dans "qs"')
     if name == "_exists_":
-        raise unsupported('"_exists_" dans "qs"')
+        target = _unquote(kind, value).replace("\\", "")
+        if target == DEPT_FIELD:
+            return [(REAL_DEPS, *_NO_DAY)]
+        raise unsupported(f'"_exists_:{target}" dans "qs"')
     if name == DEPT_FIELD:
         if kind == "range":
             raise unsupported(f'un intervalle sur {DEPT_FIELD}')
         text = _unquote(kind, value)
         if kind == "term" and any(c in text for c in "*?~^"):
             raise unsupported(f'les jokers ou opérateurs dans "{text}"')
-        return [(frozenset([text]) & ALL_DEPS, *_NO_DAY)] if text in ALL_DEPS else []
+        return [(frozenset([text]), *_NO_DAY)] if text in REAL_DEPS else []
     if name == DATE_FIELD:
         if kind == "range":
             inner = value[1:-1]

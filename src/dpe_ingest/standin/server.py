@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port; default 8000)")
     p.add_argument("--rows-per-department", type=int, default=1000, help="rows in each department (default 1000)")
     p.add_argument("--rows", type=_rows_arg, action="append", default=[], metavar="DEP=COUNT",
-                   help="rows of one department, repeatable (e.g. --rows 69=200000)")
+                   help="rows of one department, repeatable (e.g. --rows 69=200000; none=N: rows without a department)")
     p.add_argument("--seed", type=int, default=1, help="seed of the synthetic data (default 1)")
     p.add_argument("--malformed-rate", type=_prob, default=0.0, help="share of malformed rows (default 0)")
     p.add_argument("--fault-seed", type=int, default=0, help="seed of the fault draws (default 0)")
