@@ -118,7 +118,7 @@ def database_url(tmp_path_factory) -> str:
 def kubeconfig(tmp_path_factory) -> Path:
     """Admin kubeconfig of a real Kubernetes API server: the testbed's kube-apiserver + etcd, or the
     cluster of DPE_TEST_KUBECONFIG (tests create and delete namespaces ``t-…`` of their own there)."""
-    from dpe_ingest.testbed.kube import KubeAPIServer
+    from dpe_ingest.testbed.apiserver import KubeAPIServer
 
     yield from _session_server(tmp_path_factory, "DPE_TEST_KUBECONFIG", KubeAPIServer, "Kubernetes API server",
                                lambda server: server.kubeconfig, lambda user: Path(user).expanduser())

@@ -168,3 +168,43 @@ def test_helm_binary_is_the_pinned_version(helm_bin):
     out = subprocess.run([str(helm_bin), "version", "--template", "{{.Version}}"], capture_output=True,
                          text=True, timeout=60, check=True).stdout.strip()
     assert out == HELM_VERSION
+
+
+def test_relay_joins_tcp_to_unix_to_tcp_both_ways(tmp_path):
+    """The two relays that carry the tests' API calls into the test cluster's network namespace."""
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+
+    def echo() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while data := conn.recv(4096):
+                conn.sendall(data.upper())
+    threading.Thread(target=echo, daemon=True).start()
+    sock = tmp_path / "relay.sock"
+    inner = subprocess.Popen([sys.executable, "-m", "dpe_ingest.testbed.relay", f"unix:{sock}",
+                              f"tcp:127.0.0.1:{server.getsockname()[1]}"], stdout=subprocess.PIPE, text=True)
+    outer = subprocess.Popen([sys.executable, "-m", "dpe_ingest.testbed.relay", "tcp:127.0.0.1:0", f"unix:{sock}"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert inner.stdout.readline().startswith(f"listening {sock}")
+        port = int(outer.stdout.readline().split(":")[-1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            payload = b"kubectl exec " * 10000
+            c.sendall(payload)
+            c.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := c.recv(65536):
+                got += chunk
+        assert got == payload.upper()
+    finally:
+        for p in (inner, outer):
+            p.terminate()
+            p.wait(10)
+        server.close()

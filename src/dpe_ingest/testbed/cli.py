@@ -70,10 +70,9 @@ def _fetch(quiet: bool = False, helm_too: bool = True) -> int:
         return f"helm {HELM_VERSION} at {ensure_helm()}"
 
     def kube() -> str:
-        from .kube import ETCD_VERSION, K8S_VERSION, ensure_etcd, ensure_kube_apiserver
+        from .gobuild import BUILDS, ensure
 
-        return (f"kube-apiserver {K8S_VERSION} at {ensure_kube_apiserver(quiet)}, "
-                f"etcd {ETCD_VERSION} at {ensure_etcd(quiet)}")
+        return ", ".join(f"{name} {BUILDS[name].version} ({len(ensure(name, quiet))} binaries)" for name in BUILDS)
 
     def actionlint() -> str:
         from .actionlint import ACTIONLINT_VERSION, ensure_actionlint
