@@ -96,7 +96,9 @@ def test_finished_department_is_not_fetched_again_unless_asked(kafka_bootstrap, 
     served = srv.requests_served
     again = run(command("produce"), env)
     assert again.returncode == 0 and events(again.stderr, "already_done"), again.stderr[-2000:]
-    assert srv.requests_served == served, "a finished department must not call the API again"
+    # a finished department fetches no page again: two small requests check that the dataset is the
+    # one the checkpoint was written for (metadata, and the largest _i: a re-created dataset restarts it)
+    assert srv.requests_served == served + 2, "a finished department must not page the API again"
     forced = run(command("produce", "--restart"), env)
     assert forced.returncode == 0 and events(forced.stderr, "restart")
     assert srv.requests_served > served
@@ -260,7 +262,7 @@ def test_fatal_400_exits_non_zero_with_the_api_message(kafka_bootstrap, standin,
     assert res.returncode == 3, res.stderr[-2000:]
     refused = events(res.stderr, "api_refused")
     assert refused and refused[0]["status"] == "400" and "no_such_field" in refused[0]["msg"]
-    assert srv.requests_served == 1, "a bad request is not retried"
+    assert srv.requests_served == 2, "a bad request is not retried (1 metadata request, then the refused page)"
 
 
 def test_unreachable_kafka_gives_up_with_a_clear_message(standin, topics):
@@ -273,3 +275,46 @@ def test_unreachable_kafka_gives_up_with_a_clear_message(standin, topics):
     res = run(command("produce"), {**env_for(f"127.0.0.1:{port}", srv, topics, "69"), "KAFKA_WAIT_S": "3"}, timeout=120)
     assert res.returncode == 1
     assert events(res.stderr, "gave_up") and f"127.0.0.1:{port}" in res.stderr
+
+
+def test_virtual_dataset_two_value_cursors_end_to_end(kafka_bootstrap, standin, topics):
+    """dpe03existant is a virtual dataset: `after=<_i>,<_rand>`; 25 000 rows, past the 10 000 window."""
+    ds = Dataset({"13": 25_000}, default_rows=0, virtual=True, seed=11)
+    srv = standin(ds)
+    res = run(command("produce"), env_for(kafka_bootstrap, srv, topics, "13", ADEME_PAGE_SIZE="1000"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = read_topic(kafka_bootstrap, topics["KAFKA_TOPIC"])
+    assert duplicates(records) == 0 and messages_by_department(records)["13"] == expected(ds, "13")
+    pages = events(res.stderr, "page")
+    assert len(pages) == 26 and pages[-1]["rows"] == "25000"
+
+
+def test_recreated_dataset_after_a_checkpoint_is_fetched_again_and_says_so(kafka_bootstrap, standin, topics):
+    ds = Dataset({"38": 1_500}, default_rows=0, virtual=True, seed=12)
+    srv = standin(ds)
+    env = env_for(kafka_bootstrap, srv, topics, "38")
+    assert run(command("produce"), env).returncode == 0
+    ds.recreate()  # same rows, _i restarting from small values: a stored cursor would skip them all
+    again = run(command("produce"), env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert events(again.stderr, "dataset_recreated") and not events(again.stderr, "already_done")
+    assert events(again.stderr, "done")[0]["rows"] == "1500"
+    records = read_topic(kafka_bootstrap, topics["KAFKA_TOPIC"])
+    assert len(records) == 3_000 and set(messages_by_department(records)["38"]) == set(expected(ds, "38"))
+    # and the new checkpoint is for the new dataset: the next run has nothing to do
+    third = run(command("produce"), env)
+    assert third.returncode == 0 and events(third.stderr, "already_done") and not events(third.stderr, "dataset_recreated")
+
+
+def test_recreated_dataset_detected_by_its_restarted_line_numbers(kafka_bootstrap, standin, topics):
+    """Even when the metadata looks the same, _i restarting below the checkpoint's reveals it."""
+    ds = Dataset({"38": 1_200}, default_rows=0, seed=13, virtual=True)
+    srv = standin(ds)
+    env = env_for(kafka_bootstrap, srv, topics, "38")
+    assert run(command("produce"), env).returncode == 0
+    created = ds.created_at
+    ds.recreate()
+    ds.created_at = created  # a re-creation that kept its createdAt
+    again = run(command("produce"), env)
+    assert again.returncode == 0 and events(again.stderr, "dataset_recreated"), again.stderr[-3000:]
+    assert "largest _i" in events(again.stderr, "dataset_recreated")[0]["msg"]

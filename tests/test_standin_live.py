@@ -76,3 +76,65 @@ def test_rows_without_a_department_only_with_not_exists(session):
         bad = session.get(lines, params={"qs": "_exists_:nope"})
         assert bad.status_code == 400
         assert bad.text == "Impossible d'appliquer un filtre sur le champ _exists_, il n'existe pas dans le jeu de données."
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. two-value cursors (a virtual dataset sorts by _i then _rand), metadata, metric_agg, re-creation
+# ------------------------------------------------------------------------------------------------
+def test_virtual_dataset_pages_25000_rows_with_two_value_cursors(session):
+    ds = Dataset({"69": 25_000}, default_rows=3, virtual=True, seed=5)
+    with StandinServer(ds) as api:
+        lines = api.url + "/lines"
+        pages = walk(session, lines, {"qs": 'code_departement_ban:"69"', "size": 2000, "select": "numero_dpe,_i,_rand"})
+        rows = results(pages)
+        assert len(rows) == 25_000 == len({r["numero_dpe"] for r in rows}) and len(pages) == 13
+        assert pages[0]["total"] == 25_000 and all("total" not in p for p in pages[1:])
+        first_next = pages[0]["next"]
+        after = first_next.split("after=")[1]
+        last = rows[1999]
+        assert after == f"{last['_i']}%2C{last['_rand']}", after  # URLSearchParams encodes the comma
+        assert rows[0]["_i"] > 33_554_432_000_000  # derived from a timestamp, as on data.ademe.fr
+        assert [r["_i"] for r in rows] == sorted(r["_i"] for r in rows)
+        # one value where the sort has two: Elasticsearch's error, as data-fair relays it
+        r = session.get(lines, params={"qs": "code_departement_ban:69", "after": str(last["_i"])})
+        assert r.status_code == 400 and r.text == "search_after has 1 value(s) but sort has 2."
+        # past the page window only the cursor goes
+        assert session.get(lines, params={"size": 2000, "page": 6}).status_code == 400
+    plain = Dataset({"69": 10}, default_rows=0)
+    with StandinServer(plain) as api:
+        r = session.get(api.url + "/lines", params={"after": "5,7"})
+        assert r.status_code == 400 and r.text == "search_after has 2 value(s) but sort has 1."
+
+
+def test_quoted_range_bounds_are_a_syntax_error_like_data_fair(session):
+    with StandinServer(Dataset({"69": 50}, default_rows=0)) as api:
+        lines = api.url + "/lines"
+        ok = session.get(lines, params={"qs": "date_reception_dpe:[2022-01-01 TO *]", "size": 0})
+        assert ok.status_code == 200
+        for qs in ('date_reception_dpe:["2022-01-01" TO *]', 'date_derniere_modification_dpe:[* TO "2023-01-01"}'):
+            r = session.get(lines, params={"qs": qs})
+            assert r.status_code == 400, qs
+            assert r.text.startswith("Impossible d'effectuer cette recherche, la syntaxe du paramètre \"qs\" "
+                                     "n'est pas respectée"), r.text
+
+
+def test_metadata_metric_agg_and_recreation(session):
+    ds = Dataset({"69": 3000, "01": 500}, default_rows=0, virtual=True)
+    with StandinServer(ds) as api:
+        meta = session.get(api.url).json()
+        assert meta["id"] == "dpe03existant" and meta["count"] == 3500 and meta["isVirtual"] is True
+        assert {"createdAt", "updatedAt", "finalizedAt"} <= set(meta)
+        agg = session.get(api.url + "/metric_agg", params={"metric": "max", "field": "date_derniere_modification_dpe",
+                                                           "qs": 'code_departement_ban:"69"'}).json()
+        assert agg == {"total": 3000, "metric": "2025-12-31"}
+        low = session.get(api.url + "/metric_agg", params={"metric": "min", "field": "date_reception_dpe"}).json()
+        assert low == {"total": 3500, "metric": "2021-07-01"}
+        assert session.get(api.url + "/metric_agg", params={"field": "x"}).text == '"metric" parameter is required'
+        r = session.get(api.url + "/metric_agg", params={"metric": "max", "field": "nope"})
+        assert r.status_code == 400 and "Impossible de calculer une métrique sur le champ nope" in r.text
+        top = session.get(api.url + "/lines", params={"sort": "-_i", "size": 1, "select": "_i"}).json()["results"][0]["_i"]
+        ds.recreate()
+        again = session.get(api.url).json()
+        assert again["createdAt"] != meta["createdAt"] or again["finalizedAt"] != meta["finalizedAt"]
+        rows = results(walk(session, api.url + "/lines", {"qs": "code_departement_ban:69", "size": 1000, "select": "_i"}))
+        assert len(rows) == 3000 and max(r["_i"] for r in rows) < top and rows[0]["_i"] < 1000

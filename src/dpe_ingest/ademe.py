@@ -159,7 +159,7 @@ class AdemeClient:
         self.retries_made = 0
 
     # -- one call ----------------------------------------------------------------------------
-    def fetch(self, url: str, params: dict[str, Any] | None = None) -> Page:
+    def fetch(self, url: str, params: dict[str, Any] | None = None, parse=None) -> Any:
         """GET one page, retrying what is worth retrying.  Raises ApiRequestError/ApiUnavailable."""
         waited = 0.0
         attempt = 0
@@ -172,6 +172,8 @@ class AdemeClient:
             try:
                 resp = self.session.get(url, params=params, timeout=self.timeout_s)
                 if resp.status_code == 200:
+                    if parse is not None:
+                        return parse(resp)
                     page = self._parse(resp)
                     page.attempts = attempt
                     return page
@@ -217,6 +219,23 @@ class AdemeClient:
         return Page(rows=body["results"], total=total if isinstance(total, int) else None,
                     next_url=body.get("next") or None, url=resp.url)
 
+    # -- the dataset itself -----------------------------------------------------------------------
+    def get_json(self, url: str, params: dict[str, Any] | None = None) -> dict:
+        """GET a JSON document of the API (dataset metadata, metric_agg) with the same retries."""
+        return self.fetch(url, params, parse=_json_object)
+
+    def dataset_info(self) -> dict:
+        """The dataset's metadata (``GET <dataset URL>``): id, createdAt, updatedAt, finalizedAt, count…"""
+        return self.get_json(self.dataset_url)
+
+    def max_line(self) -> int | None:
+        """The largest ``_i`` of the dataset now (one row, sorted by -_i): a re-created dataset restarts
+        its ``_i`` from small values, which makes a stored cursor point past its end."""
+        page = self.fetch(self.lines_url, {"size": 1, "sort": "-_i", "select": "_i", "count": "false"})
+        if page.rows and isinstance(page.rows[0], dict) and isinstance(page.rows[0].get("_i"), int):
+            return page.rows[0]["_i"]
+        return None
+
     # -- a whole query -------------------------------------------------------------------------
     def first_params(self, *, department: str, fields: tuple[str, ...] | list[str], size: int,
                      date_from: str | None = None, date_to: str | None = None,
@@ -245,6 +264,28 @@ class AdemeClient:
                 yield page
                 if not page.has_next:
                     return
+
+
+def cursor_line(after: str | None) -> int | None:
+    """The ``_i`` an ``after`` cursor starts after (its first value: ``_i`` is always data-fair's
+    first sort key for /lines without ``sort``; a virtual dataset adds ``_rand``)."""
+    if not after:
+        return None
+    head = after.split(",", 1)[0].strip()
+    try:
+        return int(head)
+    except ValueError:
+        return None
+
+
+def _json_object(resp: requests.Response) -> dict:
+    try:
+        body = json.loads(resp.content)
+    except ValueError as exc:
+        raise _TruncatedBody(f"response body is not complete JSON ({len(resp.content)} bytes)") from exc
+    if not isinstance(body, dict):
+        raise _TruncatedBody("response JSON is not an object")
+    return body
 
 
 class _TruncatedBody(Exception):

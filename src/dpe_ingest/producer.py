@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import deadletter, departments, logs
-from .ademe import AdemeClient, ApiRequestError, ApiUnavailable
+from .ademe import AdemeClient, ApiRequestError, ApiUnavailable, cursor_line
 from .config import CONTRACT, ConfigError, ProducerConfig
 from .kafka_io import (CheckpointStore, KafkaUnavailable, SendTracker, ensure_topics, make_producer,
                        pipeline_topics, wait_for_kafka)
@@ -36,7 +36,7 @@ from .kafka_io import (CheckpointStore, KafkaUnavailable, SendTracker, ensure_to
 log = logging.getLogger("dpe_ingest.producer")
 
 EXIT_OK, EXIT_GAVE_UP, EXIT_CONFIG, EXIT_REFUSED, EXIT_TERMINATED = 0, 1, 2, 3, 143
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: + "dataset" (identity) and "hwm_i" (largest _i reached)
 LABELS = frozenset("ABCDEFG")
 _POSTCODE = re.compile(r"^\d{5}$")
 
@@ -119,6 +119,28 @@ class Producer:
         return {"department": self.cfg.department, "date_from": self.cfg.date_from,
                 "date_to": self.cfg.date_to, "topic": self.cfg.kafka.topic, "api": self.cfg.api_url}
 
+    def _same_dataset(self, ckpt: dict) -> dict | None:
+        """The checkpoint, or None when it belongs to an earlier incarnation of the dataset.
+
+        A re-created dataset restarts its ``_i`` from small values: a stored cursor would skip every
+        row and mark the department done.  Two checks: the dataset's identity (id, createdAt) stored
+        with the checkpoint, and the largest ``_i`` the dataset has now against the largest one the
+        checkpoint reached (one cheap request, sort=-_i size=1)."""
+        stored = ckpt.get("dataset")
+        why = None
+        if isinstance(stored, dict) and stored != self.identity:
+            why = f"its identity changed ({json.dumps(stored)} -> {json.dumps(self.identity)})"
+        elif ckpt.get("hwm_i") is not None:
+            now_max = self.client.max_line()
+            if now_max is None or now_max < ckpt["hwm_i"]:
+                why = f"its largest _i is {now_max}, below the {ckpt['hwm_i']} this department had reached"
+        if why is None:
+            return ckpt
+        logs.event(log, "dataset_recreated", f"the dataset was re-created ({why}): the checkpoint no longer "
+                   f"applies, fetching department {self.cfg.department} in full again", logging.WARNING,
+                   checkpoint_rows=ckpt.get("rows"), checkpoint_done=ckpt.get("done"), **self.ctx)
+        return None
+
     def run(self) -> int:
         cfg, ctx = self.cfg, self.ctx
         t0 = time.monotonic()
@@ -142,11 +164,16 @@ class Producer:
         key = cfg.department
         ckpt = store.load(key)
         fp = self.fingerprint()
+        meta = self.client.dataset_info()
+        self.identity = {"id": meta.get("id"), "createdAt": meta.get("createdAt")}
+        self.dataset_count = meta.get("count")
         if ckpt and ckpt.get("query") != fp:
             logs.event(log, "checkpoint_ignored", "checkpoint is for another query (dates, topic or API "
                        "changed): starting from the first page", checkpoint_query=json.dumps(ckpt.get("query")),
                        **ctx)
             ckpt = None
+        if ckpt:
+            ckpt = self._same_dataset(ckpt)
         if ckpt and cfg.restart:
             logs.event(log, "restart", "PRODUCER_RESTART=true: ignoring the checkpoint, fetching the "
                        "department again from the first page", **ctx)
@@ -160,6 +187,7 @@ class Producer:
         prog = Progress(cfg.department, time.monotonic(), rows_at_start=0)
         after = None
         page_no = 0
+        hwm = ckpt.get("hwm_i") if ckpt else None
         if ckpt:
             after = ckpt.get("after")
             page_no, prog.rows, prog.dead = ckpt.get("page", 0), ckpt.get("rows", 0), ckpt.get("dead", 0)
@@ -200,8 +228,12 @@ class Producer:
                     logs.event(log, "dead_letter", f"row refused: {reason}", logging.WARNING, page=page_no,
                                reason=reason, numero_dpe=numero, **self.ctx)
             tracker.flush(producer, timeout_s=180)
+            line = cursor_line(page.after)
+            if line is not None and (hwm is None or line > hwm):
+                hwm = line
             store.save(cfg.department, {
-                "v": CHECKPOINT_VERSION, "query": self.fingerprint(), "after": page.after, "page": page_no,
+                "v": CHECKPOINT_VERSION, "query": self.fingerprint(), "dataset": self.identity, "hwm_i": hwm,
+                "after": page.after, "page": page_no,
                 "rows": prog.rows, "dead": prog.dead, "total": prog.total, "done": not page.has_next,
                 "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             })

@@ -20,7 +20,9 @@ Malformed rows (``malformed_rate > 0``)
 
 from __future__ import annotations
 
+import bisect
 import datetime as _dt
+import threading
 from typing import Iterator, Mapping
 
 from .. import departments
@@ -29,7 +31,11 @@ M64 = (1 << 64) - 1
 START_DATE = _dt.date(2021, 7, 1)  # the 2021 DPE method (dataset dpe03existant) starts here
 END_DATE = _dt.date(2025, 12, 31)
 SPAN_DAYS = (END_DATE - START_DATE).days + 1
-_DAY_STR = [(START_DATE + _dt.timedelta(days=k)).isoformat() for k in range(SPAN_DAYS)]
+# day strings of the span and of ~11 years after it (the days of live changes: inserts, updates)
+_DAY_STR = [(START_DATE + _dt.timedelta(days=k)).isoformat() for k in range(SPAN_DAYS + 4000)]
+#: first ``_i`` of a virtual dataset (data-fair derives it from a timestamp: 33554660655676-like)
+VIRTUAL_I0 = 33_554_432_000_000
+MOD_FIELD = "date_derniere_modification_dpe"
 _ORDINAL0 = START_DATE.toordinal()
 
 #: every code the stand-in serves rows for: the departments, then ``none`` (rows without
@@ -66,7 +72,8 @@ _NUM_MULT = 3_999_971  # odd, not a multiple of 5: a bijection of [0, 10**7)
 _NUM_ADD = 1_234_567
 
 FIELDS: tuple[str, ...] = (
-    "numero_dpe", "date_etablissement_dpe", "date_reception_dpe", "etiquette_dpe", "etiquette_ges",
+    "numero_dpe", "date_etablissement_dpe", "date_reception_dpe", "date_derniere_modification_dpe",
+    "etiquette_dpe", "etiquette_ges",
     "conso_5_usages_par_m2_ep", "emission_ges_5_usages_par_m2", "type_batiment", "periode_construction",
     "annee_construction", "surface_habitable_logement", "type_energie_principale_chauffage",
     "code_postal_ban", "code_insee_ban", "nom_commune_ban", "code_departement_ban",
@@ -78,6 +85,8 @@ SCHEMA: list[dict] = [
     {"key": "numero_dpe", "type": "string", "title": "N°DPE", "x-originalName": "numero_dpe"},
     {"key": "date_etablissement_dpe", "type": "string", "format": "date", "title": "Date_établissement_DPE"},
     {"key": "date_reception_dpe", "type": "string", "format": "date", "title": "Date_réception_DPE"},
+    {"key": "date_derniere_modification_dpe", "type": "string", "format": "date",
+     "title": "Date_dernière_modification_DPE"},
     {"key": "etiquette_dpe", "type": "string", "title": "Etiquette_DPE"},
     {"key": "etiquette_ges", "type": "string", "title": "Etiquette_GES"},
     {"key": "conso_5_usages_par_m2_ep", "type": "number", "title": "Conso_5_usages_par_m²_é_primaire"},
@@ -193,6 +202,7 @@ class Dataset:
         malformed_rate: float = 0.0,
         default_rows: int | None = None,
         rows_without_department: int | None = None,
+        virtual: bool = False,
     ):
         if not 0.0 <= float(malformed_rate) <= 1.0:
             raise ValueError(f"malformed_rate={malformed_rate!r} must be between 0 and 1")
@@ -219,6 +229,7 @@ class Dataset:
         self._num_offset = {d: h % 10_000_000 for d, h in self._dep_seed.items()}
         #: how many rows were generated so far (all threads; approximate under concurrency)
         self.generated_rows = 0
+        self._init_live(virtual)
 
     # ---------------------------------------------------------------- counting and positions
     def count(self, department: str | None = None, date_from=None, date_to=None) -> int:
@@ -232,7 +243,14 @@ class Dataset:
 
     @property
     def total(self) -> int:
+        """Rows generated at the start (the base): the live count is ``live_total``."""
         return sum(self.counts.values())
+
+    @property
+    def live_total(self) -> int:
+        with self.lock:
+            return (self.total - len(self._hole_set)
+                    + sum(1 for seq, key in enumerate(self._tail) if self._loc.get(key) == seq))
 
     def index_range(self, department: str, date_from=None, date_to=None) -> tuple[int, int]:
         """Half-open index range [lo, hi) of the rows of ``department`` received in [from, to]."""
@@ -253,11 +271,131 @@ class Dataset:
 
     def day_of(self, department: str, i: int) -> int:
         """Day offset (from START_DATE) of the reception date of row i (also for malformed rows)."""
-        return i * SPAN_DAYS // self.counts[department]
+        n = self.counts[department]
+        return i * SPAN_DAYS // n if i < n else self._born[(department, i)]
 
     def line_number(self, department: str, i: int) -> int:
-        """The ``_i`` of row i of ``department``."""
-        return i * N_DEPARTMENTS + DEPARTMENT_POSITION[department]
+        """The current ``_i`` of row i of ``department`` (larger once the row was updated)."""
+        seq = self._loc.get((department, i))
+        if seq is not None:
+            return self._base_i + self._tail_offset + seq
+        return self._base_i + i * N_DEPARTMENTS + DEPARTMENT_POSITION[department]
+
+    # ---------------------------------------------------------------- the live dataset
+    # The rows generated from (seed, department, index) are the "base".  Live changes are kept apart:
+    # an updated or inserted row moves to the "tail" (a larger _i, as data-fair derives _i from the
+    # time of indexing), a deactivated row leaves the view.  Base positions no longer served are
+    # "holes".  Everything under one lock; a page is computed under it (consistent).
+    def _init_live(self, virtual: bool) -> None:
+        self.lock = threading.RLock()
+        self.virtual = bool(virtual)
+        self._base_i = VIRTUAL_I0 if self.virtual else 0
+        self._tail_offset = N_DEPARTMENTS * (max(self.counts.values(), default=0) + 1)
+        self.n_current = dict(self.counts)  # index count per department (inserts extend it)
+        self._holes: dict[str, list[int]] = {}  # sorted base indices not served at their base place
+        self._hole_set: set[tuple[str, int]] = set()
+        self._tail: list[tuple[str, int]] = []  # (dep, i) per tail sequence number
+        self._loc: dict[tuple[str, int], int] = {}  # (dep, i) -> its live tail sequence number
+        self._version: dict[tuple[str, int], int] = {}
+        self._mod_day: dict[tuple[str, int], int] = {}
+        self._born: dict[tuple[str, int], int] = {}  # reception day of inserted rows
+        self.gone: set[tuple[str, int]] = set()  # deactivated rows
+        self.today = SPAN_DAYS  # day offset of the next live change: 2026-01-01, then advance_days()
+        self.generation = 0
+        stamp = _iso_now()
+        self.created_at = self.updated_at = self.finalized_at = stamp
+        self.changes = {"updated": 0, "inserted": 0, "deactivated": 0}
+
+    @property
+    def tail_start(self) -> int:
+        """The _i of the first tail position (every base row's _i is below it)."""
+        return self._base_i + self._tail_offset
+
+    def _touch(self) -> None:
+        self.updated_at = self.finalized_at = _iso_now()
+
+    def _hole(self, dep: str, i: int) -> None:
+        if i < self.counts[dep] and (dep, i) not in self._hole_set:
+            self._hole_set.add((dep, i))
+            bisect.insort(self._holes.setdefault(dep, []), i)
+
+    def _to_tail(self, dep: str, i: int) -> None:
+        self._hole(dep, i)
+        self._loc[(dep, i)] = len(self._tail)
+        self._tail.append((dep, i))
+        self._mod_day[(dep, i)] = self.today
+
+    def is_live(self, dep: str, i: int) -> bool:
+        return 0 <= i < self.n_current[dep] and (dep, i) not in self.gone
+
+    def update(self, department: str, i: int) -> None:
+        """Row i gets new field values, today's date_derniere_modification_dpe and a larger _i."""
+        dep = departments.normalize(department)
+        with self.lock:
+            if not self.is_live(dep, i):
+                raise KeyError(f"row {dep}/{i} is not in the dataset")
+            self._version[(dep, i)] = self._version.get((dep, i), 0) + 1
+            self._to_tail(dep, i)
+            self.changes["updated"] += 1
+            self._touch()
+
+    def insert(self, department: str, k: int = 1) -> list[int]:
+        """k new rows at the end (received today); returns their indices."""
+        dep = departments.normalize(department)
+        with self.lock:
+            out = []
+            for _ in range(int(k)):
+                i = self.n_current[dep]
+                self.n_current[dep] = i + 1
+                self._born[(dep, i)] = self.today
+                self._to_tail(dep, i)
+                out.append(i)
+            self.changes["inserted"] += len(out)
+            self._touch()
+            return out
+
+    def deactivate(self, department: str, i: int) -> None:
+        """Row i leaves the view (a deactivated certificate)."""
+        dep = departments.normalize(department)
+        with self.lock:
+            if not self.is_live(dep, i):
+                raise KeyError(f"row {dep}/{i} is not in the dataset")
+            self.gone.add((dep, i))
+            self._hole(dep, i)
+            self._loc.pop((dep, i), None)
+            self.changes["deactivated"] += 1
+            self._touch()
+
+    def advance_days(self, days: int = 1) -> None:
+        """Later changes are dated ``days`` later (date_derniere_modification_dpe)."""
+        with self.lock:
+            self.today += int(days)
+
+    def recreate(self) -> None:
+        """The dataset is re-created: same rows, a new createdAt, and _i restarting from small values."""
+        with self.lock:
+            self.generation += 1
+            self._base_i = self.generation  # small, and different from any earlier generation
+            self.created_at = _iso_now()
+            self._touch()
+
+    def live_indices(self, department: str) -> list[int]:
+        """Indices of the rows of ``department`` in the view now, in _i order."""
+        dep = departments.normalize(department)
+        with self.lock:
+            base = [i for i in range(self.counts[dep]) if (dep, i) not in self._hole_set]
+            tail = [i for seq, (d, i) in enumerate(self._tail) if d == dep and self._loc.get((d, i)) == seq]
+            return base + tail
+
+    def current_rows(self, department: str) -> dict[str, dict]:
+        """numero_dpe -> the row as the API serves it now (every field), for reconciliation tests."""
+        dep = departments.normalize(department)
+        with self.lock:
+            out = {}
+            for i in self.live_indices(dep):
+                row = self.row(dep, i)
+                out[row.get("numero_dpe", f"<missing {dep}/{i}>")] = row
+            return out
 
     # ---------------------------------------------------------------- malformed rows
     def _hash(self, dep: str, i: int) -> int:
@@ -296,8 +434,8 @@ class Dataset:
         """Row ``i`` (0-based) of ``department`` as the API returns it without ``select`` (all fields)."""
         dep = departments.normalize(department)
         n = self.counts[dep]
-        if not 0 <= i < n:
-            raise IndexError(f"row {i} out of range for department {dep} ({n} rows)")
+        if not 0 <= i < self.n_current[dep]:
+            raise IndexError(f"row {i} out of range for department {dep} ({self.n_current[dep]} rows)")
         return self._row(dep, i, n, with_id)
 
     def rows(self, department: str, indices, with_id: bool = True) -> list[dict]:
@@ -319,7 +457,7 @@ class Dataset:
         self.generated_rows += 1
         h = _mix(self._dep_seed[dep] ^ (i * 0x9E3779B97F4A7C15 & M64))
         g = _mix(h)
-        day = i * SPAN_DAYS // n
+        day = i * SPAN_DAYS // n if i < n else self._born[(dep, i)]
         est_day = day - (h & 7)
         if est_day < 0:
             est_day = 0
@@ -350,10 +488,18 @@ class Dataset:
         surface = round(18 + ((g >> 18) % 17000) / 100.0 * (1.6 if kind_type == "maison" else 0.8), 1)
         if kind_type == "immeuble":
             surface = round(surface * 12, 1)
+        version = self._version.get((dep, i), 0) if self._version else 0
+        if version:  # an updated certificate: a new label and consumption (same dwelling, same number)
+            v = _mix(h ^ (version * 0xD6E8FEB86659FD93 & M64))
+            etiquette = _ETIQ_TABLE[(v >> 3) % 10000]
+            lo, hi = _CONSO_BANDS[etiquette]
+            conso = lo + (v >> 17) % (hi - lo + 1)
+        mod = self._mod_day.get((dep, i)) if self._mod_day else None
         row = {
             "numero_dpe": numero,
             "date_etablissement_dpe": _DAY_STR[est_day],
             "date_reception_dpe": reception,
+            "date_derniere_modification_dpe": reception if mod is None else _DAY_STR[mod],
             "etiquette_dpe": etiquette,
             "etiquette_ges": ges,
             "conso_5_usages_par_m2_ep": conso,
@@ -370,7 +516,9 @@ class Dataset:
             row["code_insee_ban"] = insee
             row["nom_commune_ban"] = commune
             row["code_departement_ban"] = dep
-        row["_i"] = i * N_DEPARTMENTS + DEPARTMENT_POSITION[dep]
+        seq = self._loc.get((dep, i)) if self._loc else None
+        row["_i"] = (self._base_i + i * N_DEPARTMENTS + DEPARTMENT_POSITION[dep] if seq is None
+                     else self._base_i + self._tail_offset + seq)
         row["_rand"] = (g >> 20) % 1_000_000
         if with_id:
             x, chars = h ^ g, []
@@ -398,12 +546,20 @@ class Dataset:
             "page": f"{public_url}/datasets/{self.dataset_id}",
             "status": "finalized",
             "isRest": False,
-            "count": self.total,
+            "isVirtual": self.virtual,
+            "createdAt": self.created_at,
+            "updatedAt": self.updated_at,
+            "finalizedAt": self.finalized_at,
+            "count": self.live_total,
             "schema": [dict(f) for f in SCHEMA],
             "license": {"title": "Licence Ouverte / Open Licence", "href": "https://www.etalab.gouv.fr/licence-ouverte-open-licence"},
             "origin": "https://data.ademe.fr/datasets/dpe03existant",
             "x-standin": {"seed": self.seed, "malformed_rate": self.malformed_rate},
         }
+
+
+def _iso_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _day_offset(value) -> int:

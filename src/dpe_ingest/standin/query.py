@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 
 from .. import departments
-from .data import FIELDS, SPAN_DAYS, _ORDINAL0
+from .data import FIELDS, MOD_FIELD, SPAN_DAYS, _ORDINAL0
 
 MAX_PAGE_SIZE = 10000  # config.elasticsearch.maxPageSize
 DEFAULT_SIZE = 12
@@ -62,30 +62,43 @@ def unsupported(what: str) -> QueryError:
                            f"(seuls les filtres sur {DEPT_FIELD} et {DATE_FIELD} le sont).")
 
 
-# A "box" is one conjunction: (set of departments, first day, last day) with days as offsets from
-# START_DATE, inclusive.  A query is a union (list) of boxes.
-Box = tuple[frozenset, int, int]
+# A "box" is one conjunction: (set of departments, first and last date_reception_dpe day, first and
+# last date_derniere_modification_dpe day), days as offsets from START_DATE, inclusive.  A query is a
+# union (list) of boxes.
+Box = tuple[frozenset, int, int, int, int]
 
 
 def _intersect(a: list[Box], b: list[Box]) -> list[Box]:
     out = []
-    for deps_a, lo_a, hi_a in a:
-        for deps_b, lo_b, hi_b in b:
+    for deps_a, lo_a, hi_a, mlo_a, mhi_a in a:
+        for deps_b, lo_b, hi_b, mlo_b, mhi_b in b:
             deps = deps_a & deps_b
             lo, hi = max(lo_a, lo_b), min(hi_a, hi_b)
-            if deps and lo <= hi:
-                out.append((deps, lo, hi))
+            mlo, mhi = max(mlo_a, mlo_b), min(mhi_a, mhi_b)
+            if deps and lo <= hi and mlo <= mhi:
+                out.append((deps, lo, hi, mlo, mhi))
     return out
 
 
-EVERYTHING: list[Box] = [(ALL_DEPS, *_NO_DAY)]
+def _deps_box(deps) -> Box:
+    return (frozenset(deps), *_NO_DAY, *_NO_DAY)
+
+
+def _date_box(field_name: str, lo: int, hi: int) -> Box:
+    if field_name == MOD_FIELD:
+        return (ALL_DEPS, *_NO_DAY, lo, hi)
+    return (ALL_DEPS, lo, hi, *_NO_DAY)
+
+
+EVERYTHING: list[Box] = [_deps_box(ALL_DEPS)]
+DATE_FIELDS = (DATE_FIELD, MOD_FIELD)
 
 
 @dataclass
 class LinesQuery:
     size: int = DEFAULT_SIZE
     skip: int = 0
-    after: int | None = None
+    after: int | None = None  # the _i of the search_after values (the _rand tie-breaker only follows)
     select: list[str] | None = None  # None: every field but _geoshape/_geocorners
     descending: bool = False
     boxes: list[Box] = field(default_factory=lambda: list(EVERYTHING))
@@ -104,10 +117,19 @@ class LinesQuery:
     def with_id(self) -> bool:
         return self.select is None or "_id" in self.select
 
+    def matches_live(self, dep: str, rec_day: int, mod_day: int) -> bool:
+        """Does a row of the tail (updated or inserted) match the query?"""
+        for deps, lo, hi, mlo, mhi in self.boxes:
+            if dep in deps and lo <= rec_day <= hi and mlo <= mod_day <= mhi:
+                return True
+        return False
+
     def index_ranges(self, dataset) -> dict[str, list[tuple[int, int]]]:
-        """{department: sorted disjoint [lo, hi) index ranges} of the matching rows."""
+        """{department: sorted disjoint [lo, hi) base index ranges} of the matching rows (a base row's
+        date_derniere_modification_dpe is its date_reception_dpe)."""
         per_dep: dict[str, list[tuple[int, int]]] = {}
-        for deps, lo_day, hi_day in self.boxes:
+        for deps, lo_day, hi_day, mlo, mhi in self.boxes:
+            lo_day, hi_day = max(lo_day, mlo), min(hi_day, mhi)
             for dep in deps:
                 lo, hi = dataset.index_range_days(dep, lo_day, hi_day)
                 if hi > lo:
@@ -142,8 +164,12 @@ def _int_param(raw: str, name: str) -> int:
     return int(raw)
 
 
-def parse(params: list[tuple[str, str]]) -> LinesQuery:
-    """Validate the query string of a /lines request (list of (name, value) in order)."""
+def parse(params: list[tuple[str, str]], virtual: bool = False) -> LinesQuery:
+    """Validate the query string of a /lines request (list of (name, value) in order).
+
+    ``virtual``: the dataset is virtual, so data-fair sorts by ``_i`` then ``_rand`` (commons.ts: "_i is
+    not a good enough tie-breaker in the case of virtual datasets") and ``after`` carries two values.
+    """
     seen: dict[str, str] = {}
     for name, value in params:
         if name in seen:
@@ -174,12 +200,13 @@ def parse(params: list[tuple[str, str]]) -> LinesQuery:
             values = json.loads(f"[{seen['after']}]")
         except ValueError:
             raise bad('"after" parameter is malformed') from None
-        if len(values) != 1:
-            raise bad(f"search_after has {len(values)} value(s) but sort has 1.")
-        v = values[0]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
-            raise bad(f"Failed to parse search_after value for field [_i]: {v!r}")
-        q.after = int(v)
+        n_sort = 2 if virtual else 1
+        if len(values) != n_sort:
+            raise bad(f"search_after has {len(values)} value(s) but sort has {n_sort}.")
+        for name, v in zip(("_i", "_rand"), values):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+                raise bad(f"Failed to parse search_after value for field [{name}]: {v!r}")
+        q.after = int(values[0])
     else:
         q.skip = skip
     if "count" in seen:
@@ -249,12 +276,12 @@ def _filter_param(name: str, key: str, suffix: str, value: str) -> list[Box]:
         chosen = frozenset(str(v) for v in values) & REAL_DEPS
         if suffix in ("_neq", "_nin"):  # an ES must_not: rows without the field match it too
             chosen = ALL_DEPS - frozenset(str(v) for v in values)
-        return [(chosen, *_NO_DAY)] if chosen else []
-    if key == DATE_FIELD and suffix in ("_eq", "_gt", "_gte", "_lt", "_lte"):
+        return [_deps_box(chosen)] if chosen else []
+    if key in DATE_FIELDS and suffix in ("_eq", "_gt", "_gte", "_lt", "_lte"):
         d = _day(value, name)
         lo, hi = {"_eq": (d, d), "_gt": (d + 1, _NO_DAY[1]), "_gte": (d, _NO_DAY[1]),
                   "_lt": (_NO_DAY[0], d - 1), "_lte": (_NO_DAY[0], d)}[suffix]
-        return [(ALL_DEPS, lo, hi)]
+        return [_date_box(key, lo, hi)]
     raise unsupported(f'le filtre "{name}"')
 
 
@@ -285,6 +312,9 @@ def _tokenize(text: str) -> list[tuple[str, str]]:
             raise _Syntax(f'Expected field or term but "{text[pos:pos + 1]}" found.')
         pos = m.end()
         kind = m.lastgroup
+        if kind == "range" and '"' in m.group(kind):
+            # lucene-query-parser (data-fair's checkQuery) accepts only unquoted terms as range bounds
+            raise _Syntax('Expected "*", term or whitespace but "\\"" found.')
         tokens.append((kind, m.group(kind)))
     return tokens
 
@@ -445,18 +475,18 @@ def _boxes(node) -> list[Box]:
         # only the negation of department clauses (no date part) is evaluated: its complement is
         # exact, rows without code_departement_ban included (an ES must_not)
         inner = _boxes(node[1])
-        if any((lo, hi) != _NO_DAY for _, lo, hi in inner):
+        if any(tuple(box[1:]) != (*_NO_DAY, *_NO_DAY) for box in inner):
             raise unsupported('la négation (NOT) d\'une condition de date dans "qs"')
-        covered = frozenset().union(*(deps for deps, _, _ in inner)) if inner else frozenset()
+        covered = frozenset().union(*(box[0] for box in inner)) if inner else frozenset()
         rest = ALL_DEPS - covered
-        return [(rest, *_NO_DAY)] if rest else []
+        return [_deps_box(rest)] if rest else []
     _, name, kind, value = node
     if name == "<implicit>":
         raise unsupported('une recherche sans champ dans "qs"')
     if name == "_exists_":
         target = _unquote(kind, value).replace("\\", "")
         if target == DEPT_FIELD:
-            return [(REAL_DEPS, *_NO_DAY)]
+            return [_deps_box(REAL_DEPS)]
         raise unsupported(f'"_exists_:{target}" dans "qs"')
     if name == DEPT_FIELD:
         if kind == "range":
@@ -464,27 +494,27 @@ def _boxes(node) -> list[Box]:
         text = _unquote(kind, value)
         if kind == "term" and any(c in text for c in "*?~^"):
             raise unsupported(f'les jokers ou opérateurs dans "{text}"')
-        return [(frozenset([text]), *_NO_DAY)] if text in REAL_DEPS else []
-    if name == DATE_FIELD:
+        return [_deps_box([text])] if text in REAL_DEPS else []
+    if name in DATE_FIELDS:
         if kind == "range":
             inner = value[1:-1]
             parts = re.split(r"\s+TO\s+", inner.strip())
             if len(parts) != 2:
                 raise bad(f'Impossible d\'effectuer cette recherche, la syntaxe du paramètre "qs" n\'est pas '
                           f'respectée : requête = "{value}", erreur = "Expected \\"TO\\" but \\"{inner}\\" found."')
-            lo_txt, hi_txt = (p.strip().strip('"') for p in parts)
+            lo_txt, hi_txt = (p.strip() for p in parts)
             lo = _NO_DAY[0] if lo_txt == "*" else _day(lo_txt, name) + (0 if value[0] == "[" else 1)
             hi = _NO_DAY[1] if hi_txt == "*" else _day(hi_txt, name) - (0 if value[-1] == "]" else 1)
-            return [(ALL_DEPS, lo, hi)] if lo <= hi else []
+            return [_date_box(name, lo, hi)] if lo <= hi else []
         text = _unquote(kind, value)
         for op in (">=", "<=", ">", "<"):
             if text.startswith(op):
                 d = _day(text[len(op):], name)
                 lo, hi = {">=": (d, _NO_DAY[1]), ">": (d + 1, _NO_DAY[1]),
                           "<=": (_NO_DAY[0], d), "<": (_NO_DAY[0], d - 1)}[op]
-                return [(ALL_DEPS, lo, hi)]
+                return [_date_box(name, lo, hi)]
         d = _day(text, name)
-        return [(ALL_DEPS, d, d)]
+        return [_date_box(name, d, d)]
     raise unsupported(f'le filtre "qs" sur le champ {name}')
 
 

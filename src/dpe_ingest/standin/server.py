@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import hashlib
 import heapq
 import json
@@ -32,7 +33,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 
 from .. import departments, logs
 from . import query as _query
-from .data import DEPARTMENT_POSITION, N_DEPARTMENTS, Dataset
+from .data import _DAY_STR, DEPARTMENT_POSITION, FIELDS, MOD_FIELD, N_DEPARTMENTS, Dataset
 from .faults import Fault, Faults
 
 log = logging.getLogger("dpe_ingest.standin")
@@ -178,11 +179,15 @@ class _Handler(BaseHTTPRequestHandler):
         host = self.headers.get("Host") or f"{standin.host}:{standin.port}"
         public_url = f"http://{host}/data-fair"
         if len(segments) == 1:
-            body = json.dumps(standin.dataset.metadata(public_url), ensure_ascii=False, separators=(",", ":"))
+            with standin.dataset.lock:
+                meta = standin.dataset.metadata(public_url)
+            body = json.dumps(meta, ensure_ascii=False, separators=(",", ":"))
             return 200, [("Content-Type", "application/json; charset=utf-8")], body.encode("utf-8")
         if len(segments) == 2 and segments[1] == "lines":
             params = parse_qsl(parts.query, keep_blank_values=True)
             return standin._lines(params, public_url)
+        if len(segments) == 2 and segments[1] == "metric_agg":
+            return standin._metric_agg(parse_qsl(parts.query, keep_blank_values=True))
         return self._text(404, "Not Found")
 
     def _respond(self, status: int, headers: list, body: bytes, head: bool, cut: bool) -> None:
@@ -279,38 +284,37 @@ class StandinServer:
 
     # ---------------------------------------------------------------------------- /lines
     def _lines(self, params: list[tuple[str, str]], public_url: str):
-        q = _query.parse(params)
-        ranges = q.index_ranges(self.dataset)
-        selected = _select(ranges, q)
         ds = self.dataset
-        fields = q.output_fields
-        with_id = q.with_id
-        full = q.select is None
-        results = []
-        by_dep: dict[str, int] = {}
-        for dep, i in selected:
-            n = by_dep.get(dep)
-            if n is None:
-                n = by_dep[dep] = ds.counts[dep]
-            row = ds._row(dep, i, n, with_id)
-            if full:
-                out = row
-                rid = out.pop("_id")
-                out["_score"] = None
-                out["_id"] = rid
-            else:
-                out = {k: row[k] for k in fields if k in row}
-                out["_score"] = None
-                if with_id:
-                    out["_id"] = row["_id"]
-            results.append(out)
-        head: dict = {}
-        if q.count or (self.total_on_after_pages and q.after is not None):
-            head["total"] = sum(hi - lo for rs in ranges.values() for lo, hi in rs)
+        q = _query.parse(params, virtual=ds.virtual)
+        with ds.lock:  # a page is one consistent view of a dataset that may change meanwhile
+            ranges = q.index_ranges(ds)
+            selected = _select(ds, ranges, q)
+            fields = q.output_fields
+            with_id = q.with_id
+            full = q.select is None
+            results = []
+            last_rand = None
+            for dep, i in selected:
+                row = ds._row(dep, i, ds.counts[dep], with_id)
+                last_rand = row["_rand"]
+                if full:
+                    out = row
+                    rid = out.pop("_id")
+                    out["_score"] = None
+                    out["_id"] = rid
+                else:
+                    out = {k: row[k] for k in fields if k in row}
+                    out["_score"] = None
+                    if with_id:
+                        out["_id"] = row["_id"]
+                results.append(out)
+            head: dict = {}
+            if q.count or (self.total_on_after_pages and q.after is not None):
+                head["total"] = _count(ds, ranges, q)
+            last_line = ds.line_number(*selected[-1]) if selected else None
         headers = [("Content-Type", "application/json; charset=utf-8")]
         if q.size and len(selected) == q.size:
-            last_dep, last_i = selected[-1]
-            after = str(ds.line_number(last_dep, last_i))
+            after = str(last_line) if not ds.virtual else f"{last_line},{last_rand}"
             next_params = [(k, v) for k, v in params if k != "page"]
             if any(k == "after" for k, _ in next_params):
                 next_params = [(k, after if k == "after" else v) for k, v in next_params]
@@ -326,25 +330,132 @@ class StandinServer:
         headers.append(("ETag", f'W/"{len(body):x}-{digest}"'))
         return 200, headers, body
 
+    # ---------------------------------------------------------------------------- /metric_agg
+    def _metric_agg(self, params: list[tuple[str, str]]):
+        """``GET …/metric_agg?metric=max&field=F`` (es/metric-agg.ts): ``{"total", "metric"}``; date
+        values formatted YYYY-MM-DD.  The stand-in computes min and max of its two date fields."""
+        seen = dict(params)
+        metric = seen.get("metric")
+        if not metric:
+            raise _query.bad('"metric" parameter is required')
+        field_name = seen.get("field") or seen.get("metric_field")
+        if not field_name:
+            raise _query.bad('"field" parameter is required')
+        if field_name not in FIELDS:
+            raise _query.bad(f"Impossible de calculer une métrique sur le champ {field_name}, il n'existe pas dans le "
+                             "jeu de données.")
+        if field_name not in _query.DATE_FIELDS or metric not in ("min", "max"):
+            raise _query.unsupported(f'la métrique "{metric}" sur le champ {field_name}')
+        rest = [(k, v) for k, v in params if k not in ("metric", "field", "metric_field")]
+        ds = self.dataset
+        q = _query.parse(rest, virtual=ds.virtual)
+        with ds.lock:
+            ranges = q.index_ranges(ds)
+            total = _count(ds, ranges, q)
+            days = []
+            for dep, rs in ranges.items():
+                for lo, hi in rs:
+                    idx = _first_live(ds, dep, lo, hi, reverse=(metric == "max"))
+                    if idx is not None:
+                        days.append(ds.day_of(dep, idx))
+            for dep, i in _tail_matches(ds, q):
+                days.append(ds._mod_day[(dep, i)] if field_name == MOD_FIELD else ds.day_of(dep, i))
+        value = None
+        if days:
+            value = _DAY_STR[max(days) if metric == "max" else min(days)]
+        body = json.dumps({"total": total, "metric": value}, separators=(",", ":")).encode()
+        return 200, [("Content-Type", "application/json; charset=utf-8")], body
 
-def _select(ranges: dict[str, list[tuple[int, int]]], q: _query.LinesQuery) -> list[tuple[str, int]]:
-    """(department, index) of the page: merge of the departments by ``_i``, after/skip, then size."""
+
+def _first_live(ds: Dataset, dep: str, lo: int, hi: int, reverse: bool) -> int | None:
+    holes = ds._hole_set
+    rng = range(hi - 1, lo - 1, -1) if reverse else range(lo, hi)
+    for i in rng:
+        if (dep, i) not in holes:
+            return i
+    return None
+
+
+def _tail_matches(ds: Dataset, q: _query.LinesQuery, start: int = 0, reverse: bool = False):
+    """(dep, i) of the live tail entries matching the query, in _i order from sequence ``start``."""
+    tail, loc = ds._tail, ds._loc
+    seqs = range(len(tail) - 1, start - 1, -1) if reverse else range(start, len(tail))
+    for seq in seqs:
+        key = tail[seq]
+        if loc.get(key) != seq:
+            continue  # updated again later, or deactivated
+        dep, i = key
+        if q.matches_live(dep, ds.day_of(dep, i), ds._mod_day[key]):
+            yield key
+
+
+def _count(ds: Dataset, ranges: dict[str, list[tuple[int, int]]], q: _query.LinesQuery) -> int:
+    total = 0
+    for dep, rs in ranges.items():
+        holes = ds._holes.get(dep, ())
+        for lo, hi in rs:
+            total += hi - lo - (bisect.bisect_left(holes, hi) - bisect.bisect_left(holes, lo))
+    return total + sum(1 for _ in _tail_matches(ds, q))
+
+
+def _select(ds: Dataset, ranges: dict[str, list[tuple[int, int]]], q: _query.LinesQuery) -> list[tuple[str, int]]:
+    """(department, index) of the page: the base rows merged by ``_i`` (skipping the rows no longer at
+    their base place), then the tail (updated and inserted rows, larger ``_i``); after/skip, then size."""
     want = q.skip + q.size
-    if want == 0 or not ranges:
+    if want == 0:
         return []
+    base_i, tail_start = ds._base_i, ds.tail_start
+    out: list[tuple[str, int]] = []
+    skipped = 0
+
+    def take(key) -> bool:
+        nonlocal skipped
+        if skipped < q.skip:
+            skipped += 1
+        else:
+            out.append(key)
+        return len(out) >= q.size
+
+    after = q.after
+    if q.descending:
+        if after is None or after > tail_start:
+            start_seq = None if after is None else after - tail_start - 1
+            last = len(ds._tail) - 1 if start_seq is None else min(start_seq, len(ds._tail) - 1)
+            for key in _tail_matches(ds, q, start=0, reverse=True):
+                if ds._loc[key] > last:
+                    continue
+                if take(key):
+                    return out
+        for key in _base_rows(ds, ranges, None if after is None else after - base_i, True):
+            if take(key):
+                return out
+        return out
+    if after is None or after < tail_start:
+        for key in _base_rows(ds, ranges, None if after is None else after - base_i, False):
+            if take(key):
+                return out
+    start = 0 if after is None or after < tail_start else after - tail_start + 1
+    for key in _tail_matches(ds, q, start=start):
+        if take(key):
+            return out
+    return out
+
+
+def _base_rows(ds: Dataset, ranges, after: int | None, desc: bool):
+    """Base rows in ``_i`` order (``after`` relative to the dataset's first _i), holes skipped."""
     heap: list = []
-    desc = q.descending
+    holes = ds._hole_set
     for dep, rs in ranges.items():
         pos = DEPARTMENT_POSITION[dep]
         if not desc:
-            j = 0 if q.after is None else (q.after - pos) // N_DEPARTMENTS + 1
+            j = 0 if after is None else max(0, (after - pos) // N_DEPARTMENTS + 1)
             for r, (lo, hi) in enumerate(rs):
                 if j < hi:
                     j = max(j, lo)
                     heap.append((j * N_DEPARTMENTS + pos, dep, r, j))
                     break
         else:
-            j = None if q.after is None else (q.after - pos - 1) // N_DEPARTMENTS
+            j = None if after is None else (after - pos - 1) // N_DEPARTMENTS
             for r in range(len(rs) - 1, -1, -1):
                 lo, hi = rs[r]
                 jj = hi - 1 if j is None else min(j, hi - 1)
@@ -352,14 +463,10 @@ def _select(ranges: dict[str, list[tuple[int, int]]], q: _query.LinesQuery) -> l
                     heap.append((-(jj * N_DEPARTMENTS + pos), dep, r, jj))
                     break
     heapq.heapify(heap)
-    out: list[tuple[str, int]] = []
-    skipped = 0
-    while heap and len(out) < q.size:
+    while heap:
         _, dep, r, j = heapq.heappop(heap)
-        if skipped < q.skip:
-            skipped += 1
-        else:
-            out.append((dep, j))
+        if (dep, j) not in holes:
+            yield (dep, j)
         rs = ranges[dep]
         pos = DEPARTMENT_POSITION[dep]
         if not desc:
@@ -378,7 +485,6 @@ def _select(ranges: dict[str, list[tuple[int, int]]], q: _query.LinesQuery) -> l
                     continue
                 j = rs[r][1] - 1
             heapq.heappush(heap, (-(j * N_DEPARTMENTS + pos), dep, r, j))
-    return out
 
 
 # -------------------------------------------------------------------------------------------- CLI
@@ -422,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probability of a slow response (default 1 when --slow-ms > 0)")
     p.add_argument("--rate-limit", type=int, default=0,
                    help="data-fair-like rate limit: requests per minute per client IP, 429 beyond (0 = off; the real anonymous limit is 600)")
+    p.add_argument("--virtual", action="store_true",
+                   help="a virtual dataset like the real dpe03existant: sort _i then _rand, after=<_i>,<_rand>, large _i")
     p.add_argument("--total-on-after-pages", action="store_true",
                    help='keep "total" on after= pages (current data-fair omits it)')
     return p
@@ -436,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = dict(args.rows)
     dataset = Dataset(rows if rows else args.rows_per_department, seed=args.seed,
                       malformed_rate=args.malformed_rate,
-                      default_rows=args.rows_per_department)
+                      default_rows=args.rows_per_department, virtual=args.virtual)
     p_slow = args.fault_slow if args.fault_slow is not None else (1.0 if args.slow_ms > 0 else 0.0)
     faults = Faults(seed=args.fault_seed, p_429=args.fault_429, retry_after_s=args.retry_after,
                     p_5xx=args.fault_5xx, p_cut=args.fault_cut, p_slow=p_slow, slow_s=args.slow_ms / 1000.0,
