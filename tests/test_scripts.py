@@ -679,14 +679,8 @@ def test_skaffold_profiles_kind_minikube_offline_patch_existing_paths():
     assert {"op": "replace", "path": "/deploy/helm/releases/0/setValues/standin.enabled", "value": True} in offline
 
 
-def _helm() -> str | None:
-    return shutil.which("helm") or next((str(p) for p in [ROOT / ".cache/bin/helm"] if p.exists()), None)
-
-
-def test_chart_renders_the_images_and_departments_skaffold_sets():
-    helm = _helm()
-    if helm is None:
-        pytest.skip("no helm binary (PATH or .cache/bin/helm) to render the chart")
+def test_chart_renders_the_images_and_departments_skaffold_sets(helm_bin):
+    helm = str(helm_bin)  # the testbed's helm v3.22.0 (built when missing; the test fails if it cannot be)
     # the values skaffold's templates give with DEPARTMENTS unset and tags computed by its tagger
     args = ["--set", "departments={69,01,38}", "--set", "producer.image.repository=dpe-ingest-producer",
             "--set", "producer.image.tag=abc123", "--set", "consumer.image.repository=dpe-ingest-consumer",
