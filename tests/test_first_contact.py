@@ -199,6 +199,16 @@ def test_the_failing_form_fails_in_helm_not_in_the_chart(shell_env):
     assert cp.returncode == 0, cp.stderr
 
 
+def test_the_documented_department_error_is_the_charts(shell_env):
+    """docs/chart.md quotes the chart's refusal of a bad code (the forms list of its helpers)."""
+    text = (ROOT / "docs/chart.md").read_text()
+    (example,) = re.findall(r"^    (departments: invalid department code .*)$", text, re.M)
+    code = re.match(r'departments: invalid department code "([^"]+)"', example).group(1)
+    cp = bash(f"helm template dpe charts/dpe-ingest --set departments={code}", shell_env)
+    assert cp.returncode == 1
+    assert example.removesuffix(" (…)") in cp.stderr, f"documented: {example}\nhelm says: {cp.stderr}"
+
+
 # ---------------------------------------------------------------------------------------------
 # NOTES.txt
 # ---------------------------------------------------------------------------------------------
