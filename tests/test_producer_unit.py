@@ -96,7 +96,7 @@ def test_retries_429_honouring_retry_after_then_5xx_then_cut_body():
     ])
     page = c.fetch(c.lines_url, {"size": 1})
     assert page.rows == [{"numero_dpe": "A"}] and page.total == 1 and page.after == "5"
-    assert page.attempts == 5 and len(sleeps) == 4
+    assert page.attempts == 4 and len(sleeps) == 4  # the 429 is flow control, not a failed attempt
     assert sleeps[0] >= 7.0  # Retry-After honoured
     assert all(0 < s <= ademe.BACKOFF_CAP_S for s in sleeps[1:])
 
@@ -117,7 +117,7 @@ def test_gives_up_after_max_retries():
 
 
 def test_gives_up_when_total_wait_would_exceed_bound():
-    c, sleeps = client([FakeResponse(429, b"", {"Retry-After": "120"})] * 3, retry_max_s=60)
+    c, sleeps = client([FakeResponse(503, b"", {"Retry-After": "120"})] * 3, retry_max_s=60)
     with pytest.raises(ademe.ApiUnavailable, match="ADEME_RETRY_MAX_S"):
         c.fetch(c.lines_url)
     assert sleeps == []
@@ -152,3 +152,73 @@ def test_rate_limiter_spaces_calls():
     for _ in range(5):
         lim.wait()
     assert slept == pytest.approx([0.25] * 4)
+
+
+RATE_429 = "Trop de traffic dans un interval restreint sur cette API.".encode()
+COMPUTE_429 = ("Le temps de traitement cumulé de vos requêtes dépasse le budget alloué sur cette API. Veuillez "
+               "patienter avant d'essayer de nouveau, ou réduire le coût de vos requêtes.").encode()
+
+
+def test_429_is_flow_control_waited_out_for_as_long_as_it_takes():
+    """data-fair's 429s carry no Retry-After; they never count as retries nor against ADEME_RETRY_MAX_S."""
+    script = [FakeResponse(429, RATE_429)] * 12 + [FakeResponse(200, PAGE)]
+    c, sleeps = client(script, max_retries=1, retry_max_s=1)
+    page = c.fetch(c.lines_url)
+    assert page.rows and page.attempts == 1 and c.throttled == 12 and c.retries_made == 0
+    assert len(sleeps) == 12
+    # exponential with jitter, never above one window (60 s)
+    assert 0.5 <= sleeps[0] <= 2.0 and all(s <= 60.0 for s in sleeps) and max(sleeps) >= 30.0
+    assert sleeps[:5] != sorted(sleeps[:5], reverse=True)
+
+
+def test_compute_budget_429_waits_one_window_so_one_request_per_lock_out():
+    c, sleeps = client([FakeResponse(429, COMPUTE_429)] * 3 + [FakeResponse(200, PAGE)], rate_window_s=60)
+    c.fetch(c.lines_url)
+    assert len(sleeps) == 3 and all(60.0 < s <= 78.0 for s in sleeps)
+    assert len(set(sleeps)) == 3  # jittered: producers locked out together do not come back together
+    c, sleeps = client([FakeResponse(429, COMPUTE_429), FakeResponse(200, PAGE)], rate_window_s=5)
+    c.fetch(c.lines_url)
+    assert 5.0 < sleeps[0] <= 6.5
+
+
+def test_unknown_api_key_is_a_configuration_error_and_the_key_is_sent_not_logged(caplog):
+    import logging
+
+    c, sleeps = client([FakeResponse(401, "Cette clé d'API est inconnue.".encode())], api_key="s3cr3t-key")
+    assert c.session.headers["x-apiKey"] == "s3cr3t-key"
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(ademe.ApiAuthError) as err:
+            c.fetch(c.lines_url)
+    assert err.value.status == 401 and "inconnue" in str(err.value) and sleeps == []
+    assert "s3cr3t-key" not in caplog.text and "s3cr3t-key" not in repr(c) and "s3cr3t-key" not in str(err.value)
+
+
+def test_a_stop_cuts_a_429_wait_short():
+    import threading
+
+    stop = threading.Event()
+    stop.set()
+    c = ademe.AdemeClient("http://api/ds", session=FakeSession([FakeResponse(429, COMPUTE_429)]), stop=stop)
+    with pytest.raises(ademe.ApiInterrupted):
+        c.fetch(c.lines_url)
+
+
+def test_shared_budget_file_sets_and_updates_the_producers_share(tmp_path):
+    import json
+
+    f = tmp_path / "budget.json"
+    f.write_text(json.dumps({"maxTotalRps": 8, "departments": 4}))
+    now = [0.0]
+    lim = ademe.RateLimiter(0, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s),
+                            budget_file=str(f), reload_s=15)
+    assert lim.rps == 2.0 and lim.interval == 0.5
+    f.write_text(json.dumps({"maxTotalRps": 8, "departments": 16}))  # an upgrade added departments
+    lim.wait()
+    assert lim.rps == 2.0  # re-read every reload_s, not at every request
+    now[0] += 20
+    lim.wait()
+    assert lim.rps == 0.5
+    own = ademe.RateLimiter(0.25, clock=lambda: now[0], budget_file=str(f))
+    assert own.rps == 0.25  # the lower of its own cap and its share
+    missing = ademe.RateLimiter(0, budget_file=str(tmp_path / "nope.json"))
+    assert missing.rps == 0.0 and missing.interval == 0.0

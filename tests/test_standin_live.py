@@ -5,6 +5,8 @@ re-created dataset.  Everything over HTTP against a started StandinServer."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import requests
 
@@ -138,3 +140,89 @@ def test_metadata_metric_agg_and_recreation(session):
         assert again["createdAt"] != meta["createdAt"] or again["finalizedAt"] != meta["finalizedAt"]
         rows = results(walk(session, api.url + "/lines", {"qs": "code_departement_ban:69", "size": 1000, "select": "_i"}))
         assert len(rows) == 3000 and max(r["_i"] for r in rows) < top and rows[0]["_i"] < 1000
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. data-fair's per-client limits: request rate, compute budget, bandwidth, API keys
+# ------------------------------------------------------------------------------------------------
+def test_request_rate_and_compute_budget_answer_data_fairs_429s(session):
+    from dpe_ingest.standin import Limits, Tier
+    from dpe_ingest.standin.limits import COMPUTE_MESSAGE, RATE_MESSAGE
+
+    limits = Limits(anonymous=Tier(nb=5, duration_s=60, compute_ms=0, bandwidth=0))
+    with StandinServer(Dataset({"69": 100}, default_rows=0), limits=limits) as api:
+        codes = [session.get(api.url + "/lines", params={"size": 1}).status_code for _ in range(7)]
+        assert codes == [200] * 5 + [429] * 2
+        r = session.get(api.url)  # the metadata route is limited too
+        assert r.status_code == 429 and r.text == RATE_MESSAGE == "Trop de traffic dans un interval restreint sur cette API."
+        assert "Retry-After" not in r.headers and r.headers["Content-Type"].startswith("text/plain")
+    # compute: 20 ms + 0.2 ms per row of the size asked for; the balance goes negative down to -budget
+    limits = Limits(anonymous=Tier(nb=1000, duration_s=60, compute_ms=500, bandwidth=0))
+    with StandinServer(Dataset({"69": 5000}, default_rows=0), limits=limits) as api:
+        ok = session.get(api.url + "/lines", params={"size": 5000, "select": "numero_dpe"})  # costs 1020 ms
+        assert ok.status_code == 200
+        r = session.get(api.url + "/lines", params={"size": 10})
+        assert r.status_code == 429 and r.text.startswith(COMPUTE_MESSAGE)
+        assert "count=estimate" in r.text and "Retry-After" not in r.headers
+        bucket = limits._compute["127.0.0.1"]
+        assert bucket.content == pytest.approx(-500, abs=1.0)  # floored at minus one budget
+        assert limits.lockouts["127.0.0.1"][0][1] - limits.lockouts["127.0.0.1"][0][0] == pytest.approx(60, abs=0.5)
+        assert limits.outcomes() == {"ok": 1, "compute": 1}
+
+
+def test_compute_of_an_aborted_request_is_billed_all_the_same(session):
+    from dpe_ingest.standin import Limits, Tier
+
+    # 1 kB/s: a 10 000-row page takes minutes to send; the client gives up after 0.5 s
+    limits = Limits(anonymous=Tier(nb=1000, duration_s=60, compute_ms=60_000, bandwidth=1_000))
+    with StandinServer(Dataset({"69": 10_000}, default_rows=0), limits=limits) as api:
+        with pytest.raises(requests.exceptions.RequestException):
+            session.get(api.url + "/lines", params={"size": 10_000, "select": "numero_dpe"}, timeout=0.5)
+        session.close()
+        deadline = time.monotonic() + 30
+        while limits.log[0].cost_ms == 0.0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert limits.log[0].cost_ms == pytest.approx(20 + 0.2 * 10_000)
+    assert limits._compute["127.0.0.1"].content < 60_000 - 1_900
+
+
+def test_bandwidth_throttle_counts_bytes_and_tears_down_past_100_queued_sends():
+    from dpe_ingest.standin import Limits, Tier
+
+    now = [0.0]
+    slept = []
+
+    def sleep(s):
+        slept.append(s)
+        now[0] += s
+
+    tier = Tier(nb=10, duration_s=60, compute_ms=0, bandwidth=1000.0)
+    limits = Limits(anonymous=tier, clock=lambda: now[0], sleep=sleep)
+    body = bytes(10_000)
+    pieces = list(limits.slices("ip", tier, body))
+    assert b"".join(pieces) == body and {len(p) for p in pieces[:-1]} == {4000}  # slices of the 4 s burst
+    # the first 4 000 bytes go at once (the bucket starts full), the other 6 000 at 1 000 bytes/s
+    assert sum(slept) == pytest.approx(6.0, abs=0.2)
+    for _ in range(100):
+        assert limits.acquire_send("ip", tier)
+    assert not limits.acquire_send("ip", tier)  # the 101st queued response is torn down
+    limits.release_send("ip", tier)
+    assert limits.acquire_send("ip", tier)
+
+
+def test_api_keys_move_to_the_user_tier_and_unknown_keys_are_401(session):
+    from dpe_ingest.standin import Limits, Tier
+
+    limits = Limits(anonymous=Tier(nb=2, duration_s=60, compute_ms=0, bandwidth=0),
+                    user=Tier(nb=4, duration_s=60, compute_ms=0, bandwidth=0), api_keys={"good": "alice"})
+    with StandinServer(Dataset({"69": 10}, default_rows=0), limits=limits) as api:
+        lines = api.url + "/lines"
+        assert [session.get(lines).status_code for _ in range(3)] == [200, 200, 429]
+        keyed = [session.get(lines, headers={"x-apiKey": "good"}).status_code for _ in range(5)]
+        assert keyed == [200] * 4 + [429]  # its own, larger bucket
+        r = session.get(lines, headers={"x-apiKey": "bad"})
+        assert r.status_code == 401 and r.text == "Cette clé d'API est inconnue."
+        assert session.get(lines, params={"apiKey": "bad"}).status_code == 401
+        assert session.get(api.url.replace("dpe03existant", "other"), headers={"x-apiKey": "bad"}).status_code == 404
+    with StandinServer(Dataset({"69": 10}, default_rows=0)) as api:  # no limits: every key is unknown
+        assert session.get(api.url + "/lines", headers={"x-apiKey": "x"}).status_code == 401

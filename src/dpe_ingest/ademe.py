@@ -5,10 +5,19 @@ Pagination follows the API's own ``next`` link (which carries the ``after`` curs
 applies and a department of any size is fetched whole.  The ``after`` value of every page is exposed
 so a restarted producer can resume from the last acknowledged page.
 
-Retries: 429 (honouring ``Retry-After``), 5xx, timeouts, connection resets and cut or truncated bodies
-are retried with capped exponential backoff and full jitter, bounded by a number of attempts and a
-total waiting time.  Any other 4xx is a request we built wrong or a dataset that does not exist:
-retrying cannot help, so it raises ``ApiRequestError`` with the API's own message.
+Flow control: a 429 is not a failure.  data-fair limits every client (an IP, or the user of an API
+key) to a request rate and a compute budget, and sends no Retry-After: the client waits and asks
+again, for as long as it takes (the Job's deadline is the bound), never counting it as a retry.  A
+compute-budget 429 ("Le temps de traitement cumulé…") means a lock-out of up to one window
+(``rate_window_s``, 60 s in data-fair): the client waits one window plus jitter, so it sends at most one
+request per lock-out.  A request-rate 429 backs off exponentially with jitter up to one window.  A
+Retry-After, when a proxy sends one, wins.
+
+Retries: 5xx, 408, timeouts, connection resets and cut or truncated bodies are retried with capped
+exponential backoff and jitter, bounded by a number of attempts and a total waiting time.  A 401 is a
+wrong API key: ``ApiAuthError``, a configuration error.  Any other 4xx is a request we built wrong or a
+dataset that does not exist: retrying cannot help, so it raises ``ApiRequestError`` with the API's own
+message.  The API key goes in the ``x-apiKey`` header and is never logged.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from . import departments, logs
 
 log = logging.getLogger("dpe_ingest.ademe")
 
-RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+RETRYABLE_STATUS = frozenset({408, 425, 500, 502, 503, 504})
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 60.0
 
@@ -43,8 +52,19 @@ class ApiRequestError(Exception):
         super().__init__(f"ADEME API refused the request with HTTP {status}: {detail} (url: {url})")
 
 
+class ApiAuthError(ApiRequestError):
+    """401: the API key is unknown to the API (data-fair: "Cette clé d'API est inconnue.")."""
+
+
 class ApiUnavailable(Exception):
-    """Retries exhausted: the API kept failing (5xx, 429, timeouts, cut bodies)."""
+    """Retries exhausted: the API kept failing (5xx, timeouts, cut bodies)."""
+
+
+class ApiInterrupted(Exception):
+    """The wait before the next request was interrupted (the producer is stopping)."""
+
+
+COMPUTE_BUDGET_429 = "Le temps de traitement cumulé"
 
 
 @dataclass
@@ -89,15 +109,57 @@ def build_qs(department: str, date_from: str | None = None, date_to: str | None 
 
 
 class RateLimiter:
-    """At most ``rps`` calls per second (0 = unlimited), shared by threads."""
+    """At most ``rps`` calls per second (0 = unlimited), shared by threads.
 
-    def __init__(self, rps: float, clock: Callable[[], float] = time.monotonic, sleep=time.sleep):
+    ``budget_file``: a JSON file ``{"maxTotalRps": R, "departments": N}`` (the chart mounts it from a
+    ConfigMap) re-read every ``reload_s``: the producer's share of the budget every producer shares is
+    R / N; with ``rps`` too, the lower of the two applies.
+    """
+
+    def __init__(self, rps: float, clock: Callable[[], float] = time.monotonic, sleep=time.sleep,
+                 budget_file: str | None = None, reload_s: float = 15.0, context: dict | None = None):
+        self.own_rps = rps
         self.interval = 1.0 / rps if rps > 0 else 0.0
         self._next = 0.0
         self._lock = threading.Lock()
         self._clock, self._sleep = clock, sleep
+        self.budget_file, self.reload_s, self.context = budget_file, reload_s, context or {}
+        self._checked = None
+        self._budget_text = None
+        self.rps = rps
+        if budget_file:
+            self._reload(force=True)
+
+    def _reload(self, force: bool = False) -> None:
+        now = self._clock()
+        if not force and self._checked is not None and now - self._checked < self.reload_s:
+            return
+        self._checked = now
+        try:
+            with open(self.budget_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError:
+            text = None
+        if text == self._budget_text:
+            return
+        self._budget_text = text
+        shared = 0.0
+        try:
+            doc = json.loads(text) if text else {}
+            total, n = float(doc.get("maxTotalRps") or 0), int(doc.get("departments") or 1)
+            shared = total / max(1, n) if total > 0 else 0.0
+        except (ValueError, TypeError, AttributeError):
+            log.warning("ignoring unreadable API budget file %s", self.budget_file)
+        rates = [r for r in (self.own_rps, shared) if r > 0]
+        self.rps = min(rates) if rates else 0.0
+        self.interval = 1.0 / self.rps if self.rps > 0 else 0.0
+        logs.event(log, "api_budget", f"API request rate of this producer: {self.rps:.3f}/s "
+                   f"(shared budget {text.strip() if text else 'none'})", rps=round(self.rps, 4),
+                   **self.context)
 
     def wait(self) -> None:
+        if self.budget_file:
+            self._reload()
         if not self.interval:
             return
         with self._lock:
@@ -148,15 +210,50 @@ class AdemeClient:
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)
     context: dict[str, Any] = field(default_factory=dict)  # logged with every retry (department…)
+    api_key: str | None = field(default=None, repr=False)  # sent as x-apiKey, never logged
+    rate_window_s: float = 60.0  # data-fair's rate-limit window: a compute lock-out lasts up to one
+    stop: threading.Event | None = None  # set: a wait before the next request ends with ApiInterrupted
+    budget_file: str | None = None  # the shared budget (maxTotalRps / departments), re-read
 
     def __post_init__(self) -> None:
         self.dataset_url = self.dataset_url.rstrip("/")
         self.lines_url = self.dataset_url + "/lines"
-        self.limiter = RateLimiter(self.max_rps, sleep=self.sleep)
-        self.session.headers.setdefault("User-Agent", "dpe-ingest (+https://github.com/dpe-ingest)")
+        self.limiter = RateLimiter(self.max_rps, sleep=self._pause, budget_file=self.budget_file,
+                                   context=self.context)
+        who = self.context.get("department")
+        agent = f"dpe-ingest ({who}; +https://github.com/dpe-ingest)" if who else "dpe-ingest (+https://github.com/dpe-ingest)"
+        self.session.headers["User-Agent"] = agent
         self.session.headers.setdefault("Accept", "application/json")
+        if self.api_key:
+            self.session.headers["x-apiKey"] = self.api_key
         self.requests_made = 0
         self.retries_made = 0
+        self.throttled = 0  # 429s waited out
+        self.throttled_s = 0.0
+        self._in_a_row_429 = 0
+        self._stats_lock = threading.Lock()
+
+    def _pause(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        if self.stop is not None:
+            if self.stop.wait(seconds):
+                raise ApiInterrupted("stopping: the wait before the next API request was cut short")
+            return
+        self.sleep(seconds)
+
+    def throttle_delay(self, resp: requests.Response) -> tuple[float, str]:
+        """How long to wait after a 429, and which limit it was."""
+        retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
+        if retry_after is not None:
+            return retry_after + self.rng.uniform(0.0, 1.0), "retry_after"
+        if resp.text.startswith(COMPUTE_BUDGET_429):
+            # locked out until the budget is positive again: at most one window from the last debit
+            return self.rate_window_s * self.rng.uniform(1.05, 1.3), "compute_budget"
+        n = self._in_a_row_429
+        cap = self.rate_window_s
+        exp = min(cap, 2.0 * 2 ** max(0, n - 1))
+        return self.rng.uniform(exp / 2, exp), "request_rate"
 
     # -- one call ----------------------------------------------------------------------------
     def fetch(self, url: str, params: dict[str, Any] | None = None, parse=None) -> Any:
@@ -171,17 +268,33 @@ class AdemeClient:
             retry_after: float | None = None
             try:
                 resp = self.session.get(url, params=params, timeout=self.timeout_s)
+                if resp.status_code == 429:
+                    with self._stats_lock:
+                        self._in_a_row_429 += 1
+                        self.throttled += 1
+                    delay, kind = self.throttle_delay(resp)
+                    with self._stats_lock:
+                        self.throttled_s += delay
+                    attempt -= 1  # flow control, not a failed attempt
+                    logs.event(log, "api_throttled", f"API budget exhausted ({kind}, HTTP 429): waiting "
+                               f"{delay:.1f}s before asking again", logging.WARNING, limit=kind,
+                               wait_s=round(delay, 2), throttled=self.throttled, **self.context)
+                    self._pause(delay)
+                    continue
+                self._in_a_row_429 = 0
                 if resp.status_code == 200:
                     if parse is not None:
                         return parse(resp)
                     page = self._parse(resp)
                     page.attempts = attempt
                     return page
+                if resp.status_code == 401:
+                    raise ApiAuthError(resp.status_code, _safe_url(resp.url), _error_detail(resp))
                 if resp.status_code in RETRYABLE_STATUS or resp.status_code >= 500:
                     problem = f"HTTP {resp.status_code}: {_error_detail(resp)[:200]}"
                     retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
                 else:
-                    raise ApiRequestError(resp.status_code, resp.url, _error_detail(resp))
+                    raise ApiRequestError(resp.status_code, _safe_url(resp.url), _error_detail(resp))
             except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
                     requests.exceptions.ContentDecodingError, _TruncatedBody) as exc:
                 problem = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -198,7 +311,7 @@ class AdemeClient:
             logs.event(log, "api_retry", f"API call failed ({problem}); retry {attempt}/{self.max_retries} "
                        f"in {delay:.1f}s", logging.WARNING, attempt=attempt, retry_in_s=round(delay, 2),
                        problem=problem, **self.context)
-            self.sleep(delay)
+            self._pause(delay)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         exp = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
@@ -264,6 +377,15 @@ class AdemeClient:
                 yield page
                 if not page.has_next:
                     return
+
+
+def _safe_url(url: str) -> str:
+    """The URL without an apiKey query parameter (the key never goes to a log)."""
+    parts = urlsplit(url)
+    if "apikey" not in parts.query.lower():
+        return url
+    kept = [p for p in parts.query.split("&") if not p.lower().startswith("apikey=")]
+    return parts._replace(query="&".join(kept)).geturl()
 
 
 def cursor_line(after: str | None) -> int | None:

@@ -8,7 +8,7 @@ agree).  Each entry: variable name, default, meaning.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 from . import departments
@@ -41,8 +41,11 @@ CONTRACT: dict[str, tuple[str | None, str]] = {
     "ADEME_DATE_TO": (None, "Optional last date_reception_dpe (YYYY-MM-DD), inclusive"),
     "ADEME_EXTRA_FIELDS": ("", "Extra dataset fields to select, comma-separated"),
     "ADEME_MAX_RPS": ("0", "Cap on API requests per second (0 = no cap)"),
+    "ADEME_BUDGET_FILE": (None, "JSON file {maxTotalRps, departments} (the chart's ConfigMap), re-read: this producer's share of the shared request budget"),
+    "ADEME_API_KEY": (None, "Optional data-fair API key, sent as the x-apiKey header (higher rate tier); never logged"),
+    "ADEME_RATE_WINDOW_S": ("60", "data-fair's rate-limit window: after a compute-budget 429 the producer waits one window"),
     "ADEME_TIMEOUT_S": ("30", "Per-request timeout in seconds (connect and read)"),
-    "ADEME_MAX_RETRIES": ("8", "Retries of one API call (429, 5xx, timeouts, cut bodies) before giving up"),
+    "ADEME_MAX_RETRIES": ("8", "Retries of one API call (5xx, timeouts, cut bodies) before giving up; a 429 is waited out, never counted"),
     "ADEME_RETRY_MAX_S": ("300", "Upper bound of the total time spent waiting in retries of one call"),
     "KAFKA_WAIT_S": ("180", "How long the producer waits for Kafka to answer at start before giving up (exit 1)"),
     "PRODUCER_CHECKPOINT_TOPIC": ("dpe-producer-checkpoints", "Compacted topic holding each department's resume point"),
@@ -156,6 +159,9 @@ class ProducerConfig:
     restart: bool
     kafka: KafkaSettings
     kafka_wait_s: float = 180.0
+    api_key: str | None = field(default=None, repr=False)
+    rate_window_s: float = 60.0
+    budget_file: str | None = None
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -191,6 +197,9 @@ class ProducerConfig:
             restart=_bool(env, "PRODUCER_RESTART"),
             kafka=KafkaSettings.from_env(env),
             kafka_wait_s=_float(env, "KAFKA_WAIT_S", 0.0),
+            api_key=_get(env, "ADEME_API_KEY"),
+            rate_window_s=_float(env, "ADEME_RATE_WINDOW_S", 0.1),
+            budget_file=_get(env, "ADEME_BUDGET_FILE"),
         )
         if cfg.date_from and cfg.date_to and cfg.date_from > cfg.date_to:
             raise ConfigError(f"ADEME_DATE_FROM={cfg.date_from} is after ADEME_DATE_TO={cfg.date_to}")

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import deadletter, departments, logs
-from .ademe import AdemeClient, ApiRequestError, ApiUnavailable, cursor_line
+from .ademe import (AdemeClient, ApiAuthError, ApiInterrupted, ApiRequestError, ApiUnavailable,
+                    cursor_line)
 from .config import CONTRACT, ConfigError, ProducerConfig
 from .kafka_io import (CheckpointStore, KafkaUnavailable, SendTracker, ensure_topics, make_producer,
                        pipeline_topics, wait_for_kafka)
@@ -113,7 +114,9 @@ class Producer:
         self.stop = stop or threading.Event()
         self.ctx = {"department": cfg.department}
         self.client = AdemeClient(cfg.api_url, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
-                                  retry_max_s=cfg.retry_max_s, max_rps=cfg.max_rps, context=self.ctx)
+                                  retry_max_s=cfg.retry_max_s, max_rps=cfg.max_rps, context=self.ctx,
+                                  api_key=cfg.api_key, rate_window_s=cfg.rate_window_s, stop=self.stop,
+                                  budget_file=cfg.budget_file)
 
     def fingerprint(self) -> dict:
         return {"department": self.cfg.department, "date_from": self.cfg.date_from,
@@ -144,6 +147,8 @@ class Producer:
     def run(self) -> int:
         cfg, ctx = self.cfg, self.ctx
         t0 = time.monotonic()
+        # the API first: a wrong API key (401) or URL fails here, before anything is written to Kafka
+        self.meta = self.client.dataset_info()
         admin = wait_for_kafka(cfg.kafka.bootstrap_servers, timeout_s=cfg.kafka_wait_s, context=ctx)
         try:
             created = ensure_topics(admin, pipeline_topics(cfg.kafka, cfg.checkpoint_topic))
@@ -164,7 +169,7 @@ class Producer:
         key = cfg.department
         ckpt = store.load(key)
         fp = self.fingerprint()
-        meta = self.client.dataset_info()
+        meta = self.meta
         self.identity = {"id": meta.get("id"), "createdAt": meta.get("createdAt")}
         self.dataset_count = meta.get("count")
         if ckpt and ckpt.get("query") != fp:
@@ -245,11 +250,16 @@ class Producer:
                            "the next run resumes here", logging.WARNING, page=page_no, rows=prog.rows, **ctx)
                 return EXIT_TERMINATED
         seconds = time.monotonic() - t0
+        c = self.client
+        rate = c.requests_made / seconds if seconds > 0 else 0.0
         logs.event(log, "done", f"department {cfg.department} done: {prog.rows} rows sent, {prog.dead} dead "
-                   f"letters, {prog.pages} pages in {seconds:.1f}s (API total {prog.total})",
+                   f"letters, {prog.pages} pages in {seconds:.1f}s (API total {prog.total}); "
+                   f"{c.requests_made} API requests at {rate:.2f}/s, {c.throttled} answered 429 "
+                   f"({c.throttled_s:.0f}s waited)",
                    rows=prog.rows, dead=prog.dead, pages=prog.pages, total=prog.total,
-                   seconds=round(seconds, 1), api_requests=self.client.requests_made,
-                   api_retries=self.client.retries_made, **ctx)
+                   seconds=round(seconds, 1), api_requests=c.requests_made, api_rps=round(rate, 3),
+                   api_retries=c.retries_made, api_throttled=c.throttled, api_throttled_s=round(c.throttled_s, 1),
+                   **ctx)
         return EXIT_OK
 
 
@@ -297,6 +307,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         return Producer(cfg, stop).run()
+    except ApiAuthError as exc:
+        msg = (f"the ADEME API does not know the API key (HTTP 401: {exc.detail}): check ADEME_API_KEY "
+               "(chart: the Secret named by ademe.apiKey.existingSecret), or unset it to read anonymously")
+        logs.event(log, "config_error", msg, logging.ERROR, department=cfg.department, status=exc.status)
+        print(f"dpe-ingest produce: {msg}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ApiInterrupted:
+        logs.event(log, "stopped", "stopped by signal while waiting for the API; the last checkpoint stands, "
+                   "the next run resumes there", logging.WARNING, department=cfg.department)
+        return EXIT_TERMINATED
     except ApiRequestError as exc:
         logs.event(log, "api_refused", str(exc), logging.ERROR, department=cfg.department, status=exc.status)
         return EXIT_REFUSED

@@ -50,9 +50,14 @@ def test_every_producer_setting_is_wired(render):
                      "ADEME_EXTRA_FIELDS", "ADEME_MAX_RPS", "ADEME_TIMEOUT_S", "ADEME_MAX_RETRIES",
                      "ADEME_RETRY_MAX_S", "PRODUCER_CHECKPOINT_TOPIC", "PRODUCER_RESTART",
                      "KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPIC", "KAFKA_DLQ_TOPIC", "KAFKA_TOPIC_PARTITIONS",
-                     "KAFKA_REPLICATION_FACTOR", "LOG_FORMAT", "LOG_LEVEL"}
+                     "KAFKA_REPLICATION_FACTOR", "LOG_FORMAT", "LOG_LEVEL", "ADEME_BUDGET_FILE"}
     assert producer_vars <= set(config.CONTRACT)
     assert producer_vars == set(env)
+    # set only when asked: the API key (from a Secret) and a rate window other than data-fair's 60 s
+    keyed = render.template(sets={"ademe.apiKey.existingSecret": "ademe-key", "ademe.rateWindowSeconds": "30"})
+    extra = set(env_of(container(producer_jobs(keyed)["69"], "producer"))) - producer_vars
+    assert extra == {"ADEME_API_KEY", "ADEME_RATE_WINDOW_S"}
+    assert extra <= set(config.CONTRACT)
     consumer_env = env_of(container(named(docs, "Deployment", "dpe-consumer")))
     consumer_vars = {"DATABASE_URL", "DB_TABLE", "CONSUMER_GROUP", "BATCH_SIZE", "BATCH_IDLE_MS",
                      "RETRY_MAX_BACKOFF_S", "KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPIC", "KAFKA_DLQ_TOPIC",

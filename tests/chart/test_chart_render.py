@@ -358,3 +358,41 @@ def test_notes(render, tmp_path):
     notes = _notes(render, tmp_path / "b", values_files=[CHART / "values-external.yaml"])
     assert "port-forward svc/dpe-kafdrop" in notes
     assert 'psql "postgresql://dpe@postgres.data.svc.cluster.local:5432/dpe"' in notes
+
+
+def test_one_api_budget_shared_by_every_producer(render):
+    import json
+
+    docs = render.template(sets={"departments": "{69,01,38,13}"})
+    budget = named(docs, "ConfigMap", "dpe-api-budget")
+    assert json.loads(budget["data"]["budget.json"]) == {"maxTotalRps": 8, "departments": 4}
+    assert 8 * 60 < 600  # the default stays comfortably under data-fair's anonymous 600 requests/min
+    for job in producer_jobs(docs).values():
+        spec = pod_spec(job)
+        env = env_of(container(job, "producer"))
+        assert env["ADEME_BUDGET_FILE"] == "/etc/dpe-ingest/budget/budget.json" and "ADEME_MAX_RPS" not in env
+        mount = next(m for m in container(job, "producer")["volumeMounts"] if m["name"] == "api-budget")
+        assert mount["mountPath"] == "/etc/dpe-ingest/budget" and mount["readOnly"] is True
+        vol = next(v for v in spec["volumes"] if v["name"] == "api-budget")
+        assert vol["configMap"]["name"] == "dpe-api-budget"
+    # the share lives in the ConfigMap, not in the Jobs: adding a department replaces no Job
+    more = render.template(sets={"departments": "{69,01,38,13,33}"})
+    before = {c: j["metadata"]["name"] for c, j in producer_jobs(docs).items()}
+    after = {c: j["metadata"]["name"] for c, j in producer_jobs(more).items()}
+    assert all(after[c] == name for c, name in before.items())
+    assert json.loads(named(more, "ConfigMap", "dpe-api-budget")["data"]["budget.json"])["departments"] == 5
+    own = render.template(sets={"ademe.maxRps": "0.5"})
+    assert env_of(container(producer_jobs(own)["69"], "producer"))["ADEME_MAX_RPS"] == "0.5"
+
+
+def test_api_key_comes_from_a_secret_and_never_into_a_configmap(render):
+    docs = render.template(sets={"departments": "{69,none}", "ademe.apiKey.existingSecret": "ademe-key",
+                                 "ademe.apiKey.secretKey": "token"})
+    for job in producer_jobs(docs).values():
+        ref = env_of(container(job, "producer"))["ADEME_API_KEY"]
+        assert ref == {"secretKeyRef": {"name": "ademe-key", "key": "token"}}
+    for cm in by_kind(docs, "ConfigMap"):
+        assert "ademe-key" not in str(cm) and "token" not in str(cm.get("data", {}))
+    assert "ADEME_API_KEY" not in env_of(container(producer_jobs(render.template())["69"], "producer"))
+    err = render.template_error(sets={"ademe.apiKey.existingSecret": "Bad_Name"})
+    assert "existingSecret" in err

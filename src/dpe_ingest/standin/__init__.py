@@ -2,6 +2,7 @@
 
 from .data import Dataset
 from .faults import Fault, Faults
+from .limits import Limits, Tier
 from .server import StandinServer, main
 
-__all__ = ["Dataset", "Fault", "Faults", "StandinServer", "main"]
+__all__ = ["Dataset", "Fault", "Faults", "Limits", "StandinServer", "Tier", "main"]

@@ -35,13 +35,15 @@ from .. import departments, logs
 from . import query as _query
 from .data import _DAY_STR, DEPARTMENT_POSITION, FIELDS, MOD_FIELD, N_DEPARTMENTS, Dataset
 from .faults import Fault, Faults
+from .limits import COMPUTE_MESSAGE, RATE_MESSAGE, UNKNOWN_KEY_MESSAGE, Limits
 
 log = logging.getLogger("dpe_ingest.standin")
 
 DATASET_ID = "dpe03existant"
 API_PREFIX = "/data-fair/api/v1/datasets/"
-# data-fair answers its rate limit with req.__('errors.exceedRateLimiting'), text/plain, no Retry-After
-RATE_LIMIT_MESSAGE = "Trop de requêtes dans un interval restreint, veuillez patienter quelques instants."
+# data-fair answers its rate limit with req.__('errors.exceedRateLimiting') (api/i18n/messages/fr.json),
+# text/plain, no Retry-After
+RATE_LIMIT_MESSAGE = RATE_MESSAGE
 _REASONS_HTML = {
     502: "502 Bad Gateway",
     503: "503 Service Temporarily Unavailable",
@@ -119,6 +121,7 @@ class _Handler(BaseHTTPRequestHandler):
         started = time.perf_counter()
         number = standin._next_number()
         self._number = number
+        self._limited = None  # (client, tier, cost_ms, throttled) once the limits admitted the request
         faults = standin.faults
         fault = faults.decide(number, self.client_address[0]) if faults is not None else None
         self._fault = fault
@@ -136,7 +139,12 @@ class _Handler(BaseHTTPRequestHandler):
                 log.exception("stand-in failure on %s", self.path)
                 status, headers, body = self._text(500, "")
                 self._error = repr(exc)
-        self._respond(status, headers, body, head, cut=fault is not None and fault.kind == "cut")
+        try:
+            self._respond(status, headers, body, head, cut=fault is not None and fault.kind == "cut")
+        finally:
+            if self._limited is not None and standin.limits is not None:
+                client, tier, cost_ms, _ = self._limited
+                standin.limits.bill(client, tier, cost_ms)  # on close, aborted responses included
         logs.event(log, "request", f"{self.command} {self.path} -> {status}", logging.DEBUG,
                    n=number, status=status, bytes=len(body), fault=fault.kind if fault else None,
                    ms=round((time.perf_counter() - started) * 1000, 1))
@@ -178,6 +186,10 @@ class _Handler(BaseHTTPRequestHandler):
             return 404, [("Content-Type", "text/html; charset=utf-8")], b"Dataset not found"
         host = self.headers.get("Host") or f"{standin.host}:{standin.port}"
         public_url = f"http://{host}/data-fair"
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        refused = self._limit(standin, segments, query)
+        if refused is not None:
+            return refused
         if len(segments) == 1:
             with standin.dataset.lock:
                 meta = standin.dataset.metadata(public_url)
@@ -190,7 +202,40 @@ class _Handler(BaseHTTPRequestHandler):
             return standin._metric_agg(parse_qsl(parts.query, keep_blank_values=True))
         return self._text(404, "Not Found")
 
+    def _limit(self, standin: "StandinServer", segments: list[str], query: list[tuple[str, str]]):
+        """The API-key middleware (401) then the rate-limiting middleware (429s), as data-fair runs
+        them on every dataset route; None when the request goes on."""
+        api_key = self.headers.get("x-apiKey") or self.headers.get("x-api-key") or dict(query).get("apiKey")
+        limits = standin.limits
+        agent = self.headers.get("User-Agent", "")
+        if api_key is not None:
+            standin.api_keys_seen.append(api_key)
+        who = (limits or Limits(api_keys={})).client_of(self.client_address[0], api_key)
+        if who is None:
+            if limits is not None:
+                limits.refuse_key(self.client_address[0], agent)
+            return self._text(401, UNKNOWN_KEY_MESSAGE)
+        if limits is None:
+            return None
+        client, tier = who
+        verdict = limits.admit(client, tier, agent)
+        if verdict == "rate":
+            return self._text(429, RATE_MESSAGE)
+        if verdict == "compute":
+            return self._text(429, COMPUTE_MESSAGE + _advice(query))
+        searches = len(segments) == 2 and segments[1] in ("lines", "metric_agg")
+        size = 0
+        if searches and segments[1] == "lines":
+            raw = dict(query).get("size", "")
+            size = int(raw) if raw.strip().isdigit() else _query.DEFAULT_SIZE
+        self._limited = (client, tier, limits.cost_ms(size) if searches else 0.0, searches)
+        return None
+
     def _respond(self, status: int, headers: list, body: bytes, head: bool, cut: bool) -> None:
+        limited = getattr(self, "_limited", None)
+        if limited is not None and limited[3] and not head and not cut and self.server.standin.limits is not None:
+            self._respond_throttled(status, headers, body, limited)
+            return
         self.send_response(status)
         for name, value in headers:
             self.send_header(name, value)
@@ -216,13 +261,61 @@ class _Handler(BaseHTTPRequestHandler):
         self.flush_headers()
 
 
+    def _respond_throttled(self, status: int, headers: list, body: bytes, limited) -> None:
+        """res.throttleEnd(): the body through the client's bandwidth bucket, or torn down when too
+        many of its responses already wait on it."""
+        limits: Limits = self.server.standin.limits
+        client, tier, _, _ = limited
+        if not limits.acquire_send(client, tier):
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        try:
+            self.send_response(status)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            for piece in limits.slices(client, tier, body):
+                self.wfile.write(piece)
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True  # the client went away: the compute is billed all the same
+        finally:
+            limits.release_send(client, tier)
+
+
+def _advice(query: list[tuple[str, str]]) -> str:
+    """query-advice.ts, the rules that apply to a /lines query of the stand-in."""
+    q = dict(query)
+    items = []
+    if q.get("count") not in ("false", "estimate") and not q.get("after"):
+        items.append("set count=estimate (exact total up to the threshold, then estimated by sampling) or "
+                     "count=false to skip the exact total-row count")
+    page = q.get("page", "")
+    if page.isdigit() and int(page) >= 100:
+        items.append("use keyset pagination via the after parameter instead of deep page/offset navigation")
+    size = q.get("size", "")
+    if size.isdigit() and int(size) >= 1000:
+        items.append("request fewer results per page (lower size)")
+    return (" Advice to optimize your queries: " + "; ".join(items) + ".") if items else ""
+
+
 class StandinServer:
     """The stand-in HTTP server; ``start()`` serves in a background thread."""
 
     def __init__(self, dataset: Dataset | None = None, faults: Faults | None = None,
-                 host: str = "127.0.0.1", port: int = 0, total_on_after_pages: bool = False):
+                 host: str = "127.0.0.1", port: int = 0, total_on_after_pages: bool = False,
+                 limits: Limits | None = None):
         self.dataset = dataset if dataset is not None else Dataset()
         self.faults = faults
+        #: data-fair's per-client limits (request rate, compute budget, bandwidth, API keys); None = off
+        self.limits = limits
+        #: every x-apiKey received (tests check that a key arrived; never logged)
+        self.api_keys_seen: list[str] = []
         self.host = host
         self.port = int(port)
         #: data-fair >= the track_total_hits change omits "total" on after= pages; True keeps it
@@ -528,6 +621,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probability of a slow response (default 1 when --slow-ms > 0)")
     p.add_argument("--rate-limit", type=int, default=0,
                    help="data-fair-like rate limit: requests per minute per client IP, 429 beyond (0 = off; the real anonymous limit is 600)")
+    p.add_argument("--limits", action="store_true",
+                   help="data-fair's per-client limits: requests, compute budget, bandwidth (anonymous 600/60s, "
+                        "20 s compute, 500 kB/s; an API key 1200/60s, 60 s, 1 MB/s)")
+    p.add_argument("--limit-requests", type=int, default=None, metavar="N",
+                   help="with --limits: anonymous requests per window (default 600)")
+    p.add_argument("--limit-compute-ms", type=float, default=None, metavar="MS",
+                   help="with --limits: anonymous compute budget per window in ms (default 20000; 0 = off)")
+    p.add_argument("--limit-bandwidth", type=float, default=None, metavar="BYTES_PER_S",
+                   help="with --limits: anonymous bandwidth in bytes/s (default 500000; 0 = off)")
+    p.add_argument("--limit-window-s", type=float, default=60.0, help="with --limits: the window (default 60 s)")
+    p.add_argument("--cost-per-row-ms", type=float, default=0.2,
+                   help="with --limits: compute a /lines request costs per row of its size (default 0.2 ms, + 20 ms)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY[=USER]",
+                   help="an API key the stand-in knows (x-apiKey header: the user tier); others get 401")
     p.add_argument("--virtual", action="store_true",
                    help="a virtual dataset like the real dpe03existant: sort _i then _rand, after=<_i>,<_rand>, large _i")
     p.add_argument("--total-on-after-pages", action="store_true",
@@ -549,8 +656,25 @@ def main(argv: list[str] | None = None) -> int:
     faults = Faults(seed=args.fault_seed, p_429=args.fault_429, retry_after_s=args.retry_after,
                     p_5xx=args.fault_5xx, p_cut=args.fault_cut, p_slow=p_slow, slow_s=args.slow_ms / 1000.0,
                     rate_limit=args.rate_limit)
+    keys = {}
+    for item in args.api_key:
+        key, _, user = item.partition("=")
+        keys[key] = user or f"key{len(keys) + 1}"
+    limits = None
+    if args.limits or keys:
+        from .limits import ANONYMOUS, USER, Tier
+
+        w = args.limit_window_s
+        anon = Tier(nb=args.limit_requests if args.limit_requests is not None else ANONYMOUS.nb, duration_s=w,
+                    compute_ms=args.limit_compute_ms if args.limit_compute_ms is not None else ANONYMOUS.compute_ms,
+                    bandwidth=args.limit_bandwidth if args.limit_bandwidth is not None else ANONYMOUS.bandwidth)
+        user = Tier(nb=USER.nb, duration_s=w, compute_ms=USER.compute_ms, bandwidth=USER.bandwidth)
+        if not args.limits:  # keys only: 401 for unknown keys, no other limit
+            anon = Tier(nb=10**9, duration_s=w, compute_ms=0, bandwidth=0)
+            user = Tier(nb=10**9, duration_s=w, compute_ms=0, bandwidth=0)
+        limits = Limits(anonymous=anon, user=user, api_keys=keys, cost_per_row_ms=args.cost_per_row_ms)
     server = StandinServer(dataset, faults, host=args.host, port=args.port,
-                           total_on_after_pages=args.total_on_after_pages)
+                           total_on_after_pages=args.total_on_after_pages, limits=limits)
     try:
         server.start()
     except OSError as exc:

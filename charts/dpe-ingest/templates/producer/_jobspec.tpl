@@ -54,6 +54,21 @@ template:
           - name: ADEME_MAX_RPS
             value: {{ $v.ademe.maxRps | toString | quote }}
           {{- end }}
+          # the shared budget (ademe.maxTotalRps / departments) is a mounted ConfigMap, not env: an
+          # upgrade that adds a department changes the share of every producer without replacing Jobs
+          - name: ADEME_BUDGET_FILE
+            value: /etc/dpe-ingest/budget/budget.json
+          {{- with $v.ademe.apiKey }}{{- if .existingSecret }}
+          - name: ADEME_API_KEY
+            valueFrom:
+              secretKeyRef:
+                name: {{ .existingSecret | quote }}
+                key: {{ .secretKey | default "apiKey" | quote }}
+          {{- end }}{{- end }}
+          {{- if and $v.ademe.rateWindowSeconds (ne (toString $v.ademe.rateWindowSeconds) "60") }}
+          - name: ADEME_RATE_WINDOW_S
+            value: {{ $v.ademe.rateWindowSeconds | toString | quote }}
+          {{- end }}
           {{- with $v.ademe.dateFrom }}
           - name: ADEME_DATE_FROM
             value: {{ . | toString | quote }}
@@ -84,9 +99,16 @@ template:
         volumeMounts:
           - name: tmp
             mountPath: /tmp
+          - name: api-budget
+            mountPath: /etc/dpe-ingest/budget
+            readOnly: true
     volumes:
       - name: tmp
         emptyDir: {}
+      - name: api-budget
+        configMap:
+          name: {{ printf "%s-api-budget" (include "dpe-ingest.fullname" $root) }}
+          optional: true
     {{- with $p.nodeSelector }}
     nodeSelector:
       {{- toYaml . | nindent 6 }}
