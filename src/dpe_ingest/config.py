@@ -57,6 +57,13 @@ CONTRACT: dict[str, tuple[str | None, str]] = {
     "BATCH_SIZE": ("100", "Rows per database transaction"),
     "BATCH_IDLE_MS": ("1000", "A partial batch is written after this long without new messages"),
     "RETRY_MAX_BACKOFF_S": ("30", "Cap of the backoff while the database or the broker is down"),
+    # analytics consumer (dpe-ingest analytics) and metrics
+    "ANALYTICS_GROUP": ("dpe-analytics", "Kafka consumer group of the analytics consumer (independent of the sink's)"),
+    "ANALYTICS_TABLE_PREFIX": ("dpe_analytics", "Prefix of the analytics tables (per-key state, counts and offsets, written in one transaction)"),
+    "ANALYTICS_ALERT_SHARE": ("0.3", "Alert summaries warn when a department's F+G share exceeds this (0..1)"),
+    "ANALYTICS_ALERT_INTERVAL_S": ("60", "At most one alert summary line per department per this many seconds"),
+    "METRICS_PORT": ("0", "Port of the Prometheus /metrics endpoint of consume and analytics (0 = none)"),
+    "METRICS_PUSHGATEWAY_URL": (None, "Optional Prometheus Pushgateway URL: the producer pushes its summary there when it exits"),
 }
 
 
@@ -231,6 +238,46 @@ class ConsumerConfig:
             retry_max_backoff_s=_float(env, "RETRY_MAX_BACKOFF_S", 0.1),
             kafka=KafkaSettings.from_env(env),
         )
+
+
+@dataclass(frozen=True)
+class AnalyticsConfig:
+    database_url: str
+    table_prefix: str
+    group: str
+    batch_size: int
+    batch_idle_ms: int
+    retry_max_backoff_s: float
+    alert_share: float
+    alert_interval_s: float
+    kafka: KafkaSettings
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "AnalyticsConfig":
+        env = dict(os.environ if env is None else env)
+        prefix = str(_get(env, "ANALYTICS_TABLE_PREFIX"))
+        if not prefix.replace("_", "").isalnum() or prefix[0].isdigit() or len(prefix) > 40:
+            raise ConfigError(f"ANALYTICS_TABLE_PREFIX={prefix!r}: letters, digits and _ only, not starting with "
+                              "a digit, at most 40 characters")
+        share = _float(env, "ANALYTICS_ALERT_SHARE", 0.0)
+        if share > 1.0:
+            raise ConfigError(f"ANALYTICS_ALERT_SHARE={share} must be between 0 and 1")
+        return cls(
+            database_url=str(_get(env, "DATABASE_URL")),
+            table_prefix=prefix,
+            group=str(_get(env, "ANALYTICS_GROUP")),
+            batch_size=_int(env, "BATCH_SIZE", 1, 100000),
+            batch_idle_ms=_int(env, "BATCH_IDLE_MS", 1, 3600000),
+            retry_max_backoff_s=_float(env, "RETRY_MAX_BACKOFF_S", 0.1),
+            alert_share=share,
+            alert_interval_s=_float(env, "ANALYTICS_ALERT_INTERVAL_S", 0.0),
+            kafka=KafkaSettings.from_env(env),
+        )
+
+
+def metrics_port(env: Mapping[str, str] | None = None) -> int:
+    """METRICS_PORT (0 = no /metrics endpoint)."""
+    return _int(os.environ if env is None else env, "METRICS_PORT", 0, 65535)
 
 
 def markdown_table() -> str:
