@@ -156,3 +156,44 @@ def test_batch_write_speed_is_reported(database_url, table, method, capsys):
         print(f"\n[bench] sink method={method}: {len(rows) / took:.0f} rows/s in 100-row batches "
               f"({took / 30 * 1000:.1f} ms per batch)")
     s.close()
+
+
+def test_deletion_messages_delete_the_row_and_the_last_message_of_a_key_wins(database_url, table):
+    """A refresh sends {"numero_dpe", "departement", "_deleted": true} for a row deactivated in the API."""
+    import json
+
+    from dpe_ingest.sink import parse_message
+
+    sink = Sink(database_url, table)
+    sink.migrate()
+    sink.write([R(1), R(2), R(3)])
+    gone = parse_message(json.dumps({"numero_dpe": "DPE00002", "departement": "69", "_deleted": True}).encode(), 0, 9)
+    assert gone.deleted and gone.numero_dpe == "DPE00002"
+    res = sink.write([gone])
+    assert (res.deleted, res.inserted, res.updated) == (1, 0, 0)
+    assert [r[0] for r in rows_of(database_url, table)] == ["DPE00001", "DPE00003"]
+    # deleting an absent row is harmless (a replay); in one batch the last message of a key wins
+    again = sink.write([gone, R(3, etiquette="G", offset=11), parse_message(
+        json.dumps({"numero_dpe": "DPE00003", "departement": "69", "_deleted": True}).encode(), 0, 12), R(4)])
+    assert again.deleted == 1 and again.inserted == 1
+    assert [r[0] for r in rows_of(database_url, table)] == ["DPE00001", "DPE00004"]
+    back = sink.write([gone, R(2, offset=20)])  # re-activated after a deletion: stored again
+    assert back.inserted == 1 and back.deleted == 0
+    assert [r[0] for r in rows_of(database_url, table)] == ["DPE00001", "DPE00002", "DPE00004"]
+    sink.close()
+
+
+def test_rows_without_a_department_are_stored_with_departement_null(database_url, table):
+    import json
+
+    from dpe_ingest.sink import department_keys, parse_message
+
+    sink = Sink(database_url, table)
+    sink.migrate()
+    msg = {"numero_dpe": "2400E0000001A", "date_reception_dpe": "2024-01-02", "code_postal_ban": None,
+           "etiquette_dpe": "D", "departement": None}
+    sink.write([parse_message(json.dumps(msg).encode(), 0, 1), R(5)])
+    assert department_keys(database_url, table, None) == {"2400E0000001A"}
+    assert department_keys(database_url, table, "69") == {"DPE00005"}
+    assert department_keys(database_url, table + "_absent", "69") == set()
+    sink.close()

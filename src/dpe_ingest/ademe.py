@@ -93,7 +93,11 @@ def cursor_of(url: str | None) -> str | None:
     return values[-1] if values else None
 
 
-def build_qs(department: str, date_from: str | None = None, date_to: str | None = None) -> str:
+MOD_FIELD = "date_derniere_modification_dpe"
+
+
+def build_qs(department: str, date_from: str | None = None, date_to: str | None = None,
+             modified_from: str | None = None) -> str:
     """data-fair ``qs`` (Elasticsearch query-string syntax) selecting one department and dates.
 
     The pseudo-department ``none`` is the rows without code_departement_ban: no term on that field
@@ -105,6 +109,8 @@ def build_qs(department: str, date_from: str | None = None, date_to: str | None 
         parts = [f'code_departement_ban:"{department}"']
     if date_from or date_to:
         parts.append(f"date_reception_dpe:[{date_from or '*'} TO {date_to or '*'}]")
+    if modified_from:  # a refresh: what changed since the mark (bounds unquoted: data-fair's grammar)
+        parts.append(f"{MOD_FIELD}:[{modified_from} TO *]")
     return " AND ".join(parts)
 
 
@@ -352,11 +358,11 @@ class AdemeClient:
     # -- a whole query -------------------------------------------------------------------------
     def first_params(self, *, department: str, fields: tuple[str, ...] | list[str], size: int,
                      date_from: str | None = None, date_to: str | None = None,
-                     after: str | None = None) -> dict[str, Any]:
+                     after: str | None = None, modified_from: str | None = None) -> dict[str, Any]:
         params: dict[str, Any] = {
             "size": size,
             "select": ",".join(fields),
-            "qs": build_qs(department, date_from, date_to),
+            "qs": build_qs(department, date_from, date_to, modified_from),
         }
         if after is not None:
             params["after"] = after

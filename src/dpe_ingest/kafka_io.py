@@ -175,3 +175,38 @@ class CheckpointStore:
             fut.get(timeout=0.1)
         except KafkaError as exc:
             raise KafkaUnavailable(f"checkpoint write failed: {exc}") from exc
+
+
+def wait_until_stored(bootstrap: str, topic: str, group: str, timeout_s: float = 900.0,
+                      stop=None, context: dict | None = None) -> None:
+    """Wait until consumer group ``group`` has committed, on every partition of ``topic``, the end
+    offset the topic has now: the consumer commits after the database did, so from then on every
+    message already in the topic is in the table.  Raises KafkaUnavailable after ``timeout_s``."""
+    from .kafka_consumer import group_offsets
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                             client_id="dpe-ingest-refresh")
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        end = consumer.end_offsets(tps) if tps else {}
+    finally:
+        consumer.close()
+    deadline = time.monotonic() + timeout_s
+    logged = False
+    while True:
+        committed = group_offsets(bootstrap, group)
+        behind = sum(max(0, off - committed.get(tp, 0)) for tp, off in end.items())
+        if behind == 0:
+            return
+        if time.monotonic() > deadline:
+            raise KafkaUnavailable(f"consumer group {group} still {behind} messages behind on {topic} after "
+                                   f"{timeout_s:.0f}s (REFRESH_WAIT_S): is the consumer running?")
+        if not logged:
+            logs.event(log, "refresh_wait", f"waiting for consumer group {group} to store the {behind} messages "
+                       f"still ahead of it on {topic}", behind=behind, group=group, **(context or {}))
+            logged = True
+        if stop is not None and stop.wait(1.0):
+            raise KafkaUnavailable("stopped while waiting for the consumer")
+        if stop is None:
+            time.sleep(1.0)

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import deadletter, departments, logs
-from .ademe import (AdemeClient, ApiAuthError, ApiInterrupted, ApiRequestError, ApiUnavailable,
-                    cursor_line)
+from .ademe import (MOD_FIELD, AdemeClient, ApiAuthError, ApiInterrupted, ApiRequestError, ApiUnavailable,
+                    build_qs, cursor_line)
 from .config import CONTRACT, ConfigError, ProducerConfig
 from .kafka_io import (CheckpointStore, KafkaUnavailable, SendTracker, ensure_topics, make_producer,
                        pipeline_topics, wait_for_kafka)
@@ -40,6 +40,8 @@ EXIT_OK, EXIT_GAVE_UP, EXIT_CONFIG, EXIT_REFUSED, EXIT_TERMINATED = 0, 1, 2, 3, 
 CHECKPOINT_VERSION = 2  # 2: + "dataset" (identity) and "hwm_i" (largest _i reached)
 LABELS = frozenset("ABCDEFG")
 _POSTCODE = re.compile(r"^\d{5}$")
+KEY_PAGE_SIZE = 10000  # key-only pages of a refresh (select=numero_dpe): data-fair's largest size
+DELETED_FLAG = "_deleted"  # sink.DELETED_FLAG (the producer image has no psycopg2 to import sink)
 
 
 def validate_row(row: Any) -> str | None:
@@ -95,7 +97,8 @@ class Progress:
         rate = (self.rows + self.dead - self.rows_at_start) / elapsed
         done = self.rows + self.dead
         eta = (self.total - done) / rate if self.total is not None and rate > 0 else None
-        pct = 100.0 * done / self.total if self.total else None
+        # a row updated while the pass runs is served again later: never past 100 %
+        pct = min(100.0, 100.0 * done / self.total) if self.total else None
         total_txt = f"/{self.total}" if self.total is not None else ""
         pct_txt = f" ({pct:.1f}%)" if pct is not None else ""
         logs.event(
@@ -109,8 +112,11 @@ class Progress:
 
 
 class Producer:
-    def __init__(self, cfg: ProducerConfig, stop: threading.Event | None = None):
+    def __init__(self, cfg: ProducerConfig, stop: threading.Event | None = None, refresh: bool = False,
+                 env: dict | None = None):
         self.cfg = cfg
+        self.refresh = refresh
+        self.env = dict(os.environ if env is None else env)  # a refresh reads DATABASE_URL, DB_TABLE…
         self.stop = stop or threading.Event()
         self.ctx = {"department": cfg.department}
         self.client = AdemeClient(cfg.api_url, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
@@ -183,6 +189,8 @@ class Producer:
             logs.event(log, "restart", "PRODUCER_RESTART=true: ignoring the checkpoint, fetching the "
                        "department again from the first page", **ctx)
             ckpt = None
+        if ckpt and ckpt.get("done") and self.refresh:
+            return self._refresh(producer, store, ckpt, t0)
         if ckpt and ckpt.get("done"):
             logs.event(log, "already_done", f"department {cfg.department} already finished "
                        f"({ckpt.get('rows', 0)} rows, {ckpt.get('dead', 0)} dead letters); nothing to do. "
@@ -193,6 +201,9 @@ class Producer:
         after = None
         page_no = 0
         hwm = ckpt.get("hwm_i") if ckpt else None
+        # the refresh mark: the latest date_derniere_modification_dpe of the department when this pass
+        # starts, read from the API (never the local clock); a refresh re-reads what changed since
+        mark = ckpt.get("mark") if ckpt else self._api_mark()
         if ckpt:
             after = ckpt.get("after")
             page_no, prog.rows, prog.dead = ckpt.get("page", 0), ckpt.get("rows", 0), ckpt.get("dead", 0)
@@ -208,37 +219,20 @@ class Producer:
         params = self.client.first_params(department=cfg.department, fields=cfg.fields, size=cfg.page_size,
                                           date_from=cfg.date_from, date_to=cfg.date_to, after=after)
         tracker = SendTracker()
-        topic, dlq = cfg.kafka.topic, cfg.kafka.dlq_topic
         fetched_with = after  # the cursor of the page at hand: what a resume re-reads it with
         for page in self.client.pages(params):  # the next page is fetched while this one goes to Kafka
             page_no += 1
             if page.total is not None:
                 prog.total = page.total
             for index, row in enumerate(page.rows):
-                reason = validate_row(row)
-                if reason is None:
-                    msg = to_message(row, cfg.fields, cfg.department)
-                    tracker.add(producer.send(topic, key=msg["numero_dpe"].encode("utf-8"),
-                                              value=json.dumps(msg, ensure_ascii=False).encode("utf-8")))
-                    prog.rows += 1
-                else:
-                    value, headers = deadletter.build(
-                        reason, "producer", payload=row, department=cfg.department,
-                        letter_id=deadletter.producer_id(cfg.department, fetched_with, index),
-                        source={"api_url": page.url, "page": page_no, "after": fetched_with, "index": index})
-                    numero = row.get("numero_dpe") if isinstance(row, dict) else None
-                    tracker.add(producer.send(dlq, key=numero.encode("utf-8") if isinstance(numero, str)
-                                              and numero else None, value=value, headers=headers))
-                    prog.dead += 1
-                    logs.event(log, "dead_letter", f"row refused: {reason}", logging.WARNING, page=page_no,
-                               reason=reason, numero_dpe=numero, **self.ctx)
+                self._send_row(producer, tracker, row, page, page_no, fetched_with, index, prog)
             tracker.flush(producer, timeout_s=180)
             line = cursor_line(page.after)
             if line is not None and (hwm is None or line > hwm):
                 hwm = line
             store.save(cfg.department, {
                 "v": CHECKPOINT_VERSION, "query": self.fingerprint(), "dataset": self.identity, "hwm_i": hwm,
-                "after": page.after, "page": page_no,
+                "mark": mark, "after": page.after, "page": page_no,
                 "rows": prog.rows, "dead": prog.dead, "total": prog.total, "done": not page.has_next,
                 "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             })
@@ -249,6 +243,8 @@ class Producer:
                 logs.event(log, "stopped", f"stopped by signal after page {page_no}; checkpoint saved, "
                            "the next run resumes here", logging.WARNING, page=page_no, rows=prog.rows, **ctx)
                 return EXIT_TERMINATED
+        if self.refresh:  # a first pass (or a resumed one) of a refresh: bring the table in sync now
+            return self._refresh(producer, store, store.load(cfg.department) or {}, t0)
         seconds = time.monotonic() - t0
         c = self.client
         rate = c.requests_made / seconds if seconds > 0 else 0.0
@@ -262,6 +258,126 @@ class Producer:
                    **ctx)
         return EXIT_OK
 
+    # -------------------------------------------------------------------------------------------- refresh
+    def _api_mark(self) -> str | None:
+        """The largest date_derniere_modification_dpe of this department's query, from the API."""
+        cfg = self.cfg
+        body = self.client.get_json(self.client.dataset_url + "/metric_agg", {
+            "metric": "max", "field": MOD_FIELD,
+            "qs": build_qs(cfg.department, cfg.date_from, cfg.date_to)})
+        value = body.get("metric")
+        return value[:10] if isinstance(value, str) and len(value) >= 10 else None
+
+
+    def _refresh(self, producer, store, ckpt: dict, t0: float) -> int:
+        """Bring dpe_data to the API's current state for this department, at the cost of what changed.
+
+        1. wait until the consumer stored everything already in the topic, then read our keys of the
+           department from dpe_data;
+        2. the new mark (the API's latest date_derniere_modification_dpe, read now);
+        3. the delta: ``qs=<department> AND date_derniere_modification_dpe:[<previous mark> TO *]``, sent
+           like a pass (updated rows are upserted, new rows inserted);
+        4. deactivated rows: the API's count of the department against ours (our keys plus the delta); where
+           they differ, key-only pages (``select=numero_dpe``, ``size=10000``) give the API's keys, and every
+           key of ours missing there gets a deletion message (the consumer deletes the row);
+        5. a checkpoint with the new mark.
+        """
+        cfg, ctx = self.cfg, self.ctx
+        from .config import ConsumerConfig
+        from .kafka_io import wait_until_stored
+        from .sink import department_keys
+
+        db = ConsumerConfig.from_env(self.env)
+        wait_until_stored(cfg.kafka.bootstrap_servers, cfg.kafka.topic, db.group, timeout_s=cfg.refresh_wait_s,
+                          stop=self.stop, context=ctx)
+        ours = department_keys(db.database_url, db.table, departments.stored_department(cfg.department))
+        old_mark = ckpt.get("mark")
+        new_mark = self._api_mark()
+        logs.event(log, "refresh_start", f"refresh of department {cfg.department}: {len(ours)} rows in "
+                   f"{db.table}; re-reading rows modified since {old_mark or 'ever (no mark: a full re-read)'}",
+                   rows_ours=len(ours), mark=old_mark, new_mark=new_mark, **ctx)
+        # 3. the delta
+        params = self.client.first_params(department=cfg.department, fields=cfg.fields, size=cfg.page_size,
+                                          date_from=cfg.date_from, date_to=cfg.date_to, modified_from=old_mark)
+        tracker = SendTracker()
+        prog = Progress(cfg.department, time.monotonic(), rows_at_start=0)
+        seen: set[str] = set()
+        inserted = updated = 0
+        page_no = 0
+        fetched_with = None
+        for page in self.client.pages(params):
+            page_no += 1
+            for index, row in enumerate(page.rows):
+                numero = self._send_row(producer, tracker, row, page, page_no, fetched_with, index, prog)
+                if numero is not None and numero not in seen:
+                    seen.add(numero)
+                    if numero in ours:
+                        updated += 1
+                    else:
+                        inserted += 1
+            tracker.flush(producer, timeout_s=180)
+            fetched_with = page.after
+        # 4. deactivated rows
+        api_count = self.client.fetch(self.client.lines_url, {
+            "size": 0, "qs": build_qs(cfg.department, cfg.date_from, cfg.date_to)}).total
+        mine = ours | seen
+        deleted = 0
+        key_pages = 0
+        if api_count is None or api_count != len(mine):
+            theirs: set[str] = set()
+            for page in self.client.pages({"size": KEY_PAGE_SIZE, "select": "numero_dpe",
+                                           "qs": build_qs(cfg.department, cfg.date_from, cfg.date_to)}):
+                key_pages += 1
+                theirs.update(r["numero_dpe"] for r in page.rows if isinstance(r, dict) and r.get("numero_dpe"))
+            dep_value = departments.stored_department(cfg.department)
+            for numero in sorted(mine - theirs):
+                doc = {"numero_dpe": numero, "departement": dep_value, DELETED_FLAG: True}
+                tracker.add(producer.send(cfg.kafka.topic, key=numero.encode("utf-8"),
+                                          value=json.dumps(doc, ensure_ascii=False).encode("utf-8")))
+                deleted += 1
+            tracker.flush(producer, timeout_s=180)
+        # 5. the new mark
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        doc = dict(ckpt)
+        doc.update({"v": CHECKPOINT_VERSION, "query": self.fingerprint(), "dataset": self.identity,
+                    "mark": new_mark if new_mark is not None else old_mark, "done": True, "at": now,
+                    "refresh": {"at": now, "updated": updated, "inserted": inserted, "deleted": deleted,
+                                "dead": prog.dead, "api_count": api_count, "key_pages": key_pages,
+                                "api_requests": self.client.requests_made}})
+        doc["dead"] = int(doc.get("dead") or 0) + prog.dead
+        store.save(cfg.department, doc)
+        seconds = time.monotonic() - t0
+        logs.event(log, "refreshed", f"department {cfg.department} refreshed: {updated} updated, {inserted} new, "
+                   f"{deleted} deleted (deactivated in the API), {prog.dead} dead letters; API count {api_count}; "
+                   f"{self.client.requests_made} API requests in {seconds:.1f}s",
+                   updated=updated, inserted=inserted, deleted=deleted, dead=prog.dead, api_count=api_count,
+                   key_pages=key_pages, mark=new_mark, seconds=round(seconds, 1),
+                   api_requests=self.client.requests_made, api_throttled=self.client.throttled, **ctx)
+        return EXIT_OK
+
+
+    def _send_row(self, producer, tracker, row, page, page_no, fetched_with, index, prog) -> str | None:
+        """Send one API row (or its dead letter); the numero_dpe sent, or None."""
+        cfg = self.cfg
+        reason = validate_row(row)
+        if reason is None:
+            msg = to_message(row, cfg.fields, cfg.department)
+            tracker.add(producer.send(cfg.kafka.topic, key=msg["numero_dpe"].encode("utf-8"),
+                                      value=json.dumps(msg, ensure_ascii=False).encode("utf-8")))
+            prog.rows += 1
+            return msg["numero_dpe"]
+        value, headers = deadletter.build(
+            reason, "producer", payload=row, department=cfg.department,
+            letter_id=deadletter.producer_id(cfg.department, fetched_with, index),
+            source={"api_url": page.url, "page": page_no, "after": fetched_with, "index": index})
+        numero = row.get("numero_dpe") if isinstance(row, dict) else None
+        tracker.add(producer.send(cfg.kafka.dlq_topic, key=numero.encode("utf-8") if isinstance(numero, str)
+                                  and numero else None, value=value, headers=headers))
+        prog.dead += 1
+        logs.event(log, "dead_letter", f"row refused: {reason}", logging.WARNING, page=page_no,
+                   reason=reason, numero_dpe=numero, **self.ctx)
+        return None
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -273,6 +389,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("department", nargs="?", help=f"department code ({departments.VALID_FORMS}); "
                    "default $DEPARTMENT")
     p.add_argument("--restart", action="store_true", help="ignore the checkpoint: fetch the department again")
+    p.add_argument("--refresh", action="store_true",
+                   help="bring the table in sync with the API: re-read what changed since the last pass "
+                        "(date_derniere_modification_dpe), delete the rows the API no longer has; needs "
+                        "DATABASE_URL/DB_TABLE/CONSUMER_GROUP and a running consumer")
     p.add_argument("--page-size", type=int, help=f"rows per API call (default {CONTRACT['ADEME_PAGE_SIZE'][0]})")
     p.add_argument("--api-url", help="dataset URL (default $ADEME_API_URL)")
     return p.parse_args(argv)
@@ -306,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        return Producer(cfg, stop).run()
+        return Producer(cfg, stop, refresh=args.refresh, env=env).run()
     except ApiAuthError as exc:
         msg = (f"the ADEME API does not know the API key (HTTP 401: {exc.detail}): check ADEME_API_KEY "
                "(chart: the Secret named by ademe.apiKey.existingSecret), or unset it to read anonymously")

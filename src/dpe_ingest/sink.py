@@ -27,6 +27,8 @@ from .config import BASE_FIELDS
 
 #: Columns filled from the message (``extra`` holds every other field of the JSON object).
 DATA_COLUMNS: tuple[str, ...] = BASE_FIELDS + ("departement",)
+#: a message with this flag set deletes its numero_dpe (rows deactivated in the API; the producer's refresh)
+DELETED_FLAG = "_deleted"
 #: numero_dpe longer than this is refused (a btree index entry must stay well under 2.7 kB).
 MAX_KEY_CHARS = 200
 
@@ -54,6 +56,8 @@ class Row:
     extra: dict
     partition: int
     offset: int
+    #: a deactivated certificate: the producer's refresh found it gone from the API; the row is deleted
+    deleted: bool = False
 
 
 def _reject_constant(name: str) -> Any:
@@ -128,6 +132,10 @@ def parse_message(value: bytes | None, partition: int, offset: int) -> Row:
         raise Invalid("empty numero_dpe", payload=doc)
     if len(numero) > MAX_KEY_CHARS:
         raise Invalid(f"numero_dpe longer than {MAX_KEY_CHARS} characters", payload=doc)
+    if doc.get(DELETED_FLAG) is True:  # {"numero_dpe", "departement", "_deleted": true}
+        return Row(numero_dpe=numero, date_reception_dpe=None, code_postal_ban=None, etiquette_dpe=None,
+                   departement=_text(doc.get("departement")), extra={}, partition=partition, offset=offset,
+                   deleted=True)
     raw_date = doc.get("date_reception_dpe")
     date: dt.date | None
     if raw_date is None or raw_date == "":
@@ -170,6 +178,7 @@ class WriteResult:
     inserted: int = 0
     updated: int = 0
     unchanged: int = 0
+    deleted: int = 0  # rows removed by deletion messages (deactivated in the API)
     #: rows the database refused one by one (bad data we did not foresee): (row, error)
     refused: list[tuple[Row, str]] = field(default_factory=list)
     seconds: float = 0.0
@@ -366,19 +375,26 @@ class Sink:
         """
         pg = self._pg
         started = time.monotonic()
-        unique = dedupe(rows)
+        unique = dedupe(rows)  # the last message of a key wins: an upsert after a deletion, or the reverse
         result = WriteResult()
         if not unique:
             return result
+        gone = [r.numero_dpe for r in unique if r.deleted]
+        unique = [r for r in unique if not r.deleted]
         conn = self._ensure()
         try:
             with conn.cursor() as cur:
-                try:
-                    flags = self._execute_batch(cur, unique)
-                except (pg.DataError, pg.IntegrityError) as exc:
-                    # one bad row must not block the partition: find it, keep the others
-                    conn.rollback()
-                    flags = self._write_one_by_one(cur, unique, result, exc)
+                flags: list[bool] = []
+                if unique:
+                    try:
+                        flags = self._execute_batch(cur, unique)
+                    except (pg.DataError, pg.IntegrityError) as exc:
+                        # one bad row must not block the partition: find it, keep the others
+                        conn.rollback()
+                        flags = self._write_one_by_one(cur, unique, result, exc)
+                if gone:
+                    cur.execute(pg.sql.SQL("DELETE FROM {} WHERE numero_dpe = ANY(%s)").format(self._t), (gone,))
+                    result.deleted = cur.rowcount
                 if before_commit is not None:
                     before_commit()
             conn.commit()
@@ -421,6 +437,27 @@ class Sink:
             n = cur.fetchone()[0]
         conn.rollback()
         return int(n)
+
+
+def department_keys(database_url: str, table: str, departement: str | None) -> set[str]:
+    """Every numero_dpe of one department in the table (``None``: the rows without a department).
+
+    What a refresh compares with the API's keys to find the rows deactivated there."""
+    pg = _psycopg2()
+    conn = pg.connect(database_url, connect_timeout=10)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(pg.sql.SQL("SELECT to_regclass(%s)"), (table,))
+            if cur.fetchone()[0] is None:
+                return set()  # no consumer has created the table yet: nothing of ours to compare
+            t = pg.sql.Identifier(table)
+            if departement is None:
+                cur.execute(pg.sql.SQL("SELECT numero_dpe FROM {} WHERE departement IS NULL").format(t))
+            else:
+                cur.execute(pg.sql.SQL("SELECT numero_dpe FROM {} WHERE departement = %s").format(t), (departement,))
+            return {r[0] for r in cur}
+    finally:
+        conn.close()
 
 
 def _copy_field(v: Any) -> str:

@@ -15,6 +15,9 @@ CONFIGS = {
                          "producer.rerun.69": "1", "kafka.persistence.storageClass": "standard",
                          "ademe.maxRps": "2", "ademe.dateFrom": "2024-01-01",
                          "commonLabels.team": "data", "imagePullSecrets[0].name": "regcred"}},
+    "refresh_and_api_key": {"sets": {"departments": "{69,977,none}", "refresh.schedule": "0 3 * * 0",
+                                     "refresh.timeZone": "Europe/Paris", "refresh.activeDeadlineSeconds": "7200",
+                                     "ademe.apiKey.existingSecret": "ademe-key", "ademe.maxTotalRps": "5"}},
 }
 
 

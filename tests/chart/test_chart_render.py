@@ -396,3 +396,31 @@ def test_api_key_comes_from_a_secret_and_never_into_a_configmap(render):
     assert "ADEME_API_KEY" not in env_of(container(producer_jobs(render.template())["69"], "producer"))
     err = render.template_error(sets={"ademe.apiKey.existingSecret": "Bad_Name"})
     assert "existingSecret" in err
+
+
+def test_refresh_schedule_gives_one_cronjob_per_department(render):
+    from dpe_ingest import config
+
+    assert not by_kind(render.template(), "CronJob")  # off by default
+    docs = render.template(release="r" * 53, sets={"departments": "{69,2a,none}", "refresh.schedule": "0 3 * * 0",
+                                                   "ademe.apiKey.existingSecret": "ademe-key"})
+    jobs = {j["metadata"]["labels"]["dpe-ingest/department"]: j for j in by_kind(docs, "CronJob")}
+    assert set(jobs) == {"69", "2A", "none"}
+    for code, cj in jobs.items():
+        name = cj["metadata"]["name"]
+        assert len(name) <= 52 and name.endswith(f"-refresh-{code.lower()}"), name
+        assert cj["spec"]["schedule"] == "0 3 * * 0" and cj["spec"]["concurrencyPolicy"] == "Forbid"
+        c = container(cj, "refresh")
+        assert c["command"] == ["dpe-ingest", "produce", "--refresh"]
+        assert c["image"].startswith("dpe-ingest-consumer:")  # psycopg2: it reads the department's keys
+        env = env_of(c)
+        assert env["DEPARTMENT"] == code and env["DB_TABLE"] == "dpe_data" and env["CONSUMER_GROUP"] == "dpe-sink"
+        assert env["PGPASSWORD"]["secretKeyRef"]["key"] == "password"
+        assert env["ADEME_API_KEY"] == {"secretKeyRef": {"name": "ademe-key", "key": "apiKey"}}
+        assert set(env) - set(config.CONTRACT) == {"PGPASSWORD"}
+        plain = {k: v for k, v in env.items() if isinstance(v, str)}
+        cfg = config.ProducerConfig.from_env(plain)
+        assert cfg.department == code and cfg.budget_file == "/etc/dpe-ingest/budget/budget.json"
+        assert config.ConsumerConfig.from_env(plain).table == "dpe_data"
+        spec = pod_spec(cj)
+        assert spec["restartPolicy"] == "Never" and spec["securityContext"]["runAsNonRoot"] is True

@@ -570,3 +570,52 @@ def _day_offset(value) -> int:
     if not isinstance(value, _dt.date):
         raise TypeError(f"not a date: {value!r}")
     return value.toordinal() - _ORDINAL0
+
+
+class LiveChanges:
+    """Changes applied to a Dataset while clients page it, by request count (deterministic).
+
+    Every ``every`` requests to ``/lines`` (counted by the server), in each of ``departments``: update
+    ``updates`` rows (new values, a larger _i: served again later in the same pass), insert ``inserts``
+    rows at the end, deactivate ``deactivations`` rows (they vanish from the view).  Rows are drawn from
+    a hash of (seed, request number).  ``stop_after`` rounds, then nothing changes any more (0 = never
+    stops).  ``rounds`` counts what was applied.
+    """
+
+    def __init__(self, departments_: list[str], every: int = 3, updates: int = 0, inserts: int = 0,
+                 deactivations: int = 0, seed: int = 0, stop_after: int = 0):
+        self.departments = [departments.normalize(d) for d in departments_]
+        self.every, self.updates, self.inserts, self.deactivations = int(every), updates, inserts, deactivations
+        self.seed, self.stop_after = seed, stop_after
+        self.rounds = 0
+        self.enabled = True
+        self._lock = threading.Lock()
+        self._seen = 0
+
+    def on_request(self, ds: "Dataset") -> None:
+        with self._lock:
+            self._seen += 1
+            if not self.enabled or self._seen % self.every or (self.stop_after and self.rounds >= self.stop_after):
+                return
+            self.rounds += 1
+            number = self._seen
+        for dep in self.departments:
+            with ds.lock:
+                h = _mix((self.seed << 32) ^ number ^ hash_str(dep))
+                for k in range(self.updates + self.deactivations):
+                    live = ds.n_current[dep]
+                    if live == 0:
+                        break
+                    for attempt in range(20):
+                        h = _mix(h + k + attempt)
+                        i = h % live
+                        if ds.is_live(dep, i):
+                            break
+                    else:
+                        continue
+                    if k < self.updates:
+                        ds.update(dep, i)
+                    else:
+                        ds.deactivate(dep, i)
+                if self.inserts:
+                    ds.insert(dep, self.inserts)

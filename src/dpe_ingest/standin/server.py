@@ -197,6 +197,8 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, [("Content-Type", "application/json; charset=utf-8")], body.encode("utf-8")
         if len(segments) == 2 and segments[1] == "lines":
             params = parse_qsl(parts.query, keep_blank_values=True)
+            if standin.changes is not None:
+                standin.changes.on_request(standin.dataset)
             return standin._lines(params, public_url)
         if len(segments) == 2 and segments[1] == "metric_agg":
             return standin._metric_agg(parse_qsl(parts.query, keep_blank_values=True))
@@ -309,11 +311,13 @@ class StandinServer:
 
     def __init__(self, dataset: Dataset | None = None, faults: Faults | None = None,
                  host: str = "127.0.0.1", port: int = 0, total_on_after_pages: bool = False,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, changes=None):
         self.dataset = dataset if dataset is not None else Dataset()
         self.faults = faults
         #: data-fair's per-client limits (request rate, compute budget, bandwidth, API keys); None = off
         self.limits = limits
+        #: LiveChanges applied while clients page (updates, inserts, deactivations); None = frozen data
+        self.changes = changes
         #: every x-apiKey received (tests check that a key arrived; never logged)
         self.api_keys_seen: list[str] = []
         self.host = host
