@@ -1,40 +1,46 @@
-"""The container images (images/producer, images/consumer), built and run with a real docker engine.
+"""The container images, built and run with a real docker engine.
+
+- images/producer, images/consumer: the project's images (chart defaults dpe-ingest-producer/consumer);
+- images/test-kafka, test-postgres, test-pause: stand-ins of apache/kafka:4.4.0, postgres:15 and the
+  Kubernetes pause image for the test cluster (testbed/cluster.py), run here as the chart runs them
+  (same env, uid, read-only root where the chart has one; host network on free 127.0.0.1 ports);
+- testbed.images.ensure_cluster_images(): one `docker save` tarball of every CLUSTER_IMAGES tag.
 
 No container registry is reachable here, so the base image is made from Debian packages by
 ``images/local-base/build`` (debootstrap, cached as a tarball under .cache/images) and passed through
-the Dockerfiles' ``PYTHON_IMAGE`` build argument, exactly as an air-gapped user would.  pip inside
-the build reaches the package index the host uses (``--network host``; the host's extra CA
-certificates and PIP_INDEX_URL & co. are passed as build arguments).
+the Dockerfiles' ``PYTHON_IMAGE`` / ``BASE_IMAGE`` build argument, exactly as an air-gapped user would.
+pip and apt inside the builds reach the package registries the host uses (``--network host``).
 
-The docker engine: the one DOCKER_HOST (or /var/run/docker.sock) points at if it answers, else a
-private ``dockerd`` started here (root needed; no bridge, no iptables: host network only) with its
-image store in .cache/docker so that later runs reuse the layers, stopped at the end.  Without an
-engine every test of this module that needs one is skipped with the concrete reason.
+The docker engine is ``dpe_ingest.testbed.images.docker_engine()``: the one DOCKER_HOST (or
+/var/run/docker.sock) points at if it answers, else a private ``dockerd`` (root; no bridge, no
+iptables: host network only) with its image store in .cache/docker, stopped at the end.  These tests
+are skipped only on a machine without docker; an engine that cannot start fails them.
 
 The static checks of the Dockerfiles run everywhere.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
+import secrets
 import shutil
-import signal
 import socket
 import subprocess
-import tempfile
 import time
 import tomllib
 import uuid
 from pathlib import Path
 
 import pytest
+import yaml
+
+from dpe_ingest.testbed import images as imgs
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache"
-BASE_TAG = "dpe-local/python:3.11-bookworm"
+BASE_TAG = imgs.BASE_TAG
 COMPONENTS = ("producer", "consumer")
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 SLOW = 300  # generous bound of any wait, only reached on failure
@@ -82,109 +88,16 @@ def test_dockerfile_runtime_settings(component, command):
 
 
 # ---------------------------------------------------------------------------------------------
-# the docker engine
+# the docker engine and the builds (dpe_ingest.testbed.images)
 # ---------------------------------------------------------------------------------------------
-def _answers(env: dict) -> bool:
-    try:
-        return subprocess.run(["docker", "info"], env=env, capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-class Engine:
-    def __init__(self, env: dict, proc: subprocess.Popen | None, workdir: Path | None, lock=None):
-        self.env, self.proc, self.workdir, self.lock = env, proc, workdir, lock
-
-    def docker(self, *args: str, check: bool = True, timeout: float = SLOW, **kw) -> subprocess.CompletedProcess:
-        cp = subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True, timeout=timeout, **kw)
-        if check and cp.returncode != 0:
-            raise AssertionError(f"docker {' '.join(args)[:300]} exited {cp.returncode}:\n"
-                                 f"{cp.stdout[-3000:]}\n{cp.stderr[-3000:]}")
-        return cp
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-        if self.lock is not None:
-            self.lock.close()
-        if self.workdir is not None:
-            # dockerd leaves its network namespace bind-mounted under exec-root: unmount, then remove
-            mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
-                      if line.split()[1].startswith(str(self.workdir) + "/")]
-            for mount in sorted(mounts, reverse=True):
-                subprocess.run(["umount", "-l", mount], capture_output=True, timeout=30)
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def _start_dockerd() -> Engine:
-    if shutil.which("docker") is None:
-        pytest.skip("no docker CLI (Debian: apt-get install docker.io)")
-    env = dict(os.environ)
-    if _answers(env):
-        return Engine(env, None, None)
-    dockerd = shutil.which("dockerd")
-    if dockerd is None:
-        pytest.skip("no docker engine answers and there is no dockerd to start (Debian: apt-get install docker.io)")
-    if os.geteuid() != 0:
-        pytest.skip("no docker engine answers and starting dockerd needs root")
-    workdir = Path(tempfile.mkdtemp(prefix="dpe-dockerd-"))
-    # The image store lives in .cache/docker (layers reused by later runs) unless another run holds it.
-    store = CACHE / "docker"
-    store.mkdir(parents=True, exist_ok=True)
-    lock = open(store / "lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        data_root = store / "data"
-    except OSError:
-        lock.close()
-        lock = None
-        data_root = workdir / "data"
-    sock = workdir / "docker.sock"
-    log = open(workdir / "dockerd.log", "w")
-    last_error = ""
-    for driver in ("overlay2", "vfs"):
-        cmd = [dockerd, "--host", f"unix://{sock}", "--data-root", str(data_root), "--exec-root", str(workdir / "exec"),
-               "--pidfile", str(workdir / "dockerd.pid"), "--bridge=none", "--iptables=false", "--ip6tables=false",
-               "--storage-driver", driver]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        env["DOCKER_HOST"] = f"unix://{sock}"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and proc.poll() is None:
-            if sock.exists() and _answers(env):
-                return Engine(env, proc, workdir, lock)
-            time.sleep(1)
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=30)
-        last_error = (workdir / "dockerd.log").read_text()[-1500:]
-    Engine(env, None, workdir, lock).stop()
-    pytest.skip(f"dockerd could not start here (overlay2, then vfs): {last_error}")
-
-
 @pytest.fixture(scope="module")
 def engine():
-    eng = _start_dockerd()
-    try:
+    """The engine of testbed.images.docker_engine(): DOCKER_HOST's, else a private dockerd (root).
+    Skipped only on a machine with no docker at all; an engine that cannot start fails the tests."""
+    if shutil.which("docker") is None and shutil.which("dockerd") is None:
+        pytest.skip("no docker here (Debian: apt-get install docker.io; scripts/setup --tests does it)")
+    with imgs.docker_engine() as eng:
         yield eng
-    finally:
-        eng.stop()
-
-
-def _pip_build_args() -> list[str]:
-    """The host's pip index settings and extra CA certificates, as build arguments."""
-    args = []
-    for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST"):
-        if os.environ.get(name):
-            args += ["--build-arg", f"{name}={os.environ[name]}"]
-    certs = sorted(Path("/usr/local/share/ca-certificates").glob("**/*.crt"))
-    if certs:
-        args += ["--build-arg", "PIP_CA_CERTS=" + "\n".join(c.read_text().strip() for c in certs)]
-    return args
 
 
 @pytest.fixture(scope="module")
@@ -195,21 +108,7 @@ def base_image(engine):
     if given:
         engine.docker("image", "inspect", given)
         return given
-    tar = subprocess.run([str(ROOT / "images/local-base/build"), "--tar-only"], capture_output=True, text=True,
-                         timeout=900, env=engine.env)
-    if tar.returncode == 3:
-        pytest.skip(f"cannot make the local base image: {tar.stderr.strip()}")
-    assert tar.returncode == 0, tar.stderr
-    tarball = Path(tar.stdout.strip().splitlines()[-1])
-    have = engine.docker("image", "inspect", "--format", "{{.Created}}", BASE_TAG, check=False)
-    fresh = False
-    if have.returncode == 0:
-        created = have.stdout.strip()[:19]
-        fresh = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(tarball.stat().st_mtime)) < created
-    if not fresh:
-        cp = subprocess.run([str(ROOT / "images/local-base/build"), "--tag", BASE_TAG], capture_output=True,
-                            text=True, timeout=900, env=engine.env)
-        assert cp.returncode == 0, cp.stderr
+    imgs.ensure_base_image(engine)
     return BASE_TAG
 
 
@@ -221,7 +120,7 @@ def images(engine, base_image):
         for component in COMPONENTS:
             name = f"dpe-ingest-{component}:{tag}"
             engine.docker("build", "--network", "host", "--build-arg", f"PYTHON_IMAGE={base_image}",
-                          "--build-arg", "REVISION=test", *_pip_build_args(),
+                          "--build-arg", "REVISION=test", *imgs.pip_build_args(),
                           "-f", str(ROOT / "images" / component / "Dockerfile"), "-t", name, str(ROOT), timeout=900)
             built[component] = name
         yield built
@@ -367,3 +266,389 @@ def test_producer_and_consumer_images_carry_the_standin_rows_into_postgresql(eng
     finally:
         for name in names:
             engine.docker("rm", "-f", name, check=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the test cluster's images: static checks
+# ---------------------------------------------------------------------------------------------
+CHART = ROOT / "charts" / "dpe-ingest"
+TEST_ROLES = ("kafka", "postgres", "pause")
+STANDS_FOR = {"kafka": "apache/kafka:4.4.0", "postgres": "postgres:15", "pause": "registry.k8s.io/pause:3.10"}
+
+
+def _head_comment(path: Path) -> str:
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# "))
+    return " ".join(lines)
+
+
+@pytest.mark.parametrize("role", TEST_ROLES)
+def test_test_image_dockerfile_says_what_it_stands_for_and_builds_on_the_debian_base(role):
+    dockerfile = ROOT / "images" / f"test-{role}" / "Dockerfile"
+    head = _head_comment(dockerfile)
+    assert f"stands for {STANDS_FOR[role]}" in head, head[:300]
+    assert "only for the project's single-node test cluster" in head and "no container registry" in head, head
+    assert head.startswith(imgs.CLUSTER_IMAGES[role]), (head[:80], imgs.CLUSTER_IMAGES[role])
+    text = dockerfile.read_text()
+    assert re.search(rf"^ARG BASE_IMAGE={re.escape(BASE_TAG)}$", text, flags=re.M), "the Debian-made base by default"
+
+
+def test_cluster_images_are_the_chart_defaults_and_the_test_stand_ins():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    cluster = imgs.CLUSTER_IMAGES
+    assert set(cluster) == {"producer", "consumer", "kafka", "postgres", "pause", "base"}
+    for role in ("producer", "consumer"):
+        assert cluster[role] == f"{values[role]['image']['repository']}:{values[role]['image']['tag'] or app_version}"
+    # the stand-ins carry the chart's Kafka version and PostgreSQL major version
+    assert cluster["kafka"].rsplit(":", 1)[1] == values["kafka"]["image"]["tag"]
+    assert cluster["postgres"].rsplit(":", 1)[1] == values["postgresql"]["image"]["tag"].split(".")[0]
+    assert cluster["base"] == BASE_TAG
+
+
+def test_test_image_scripts_pass_shellcheck():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.fail("shellcheck is not installed: apt-get install -y shellcheck (scripts/test should install it)")
+    files = [ROOT / "images/test-kafka/docker/run", *sorted((ROOT / "images/test-kafka/bin").glob("*.sh")),
+             ROOT / "images/test-postgres/docker-entrypoint.sh"]
+    cp = subprocess.run([shellcheck, "--severity=style", *map(str, files)], capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    for f in files:
+        assert os.access(f, os.X_OK), f"{f} is not executable"
+
+
+def _chart_env(template: str) -> dict[str, str | None]:
+    """name -> literal value (None when templated) of every env entry of a chart template."""
+    text = (CHART / "templates" / template).read_text()
+    env: dict[str, str | None] = {}
+    for name, value in re.findall(r"- name: (\w+)\n(?:\s*#.*\n)*\s+(value: .*|valueFrom:)", text):
+        literal = value[len("value: "):].strip() if value.startswith("value: ") else None
+        if literal is not None and "{{" in literal:
+            literal = None
+        env[name] = literal.strip('"') if literal is not None else None
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# the test cluster's images, run as the chart runs them
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def test_images(engine):
+    return imgs.ensure_images(engine, list(TEST_ROLES))
+
+
+def _fs_group_dir(tmp_path: Path, name: str, gid: int) -> Path:
+    """A volume as Kubernetes gives it with fsGroup: owned by root, group gid, group-writable, setgid."""
+    path = tmp_path / name
+    path.mkdir()
+    os.chown(path, 0, gid)
+    path.chmod(0o2775)
+    return path
+
+
+def _wait(engine, name: str, ready, what: str, timeout: float = SLOW) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if ready():
+            return
+        state = engine.docker("inspect", "--format", "{{.State.Running}} {{.State.ExitCode}}", name, check=False)
+        logs = engine.docker("logs", name, check=False)
+        assert state.stdout.startswith("true"), f"{name} stopped ({state.stdout.strip()}) before {what}:\n" \
+                                                f"{logs.stdout[-4000:]}\n{logs.stderr[-4000:]}"
+        assert time.monotonic() < deadline, f"{name}: no {what} after {timeout}s:\n{logs.stdout[-4000:]}" \
+                                            f"\n{logs.stderr[-4000:]}"
+        time.sleep(1)
+
+
+def _kafka_answers(bootstrap: str) -> bool:
+    from kafka import KafkaAdminClient
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000, bootstrap_timeout_ms=5000)
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
+    try:
+        admin.list_topics()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+    finally:
+        admin.close()
+
+
+def _kafka_run_args(tmp_path: Path) -> tuple[list[str], str, Path]:
+    """docker run options of the chart's Kafka container (templates/kafka/statefulset.yaml): its env,
+    uid/gid 1000 with the data volume and /tmp, no capabilities; host network on free loopback ports."""
+    port, controller = _free_port(), _free_port()
+    while controller == port:
+        controller = _free_port()
+    env = _chart_env("kafka/statefulset.yaml")
+    templated = {  # the chart's templated values, for one node on 127.0.0.1
+        "CLUSTER_ID": _cluster_id(),
+        "KAFKA_ADVERTISED_LISTENERS": f"PLAINTEXT://127.0.0.1:{port}",
+        "KAFKA_NUM_PARTITIONS": "3",
+        "KAFKA_HEAP_OPTS": "-Xmx384m -Xms128m",
+    }
+    assert {k for k, v in env.items() if v is None} == set(templated), env
+    env.update(templated)
+    # the chart listens on every interface of the pod; on the host network: loopback only
+    assert env["KAFKA_LISTENERS"] == "PLAINTEXT://:9092,CONTROLLER://:9093"
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == "1@localhost:9093"
+    env["KAFKA_LISTENERS"] = f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}"
+    env["KAFKA_CONTROLLER_QUORUM_VOTERS"] = f"1@127.0.0.1:{controller}"
+    data = _fs_group_dir(tmp_path, "kafka-data", 1000)
+    opts = ["--network", "host", "--user", "1000:1000", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+            "-v", f"{data}:/var/lib/kafka/data", "--tmpfs", "/tmp"]
+    for name, value in env.items():
+        opts += ["-e", f"{name}={value}"]
+    return opts, f"127.0.0.1:{port}", data
+
+
+def _cluster_id() -> str:
+    """A KRaft cluster id (22 characters of base64url), as `kafka-storage.sh random-uuid`."""
+    import base64
+
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def test_kafka_image_config(engine, test_images):
+    cfg = inspect(engine, test_images["kafka"])["Config"]
+    assert cfg["User"] == "1000:1000"
+    assert cfg["Cmd"] == ["/etc/kafka/docker/run"] and not cfg["Entrypoint"]
+    assert set(cfg["Volumes"]) == {"/etc/kafka/secrets", "/var/lib/kafka/data", "/mnt/shared/config"}
+    java = engine.docker("run", "--rm", "--network", "none", "--entrypoint", "java", test_images["kafka"], "-version")
+    assert 'version "17' in java.stderr, java.stderr
+
+
+def test_kafka_image_refuses_a_config_directory_it_cannot_write(engine, test_images):
+    cp = engine.docker("run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp", "--user", "1000:1000",
+                       "-e", "KAFKA_PROCESS_ROLES=broker,controller", test_images["kafka"], check=False, timeout=60)
+    assert cp.returncode == 1, (cp.returncode, cp.stdout, cp.stderr)
+    assert "/opt/kafka/config is not writable" in cp.stderr, cp.stderr
+
+
+def test_kafka_image_serves_messages_and_keeps_them_across_a_restart(engine, test_images, tmp_path):
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    opts, bootstrap, data = _kafka_run_args(tmp_path)
+    tag = uuid.uuid4().hex[:8]
+    topic = f"img-kafka-{tag}"
+    names = [f"dpe-img-kafka-{tag}-1", f"dpe-img-kafka-{tag}-2"]
+
+    def read_all() -> list[bytes]:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                 enable_auto_commit=False, consumer_timeout_ms=10000)
+        try:
+            tp = TopicPartition(topic, 0)
+            consumer.assign([tp])
+            consumer.seek_to_beginning(tp)
+            return [m.value for m in consumer]
+        finally:
+            consumer.close()
+
+    try:
+        engine.docker("run", "-d", "--name", names[0], *opts, test_images["kafka"])
+        _wait(engine, names[0], lambda: _kafka_answers(bootstrap), "Kafka answering on " + bootstrap)
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+        admin.close()
+        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        producer.send(topic, key=b"k", value=b"hello from the test image").get(timeout=60)
+        producer.close()
+        assert read_all() == [b"hello from the test image"]
+
+        # KafkaDockerWrapper turned the chart's KAFKA_* variables into the broker's configuration
+        props = engine.docker("exec", names[0], "cat", "/opt/kafka/config/server.properties").stdout.splitlines()
+        for line in ("log.dirs=/var/lib/kafka/data/kraft-combined-logs", "num.partitions=3", "node.id=1",
+                     "process.roles=broker,controller", "group.initial.rebalance.delay.ms=0"):
+            assert line in props, props
+        assert not any(p.startswith("heap.opts") for p in props), props
+        assert (data / "kraft-combined-logs" / "meta.properties").is_file()
+
+        # the chart's helm test pod: kafka-topics.sh on a read-only root, LOG_DIR in /tmp
+        listed = engine.docker("run", "--rm", "--network", "host", "--user", "1000:1000", "--read-only",
+                               "--tmpfs", "/tmp", "--cap-drop", "ALL", "-e", "KAFKA_HEAP_OPTS=-Xmx128m -Xms64m",
+                               "-e", "LOG_DIR=/tmp/logs", test_images["kafka"], "/opt/kafka/bin/kafka-topics.sh",
+                               "--bootstrap-server", bootstrap, "--list")
+        assert topic in listed.stdout.split(), listed.stdout + listed.stderr
+
+        # a clean stop (SIGTERM, as the kubelet), then a new container on the same volume
+        engine.docker("stop", "-t", "60", names[0], timeout=120)
+        code = int(engine.docker("inspect", "--format", "{{.State.ExitCode}}", names[0]).stdout)
+        assert code in (0, 143), engine.docker("logs", names[0]).stdout[-3000:]
+        engine.docker("run", "-d", "--name", names[1], *opts, test_images["kafka"])
+        _wait(engine, names[1], lambda: _kafka_answers(bootstrap), "Kafka answering again on " + bootstrap)
+        assert read_all() == [b"hello from the test image"]
+    finally:
+        for name in names:
+            engine.docker("rm", "-f", name, check=False)
+
+
+def test_postgres_image_config(engine, test_images):
+    cfg = inspect(engine, test_images["postgres"])["Config"]
+    assert cfg["Entrypoint"] == ["docker-entrypoint.sh"] and cfg["Cmd"] == ["postgres"]
+    assert cfg["StopSignal"] == "SIGINT"
+    assert "PGDATA=/var/lib/postgresql/data" in cfg["Env"]
+    ident = engine.docker("run", "--rm", "--network", "none", "--entrypoint", "id", test_images["postgres"],
+                          "postgres").stdout.strip()
+    assert ident.startswith("uid=999(postgres) gid=999(postgres)"), ident
+    versions = engine.docker("run", "--rm", "--network", "none", "--user", "999:999", "--read-only",
+                             test_images["postgres"], "sh", "-c", "postgres --version; pg_isready --version; psql --version")
+    assert re.findall(r"^(\S+) \(PostgreSQL\) 15\.\d+ ", versions.stdout, flags=re.M) == \
+        ["postgres", "pg_isready", "psql"], versions.stdout
+
+
+def test_postgres_image_initialises_authenticates_and_keeps_its_data(engine, test_images, tmp_path):
+    import psycopg2
+
+    env = _chart_env("postgresql/statefulset.yaml")
+    assert set(env) == {"POSTGRES_USER", "POSTGRES_DB", "POSTGRES_PASSWORD", "PGDATA"}, env
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["postgresql"]
+    user, db = values["auth"]["username"], values["auth"]["database"]
+    password = secrets.token_urlsafe(18)
+    port = _free_port()
+    data = _fs_group_dir(tmp_path, "pg-data", 999)
+    tag = uuid.uuid4().hex[:8]
+    names = [f"dpe-img-pg-{tag}-1", f"dpe-img-pg-{tag}-2"]
+    # templates/postgresql/statefulset.yaml: uid/gid 999, read-only root, emptyDirs on the socket
+    # directory and /tmp, the volume on /var/lib/postgresql/data; the image's command (postgres), here
+    # on a free port of the host's loopback only
+    opts = ["--network", "host", "--user", "999:999", "--read-only", "--cap-drop", "ALL",
+            "--security-opt", "no-new-privileges", "-v", f"{data}:/var/lib/postgresql/data",
+            "--tmpfs", "/var/run/postgresql:mode=1777", "--tmpfs", "/tmp",
+            "-e", f"POSTGRES_USER={user}", "-e", f"POSTGRES_DB={db}", "-e", f"POSTGRES_PASSWORD={password}",
+            "-e", f"PGDATA={env['PGDATA']}", "-e", f"PGPORT={port}"]
+    command = ["postgres", "-c", "listen_addresses=127.0.0.1"]
+    probe = ["pg_isready", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", db]  # the chart's probes
+
+    def ready(name: str):
+        return lambda: engine.docker("exec", name, *probe, check=False).returncode == 0
+
+    def connect(pw: str):
+        return psycopg2.connect(host="127.0.0.1", port=port, user=user, password=pw, dbname=db, connect_timeout=10)
+
+    try:
+        engine.docker("run", "-d", "--name", names[0], *opts, test_images["postgres"], *command)
+        _wait(engine, names[0], ready(names[0]), "pg_isready")
+        with connect(password) as conn, conn.cursor() as cur:
+            cur.execute("SELECT current_user, current_database(), current_setting('server_version_num')::int / 10000")
+            assert cur.fetchone() == (user, db, 15)
+            cur.execute("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('across restarts')")
+        conn.close()
+        with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+            connect(password + "-wrong")
+        pgdata = data / Path(env["PGDATA"]).relative_to("/var/lib/postgresql/data")
+        st = pgdata.stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (999, 0o700), (st.st_uid, oct(st.st_mode))
+
+        engine.docker("stop", "-t", "60", names[0], timeout=120)  # STOPSIGNAL SIGINT: fast shutdown
+        assert engine.docker("inspect", "--format", "{{.State.ExitCode}}", names[0]).stdout.strip() == "0"
+        engine.docker("run", "-d", "--name", names[1], *opts, test_images["postgres"], *command)
+        _wait(engine, names[1], ready(names[1]), "pg_isready after the restart")
+        assert "skipping initialisation" in engine.docker("logs", names[1]).stdout
+        with connect(password) as conn, conn.cursor() as cur:
+            cur.execute("SELECT v FROM kept")
+            assert cur.fetchall() == [("across restarts",)]
+        conn.close()
+        with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+            connect("not-" + password)
+
+        # the chart's helm test pod: psql with DATABASE_URL and PGPASSWORD, uid 999, read-only root
+        url = f"postgresql://{user}@127.0.0.1:{port}/{db}"
+        out = engine.docker("run", "--rm", "--network", "host", "--user", "999:999", "--read-only", "--tmpfs", "/tmp",
+                            "--cap-drop", "ALL", "-e", f"DATABASE_URL={url}", "-e", f"PGPASSWORD={password}",
+                            test_images["postgres"], "sh", "-c",
+                            "psql \"$DATABASE_URL\" -v ON_ERROR_STOP=1 -tAc 'SELECT count(*) FROM kept'")
+        assert out.stdout.strip() == "1", out.stdout + out.stderr
+    finally:
+        for name in names:
+            engine.docker("rm", "-f", name, check=False)
+
+
+def test_postgres_image_refuses_to_initialise_without_a_password(engine, test_images, tmp_path):
+    data = _fs_group_dir(tmp_path, "pg-nopw", 999)
+    cp = engine.docker("run", "--rm", "--network", "none", "--user", "999:999", "--read-only",
+                       "--tmpfs", "/var/run/postgresql", "--tmpfs", "/tmp", "-v", f"{data}:/var/lib/postgresql/data",
+                       "-e", "PGDATA=/var/lib/postgresql/data/pgdata", test_images["postgres"], check=False, timeout=60)
+    assert cp.returncode == 1 and "POSTGRES_PASSWORD is not set" in cp.stderr, (cp.returncode, cp.stderr)
+    assert not (data / "pgdata" / "PG_VERSION").exists()
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, state) of the processes whose parent is ``pid`` (host view)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            out.append((int(stat.parent.name), fields[0]))
+    return out
+
+
+def test_pause_image_holds_the_sandbox_reaps_orphans_and_exits_on_sigterm(engine, test_images, base_image):
+    cfg = inspect(engine, test_images["pause"])["Config"]
+    assert cfg["Entrypoint"] == ["/pause"] and cfg["User"] == "65535:65535"
+    name = f"dpe-img-pause-{uuid.uuid4().hex[:8]}"
+    try:
+        engine.docker("run", "-d", "--name", name, "--network", "none", "--read-only", "--cap-drop", "ALL",
+                      "--security-opt", "no-new-privileges", test_images["pause"])
+        time.sleep(2)
+        state = json.loads(engine.docker("inspect", "--format", "{{json .State}}", name).stdout)
+        assert state["Running"], state
+        host_pid = state["Pid"]
+        # a pod's container sharing the sandbox's PID namespace leaves an orphan behind: it becomes a
+        # child of pause (PID 1 there), which must reap it once it ends
+        script = ("import os, sys, time\n"
+                  "if os.fork() == 0:\n"
+                  "    if os.fork() == 0:\n"
+                  "        time.sleep(1.5); os._exit(0)\n"
+                  "    os._exit(0)\n"
+                  "os.wait(); time.sleep(0.5)\n"
+                  "ppids = [open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[1]\n"
+                  "         for p in os.listdir('/proc') if p.isdigit() and int(p) not in (1, os.getpid())]\n"
+                  "print('orphan parents:', ' '.join(ppids))\n")
+        out = engine.docker("run", "--rm", "--network", "none", "--pid", f"container:{name}", base_image,
+                            "python3", "-c", script).stdout
+        assert out.strip() == "orphan parents: 1", out
+        deadline = time.monotonic() + 30
+        while _children(host_pid):
+            assert time.monotonic() < deadline, f"pause left children behind: {_children(host_pid)}"
+            time.sleep(0.2)
+        assert engine.docker("inspect", "--format", "{{.State.Running}}", name).stdout.strip() == "true"
+
+        engine.docker("kill", "--signal", "TERM", name)
+        assert engine.docker("wait", name, timeout=30).stdout.strip() == "0"
+        assert "shutting down, got signal 15" in engine.docker("logs", name).stderr
+    finally:
+        engine.docker("rm", "-f", name, check=False)
+
+
+def test_ensure_cluster_images_saves_every_cluster_image_in_one_cached_tarball(engine):
+    tarball = imgs.ensure_cluster_images()
+    assert tarball.parent == imgs.cache_dir() / "images" and tarball.is_file()
+    assert set(imgs.tarball_tags(tarball)) >= set(imgs.CLUSTER_IMAGES.values()), imgs.tarball_tags(tarball)
+    key, mtime = imgs.cluster_inputs_key(), tarball.stat().st_mtime_ns
+
+    def ids() -> dict[str, str]:
+        return {role: engine.docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+                for role, tag in imgs.CLUSTER_IMAGES.items()}
+
+    before = ids()
+    again = imgs.ensure_cluster_images()
+    after = ids()
+    # images whose inputs did not change are not rebuilt (the stand-ins do not depend on src/)
+    for role in ("kafka", "postgres", "pause", "base"):
+        assert after[role] == before[role], role
+    if tarball.name == f"cluster-{key}.tar" == f"cluster-{imgs.cluster_inputs_key()}.tar":
+        # nothing changed meanwhile: the same tarball, untouched, and the same images
+        assert again == tarball and tarball.stat().st_mtime_ns == mtime
+        assert after == before
+    else:  # src/ was edited during the test (several people at work): a new tarball for the new inputs
+        assert again != tarball and set(imgs.tarball_tags(again)) >= set(imgs.CLUSTER_IMAGES.values())
