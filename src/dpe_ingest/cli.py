@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "testbed": ("dpe_ingest.testbed.cli", "start/stop the local bench: real Kafka, PostgreSQL, stand-in"),
     "run": ("dpe_ingest.local_run", "run the whole pipeline locally as processes, then summarise"),
     "status": ("dpe_ingest.status", "show per-department progress: API, Kafka, PostgreSQL, Jobs"),
+    "analytics": ("dpe_ingest.analytics", "live statistics of the topic in a second consumer group (--report, --json)"),
 }
 
 

@@ -29,9 +29,9 @@ from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from . import deadletter, logs
+from . import deadletter, logs, metrics
 from . import kafka_consumer as kc
-from .config import ConfigError, ConsumerConfig
+from .config import ConfigError, ConsumerConfig, metrics_port
 from .sink import DatabaseUnavailable, Invalid, Row, Sink, WriteResult, parse_message
 
 log = logging.getLogger("dpe_ingest.consumer")
@@ -165,6 +165,7 @@ class Consumer:
         # partitions revoked with written but uncommitted offsets: to commit if they come back to us
         self.revoked_uncommitted: dict[TopicPartition, int] = {}
         self.totals = Totals()
+        self.metrics = metrics.ConsumerMetrics()  # served on /metrics by main() when METRICS_PORT is set
         self.writing = False
         self.stop_at: float | None = None  # monotonic deadline once a stop signal arrived
         self.last_message_at = time.monotonic()
@@ -418,6 +419,9 @@ class Consumer:
         rows = result.rows
         if messages:
             self.totals.add(result, n_dead)
+            self.metrics.batch(result.inserted, result.updated, result.unchanged, getattr(result, "deleted", 0),
+                               n_dead, result.seconds if batch.rows else None)
+            self.metrics.lag.set(self.lag_by_partition())
             interval = max(now - self.last_batch_at, 1e-6)
             logs.event(log, "batch",
                        f"batch {self.totals.batches}: {rows} rows ({result.inserted} new, {result.updated} updated, "
@@ -441,6 +445,7 @@ class Consumer:
             offsets = {tp: OffsetAndMetadata(off, "", -1) for tp, off in self.uncommitted.items()}
             try:
                 self.consumer.commit(offsets, timeout_ms=15000)
+                self.metrics.committed()
                 if attempt:
                     logs.event(log, "kafka_recovered", f"offsets committed after {attempt} failed attempt(s)",
                                what="offset commit", attempts=attempt)
@@ -482,25 +487,31 @@ class Consumer:
 
     def lag(self) -> int | None:
         """Messages behind the last known end of the assigned partitions (None if unknown)."""
+        per = self.lag_by_partition()
+        return sum(per.values()) if per else None
+
+    def lag_by_partition(self) -> dict[tuple[str, int], int] | None:
+        """{(topic, partition): messages behind the last known end} of the assigned partitions whose
+        end and position are known (None when not known at all)."""
         if self.consumer is None:
             return None
-        total, known = 0, False
+        out = {}
         try:
             for tp in self.consumer.assignment():
                 hw = self.consumer.highwater(tp)
                 pos = self._position(tp)
                 if hw is not None and pos is not None:
-                    total += max(0, hw - pos)
-                    known = True
+                    out[(tp.topic, tp.partition)] = max(0, hw - pos)
         except Exception:  # noqa: BLE001
             return None
-        return total if known else None
+        return out or None
 
     def _progress(self, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self.last_progress_at < PROGRESS_EVERY_S:
             return
         self.last_progress_at = now
+        self.metrics.lag.set(self.lag_by_partition())
         t = self.totals
         elapsed = max(now - t.started, 1e-6)
         assigned = self.consumer.assignment() if self.consumer is not None else set()
@@ -674,11 +685,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = ConsumerConfig.from_env()
         crash = CrashHook(os.environ)
+        port = metrics_port()
     except ConfigError as exc:
         print(f"dpe-ingest consume: {exc}", file=sys.stderr)
         return 2
     consumer = Consumer(cfg, exit_when_idle_s=args.exit_when_idle, shutdown_timeout_s=args.shutdown_timeout,
                         crash=crash)
+    try:
+        metrics.serve(consumer.metrics.registry, port)
+    except OSError as exc:
+        print(f"dpe-ingest consume: METRICS_PORT={port}: {exc}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, consumer.request_stop)
     signal.signal(signal.SIGINT, consumer.request_stop)
     try:

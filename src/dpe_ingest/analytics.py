@@ -1,0 +1,869 @@
+"""``dpe-ingest analytics``: live statistics of the DPE stream, a second consumer group on the data topic.
+
+The course's exercise 6: next to the PostgreSQL sink (group ``dpe-sink``), a consumer group of its own
+(``ANALYTICS_GROUP``, default ``dpe-analytics``) counts, per department, the certificates per energy
+label A..G (anything else: ``unknown``) and per reception month, the share of F+G ("passoires
+thermiques") and the latest reception date, and logs a rate-limited alert summary per department.
+
+Exact under crashes (see docs/analytics.md): the state lives in PostgreSQL tables next to the offsets
+it reflects, and each batch moves both in ONE transaction:
+
+- ``<prefix>_keys``: one row per numero_dpe (department, label, month, reception date) -- what makes a
+  duplicate count once and a new version of a certificate move it from its old label to its new one;
+- ``<prefix>_labels`` / ``<prefix>_months``: the counts, updated by deltas;
+- ``<prefix>_skipped``: messages skipped, by reason;
+- ``<prefix>_offsets``: per partition, the next offset to apply.  A batch is applied only if it starts
+  exactly there (checked under ``SELECT … FOR UPDATE``): a replay after a crash, a stale member after a
+  rebalance or a position from the Kafka group behind the database are refused and re-positioned.
+
+The Kafka group offsets are committed too, after the database, but only so that ``dpe-ingest status``
+can show the group's lag: they are never trusted for correctness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from . import logs, metrics
+from . import kafka_consumer as kc
+from .config import AnalyticsConfig, ConfigError, metrics_port
+from .sink import Invalid, parse_message
+
+log = logging.getLogger("dpe_ingest.analytics")
+
+LABELS = ("A", "B", "C", "D", "E", "F", "G")
+UNKNOWN = "unknown"
+NO_DEPARTMENT = "none"  # rows without a department (departement NULL in dpe_data)
+#: the producer's refresh marks a certificate deactivated in the API with this flag (the sink deletes it)
+DELETED_FLAG = "_deleted"
+SKIP_REASONS = ("not_json", "no_numero_dpe", "invalid")
+REFRESH_COUNTS_S = 2.0
+CRASH_POINTS = ("before_db_commit", "after_db_commit")
+
+
+class CrashHook:
+    """``DPE_TEST_CRASH_AT=before_db_commit|after_db_commit`` with ``DPE_TEST_CRASH_AFTER_BATCHES=N``:
+    SIGKILL ourselves at that point of the batch after N applied batches.  TESTS ONLY."""
+
+    def __init__(self, env) -> None:
+        self.point = (env.get("DPE_TEST_CRASH_AT") or "").strip() or None
+        if self.point is not None and self.point not in CRASH_POINTS:
+            raise ConfigError(f"DPE_TEST_CRASH_AT={self.point!r}: expected one of {', '.join(CRASH_POINTS)}")
+        try:
+            self.after = int((env.get("DPE_TEST_CRASH_AFTER_BATCHES") or "0").strip())
+        except ValueError:
+            raise ConfigError("DPE_TEST_CRASH_AFTER_BATCHES is not a whole number") from None
+
+    def __call__(self, point: str, batches_done: int) -> None:
+        if point == self.point and batches_done >= self.after:
+            logs.event(log, "test_crash", f"test crash hook: SIGKILL at {point} after {batches_done} batches",
+                       logging.WARNING, point=point, batches=batches_done)
+            for h in logging.getLogger().handlers:
+                h.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def label_of(value: Any) -> str:
+    return value if isinstance(value, str) and value in LABELS else UNKNOWN
+
+
+def month_of(date: dt.date | None) -> str:
+    return date.strftime("%Y-%m") if date is not None else UNKNOWN
+
+
+# ---------------------------------------------------------------------------------------------
+# one message -> one fact (or a skip)
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Fact:
+    """The latest version of one certificate, as the analytics sees it (``deleted``: it is gone)."""
+
+    key: str
+    department: str
+    label: str
+    month: str
+    date: dt.date | None
+    deleted: bool = False
+
+    def cell(self) -> tuple[str, str, str, dt.date | None]:
+        return (self.department, self.label, self.month, self.date)
+
+
+def classify(value: bytes | None, partition: int = 0, offset: int = 0) -> Fact | str:
+    """A :class:`Fact`, or the reason the message is skipped (one of :data:`SKIP_REASONS`).
+
+    The same validation as the sink (:func:`dpe_ingest.sink.parse_message`): what the sink refuses
+    (and dead-letters) is skipped here, so the counts match ``dpe_data``."""
+    try:
+        doc = json.loads(value) if value is not None else None
+    except (ValueError, UnicodeDecodeError):
+        return "not_json"
+    if not isinstance(doc, dict):
+        return "not_json"
+    if not isinstance(doc.get("numero_dpe"), str) or not doc["numero_dpe"].strip():
+        return "no_numero_dpe"
+    if doc.get(DELETED_FLAG) is True:
+        dep = doc.get("departement")
+        return Fact(doc["numero_dpe"], NO_DEPARTMENT if dep in (None, "") else str(dep), UNKNOWN, UNKNOWN, None,
+                    deleted=True)
+    try:
+        row = parse_message(value, partition, offset)
+    except Invalid:
+        return "invalid"
+    if getattr(row, "deleted", False):
+        return Fact(row.numero_dpe, row.departement or NO_DEPARTMENT, UNKNOWN, UNKNOWN, None, deleted=True)
+    return Fact(row.numero_dpe, row.departement if row.departement is not None else NO_DEPARTMENT,
+                label_of(row.etiquette_dpe), month_of(row.date_reception_dpe), row.date_reception_dpe)
+
+
+# ---------------------------------------------------------------------------------------------
+# the store: state, counts and offsets in PostgreSQL
+# ---------------------------------------------------------------------------------------------
+class Stale(Exception):
+    """The batch does not start where the stored offsets say: {tp: stored next offset (-1: none)}."""
+
+    def __init__(self, where: dict[int, int]):
+        super().__init__(f"stale positions: {where}")
+        self.where = where
+
+
+@dataclass
+class Applied:
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    skipped: int = 0
+    #: department -> certificates that became F or G in this batch
+    new_fg: dict[str, int] = field(default_factory=dict)
+
+
+class Store:
+    def __init__(self, database_url: str, prefix: str):
+        import psycopg2
+        from psycopg2 import sql
+
+        self.pg, self.sql = psycopg2, sql
+        self.database_url, self.prefix = database_url, prefix
+        self.conn = None
+        self.t = {name: sql.Identifier(f"{prefix}_{name}")
+                  for name in ("keys", "labels", "months", "skipped", "offsets")}
+
+    def connect(self):
+        if self.conn is None or self.conn.closed:
+            self.conn = self.pg.connect(self.database_url, connect_timeout=10, application_name="dpe-ingest-analytics",
+                                        keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
+            with self.conn.cursor() as cur:
+                cur.execute("SET statement_timeout = 60000")
+            self.conn.commit()
+        return self.conn
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self.conn = None
+
+    def migrate(self) -> None:
+        conn = self.connect()
+        t, q = self.t, self.sql.SQL
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext('dpe_ingest.migrate'), hashtext(%s))", (self.prefix,))
+            cur.execute(q("CREATE TABLE IF NOT EXISTS {} (numero_dpe text PRIMARY KEY, departement text NOT NULL, "
+                          "label text NOT NULL, month text NOT NULL, date_reception date)").format(t["keys"]))
+            cur.execute(q("CREATE INDEX IF NOT EXISTS {} ON {} (departement, date_reception)")
+                        .format(self.sql.Identifier(f"{self.prefix}_keys_dep_date"), t["keys"]))
+            cur.execute(q("CREATE TABLE IF NOT EXISTS {} (departement text NOT NULL, label text NOT NULL, "
+                          "n bigint NOT NULL, PRIMARY KEY (departement, label))").format(t["labels"]))
+            cur.execute(q("CREATE TABLE IF NOT EXISTS {} (departement text NOT NULL, month text NOT NULL, "
+                          "n bigint NOT NULL, PRIMARY KEY (departement, month))").format(t["months"]))
+            cur.execute(q("CREATE TABLE IF NOT EXISTS {} (reason text PRIMARY KEY, n bigint NOT NULL)")
+                        .format(t["skipped"]))
+            cur.execute(q("CREATE TABLE IF NOT EXISTS {} (topic text NOT NULL, part integer NOT NULL, "
+                          "next_offset bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), "
+                          "PRIMARY KEY (topic, part))").format(t["offsets"]))
+        conn.commit()
+
+    def offsets(self, topic: str) -> dict[int, int]:
+        conn = self.connect()
+        with conn.cursor() as cur:
+            cur.execute(self.sql.SQL("SELECT part, next_offset FROM {} WHERE topic = %s").format(self.t["offsets"]),
+                        (topic,))
+            out = {int(p): int(o) for p, o in cur.fetchall()}
+        conn.commit()
+        return out
+
+    def apply(self, topic: str, starts: dict[int, int], ends: dict[int, int], facts: list[Fact],
+              skipped: dict[str, int], before_commit=None) -> Applied:
+        """One transaction: check that every partition's batch starts at its stored offset, fold the
+        facts into state and counts, store the new offsets.  Raises :class:`Stale` (nothing written)."""
+        from psycopg2.extras import execute_values
+
+        conn = self.connect()
+        t, q = self.t, self.sql.SQL
+        res = Applied(skipped=sum(skipped.values()))
+        try:
+            with conn.cursor() as cur:
+                parts = sorted(starts)
+                execute_values(cur, q("INSERT INTO {} (topic, part, next_offset) VALUES %s "
+                                      "ON CONFLICT (topic, part) DO NOTHING").format(t["offsets"]).as_string(conn),
+                               [(topic, p, -1) for p in parts])
+                cur.execute(q("SELECT part, next_offset FROM {} WHERE topic = %s AND part = ANY(%s) "
+                              "ORDER BY part FOR UPDATE").format(t["offsets"]), (topic, parts))
+                stored = {int(p): int(o) for p, o in cur.fetchall()}
+                stale = {p: stored[p] for p in parts if stored[p] >= 0 and stored[p] != starts[p]}
+                if stale:
+                    raise Stale(stale)
+                last: dict[str, Fact] = {}
+                for f in facts:  # in offset order per partition: the last version of a key wins
+                    last[f.key] = f
+                keys = sorted(last)
+                old: dict[str, tuple] = {}
+                if keys:
+                    cur.execute(q("SELECT numero_dpe, departement, label, month, date_reception FROM {} "
+                                  "WHERE numero_dpe = ANY(%s) ORDER BY numero_dpe FOR UPDATE").format(t["keys"]),
+                                (keys,))
+                    old = {k: (d, lab, m, day) for k, d, lab, m, day in cur.fetchall()}
+                labels: dict[tuple[str, str], int] = {}
+                months: dict[tuple[str, str], int] = {}
+                upserts, deletes = [], []
+
+                def move(cell, sign):
+                    d, lab, m = cell[0], cell[1], cell[2]
+                    labels[(d, lab)] = labels.get((d, lab), 0) + sign
+                    months[(d, m)] = months.get((d, m), 0) + sign
+
+                for k in keys:
+                    f, before = last[k], old.get(k)
+                    if f.deleted:
+                        if before is None:
+                            res.unchanged += 1
+                            continue
+                        move(before, -1)
+                        deletes.append(k)
+                        res.deleted += 1
+                        continue
+                    now = f.cell()
+                    if before == now:
+                        res.unchanged += 1
+                        continue
+                    if before is None:
+                        res.new += 1
+                    else:
+                        move(before, -1)
+                        res.changed += 1
+                    move(now, +1)
+                    upserts.append((k, *now))
+                    if f.label in ("F", "G") and (before is None or before[1] not in ("F", "G")):
+                        res.new_fg[f.department] = res.new_fg.get(f.department, 0) + 1
+                if upserts:
+                    execute_values(cur, q("INSERT INTO {} (numero_dpe, departement, label, month, date_reception) "
+                                          "VALUES %s ON CONFLICT (numero_dpe) DO UPDATE SET departement = "
+                                          "EXCLUDED.departement, label = EXCLUDED.label, month = EXCLUDED.month, "
+                                          "date_reception = EXCLUDED.date_reception").format(t["keys"])
+                                   .as_string(conn), upserts, page_size=1000)
+                if deletes:
+                    cur.execute(q("DELETE FROM {} WHERE numero_dpe = ANY(%s)").format(t["keys"]), (deletes,))
+                for table, cols, deltas in ((t["labels"], ("departement", "label"), labels),
+                                            (t["months"], ("departement", "month"), months)):
+                    rows = sorted((a, b, n) for (a, b), n in deltas.items() if n)
+                    if rows:
+                        execute_values(cur, q("INSERT INTO {} (departement, {}, n) VALUES %s ON CONFLICT "
+                                              "(departement, {}) DO UPDATE SET n = {}.n + EXCLUDED.n")
+                                       .format(table, self.sql.Identifier(cols[1]), self.sql.Identifier(cols[1]),
+                                               table).as_string(conn), rows)
+                if skipped:
+                    execute_values(cur, q("INSERT INTO {} (reason, n) VALUES %s ON CONFLICT (reason) DO UPDATE "
+                                          "SET n = {}.n + EXCLUDED.n").format(t["skipped"], t["skipped"])
+                                   .as_string(conn), sorted(skipped.items()))
+                for p in parts:
+                    cur.execute(q("UPDATE {} SET next_offset = %s, updated_at = now() WHERE topic = %s AND part = %s")
+                                .format(t["offsets"]), (ends[p], topic, p))
+                if before_commit is not None:
+                    before_commit()
+            conn.commit()
+        except BaseException:
+            try:
+                conn.rollback()
+            except Exception:  # noqa: BLE001
+                self.close()
+            raise
+        return res
+
+    def counts(self) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+        """(department -> label -> n, reason -> skipped): what the gauges and the alerts show."""
+        conn = self.connect()
+        labels: dict[str, dict[str, int]] = {}
+        try:
+            with conn.cursor() as cur:
+                cur.execute(self.sql.SQL("SELECT departement, label, n FROM {}").format(self.t["labels"]))
+                for d, lab, n in cur.fetchall():
+                    labels.setdefault(d, {})[lab] = int(n)
+                cur.execute(self.sql.SQL("SELECT reason, n FROM {}").format(self.t["skipped"]))
+                skipped = {r: int(n) for r, n in cur.fetchall()}
+        finally:
+            conn.rollback()
+        return labels, skipped
+
+    def read(self) -> "Report":
+        """Everything the report shows, read in one snapshot."""
+        conn = self.connect()
+        t, q = self.t, self.sql.SQL
+        rep = Report()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                cur.execute("SELECT to_regclass(%s)", (f"{self.prefix}_offsets",))
+                if cur.fetchone()[0] is None:
+                    return rep
+                cur.execute(q("SELECT departement, label, n FROM {} WHERE n <> 0").format(t["labels"]))
+                for d, lab, n in cur.fetchall():
+                    rep.labels.setdefault(d, {})[lab] = int(n)
+                cur.execute(q("SELECT departement, month, n FROM {} WHERE n <> 0").format(t["months"]))
+                for d, m, n in cur.fetchall():
+                    rep.months.setdefault(d, {})[m] = int(n)
+                cur.execute(q("SELECT reason, n FROM {}").format(t["skipped"]))
+                rep.skipped = {r: int(n) for r, n in cur.fetchall()}
+                cur.execute(q("SELECT topic, part, next_offset FROM {} ORDER BY 1, 2").format(t["offsets"]))
+                rep.offsets = {f"{topic}:{p}": int(o) for topic, p, o in cur.fetchall()}
+                deps = sorted(rep.labels)
+                for d in deps:  # the (departement, date_reception) index answers each in one step
+                    cur.execute(q("SELECT max(date_reception) FROM {} WHERE departement = %s").format(t["keys"]), (d,))
+                    day = cur.fetchone()[0]
+                    rep.latest[d] = day.isoformat() if day is not None else None
+        finally:
+            conn.rollback()
+        return rep
+
+
+# ---------------------------------------------------------------------------------------------
+# the report (pure)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Report:
+    labels: dict[str, dict[str, int]] = field(default_factory=dict)  # department -> label -> n
+    months: dict[str, dict[str, int]] = field(default_factory=dict)  # department -> YYYY-MM|unknown -> n
+    latest: dict[str, str | None] = field(default_factory=dict)  # department -> latest date_reception_dpe
+    skipped: dict[str, int] = field(default_factory=dict)
+    offsets: dict[str, int] = field(default_factory=dict)
+
+    def departments(self) -> list[str]:
+        from . import departments as deps
+
+        found = set(self.labels)
+        order = [d for d in deps.ALL_DEPARTMENTS if d in found]
+        return order + sorted(found - set(order))
+
+    def rows(self, dep: str) -> int:
+        return sum(self.labels.get(dep, {}).values())
+
+    def fg_share(self, dep: str) -> float | None:
+        total = self.rows(dep)
+        by = self.labels.get(dep, {})
+        return (by.get("F", 0) + by.get("G", 0)) / total if total else None
+
+    def last_months(self, dep: str, n: int = 12) -> list[tuple[str, int]]:
+        """The ``n`` months up to the department's latest reception month, zeros included."""
+        by = self.months.get(dep, {})
+        known = sorted(m for m in by if m != UNKNOWN)
+        if not known:
+            return []
+        y, m = map(int, known[-1].split("-"))
+        out = []
+        for _ in range(n):
+            key = f"{y:04d}-{m:02d}"
+            out.append((key, by.get(key, 0)))
+            y, m = (y, m - 1) if m > 1 else (y - 1, 12)
+        return out[::-1]
+
+    def to_json(self) -> dict:
+        deps = {}
+        for d in self.departments():
+            by = self.labels.get(d, {})
+            share = self.fg_share(d)
+            deps[d] = {"rows": self.rows(d), "labels": {k: by.get(k, 0) for k in (*LABELS, UNKNOWN)},
+                       "fg": by.get("F", 0) + by.get("G", 0),
+                       "fg_share": None if share is None else round(share, 6),
+                       "latest_reception": self.latest.get(d),
+                       "months": dict(sorted(self.months.get(d, {}).items()))}
+        return {"version": 1, "departments": deps, "skipped": dict(sorted(self.skipped.items())),
+                "offsets": self.offsets}
+
+    def render(self, bar_width: int = 40) -> str:
+        out = []
+        deps = self.departments()
+        if not deps:
+            out.append("analytics: nothing counted yet")
+        for d in deps:
+            total, by, share = self.rows(d), self.labels.get(d, {}), self.fg_share(d)
+            out.append(f"department {d}: {total} certificates, F+G {100 * (share or 0):.1f}% "
+                       f"({by.get('F', 0) + by.get('G', 0)}), latest reception {self.latest.get(d) or '-'}")
+            w = max([len(str(by.get(k, 0))) for k in (*LABELS, UNKNOWN)] + [1])
+            for k in (*LABELS, UNKNOWN):
+                n = by.get(k, 0)
+                if k == UNKNOWN and not n:
+                    continue
+                pct = 100.0 * n / total if total else 0.0
+                out.append(f"  {k:<7} {n:>{w}}  {pct:5.1f}%  " + "#" * int(round(pct / 2)))
+            months = self.last_months(d)
+            if months:
+                top = max(n for _, n in months) or 1
+                wm = max(len(str(n)) for _, n in months)
+                out.append("  rows per month (last 12 months):")
+                for key, n in months:
+                    out.append(f"    {key}  {n:>{wm}}  " + "#" * int(round(n * bar_width / top)))
+            unknown = self.months.get(d, {}).get(UNKNOWN, 0)
+            if unknown:
+                out.append(f"    no reception date: {unknown}")
+            out.append("")
+        if any(self.skipped.values()):
+            out.append("skipped messages: " + ", ".join(f"{r} {n}" for r, n in sorted(self.skipped.items()) if n))
+        return "\n".join(out).rstrip("\n") + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# alerts: a rate-limited summary per department
+# ---------------------------------------------------------------------------------------------
+class Alerts:
+    """Counts new F/G certificates per department and logs, at most once per ``interval_s`` and
+    department, one line: new F/G since the last line, the current count and share; WARNING when
+    the share is above ``share`` (ANALYTICS_ALERT_SHARE)."""
+
+    def __init__(self, share: float, interval_s: float, counter=None):
+        self.share, self.interval_s, self.counter = share, interval_s, counter
+        self.pending: dict[str, int] = {}
+        self.last_at: dict[str, float] = {}
+
+    def add(self, new_fg: dict[str, int]) -> None:
+        for d, n in new_fg.items():
+            self.pending[d] = self.pending.get(d, 0) + n
+
+    def emit(self, counts: dict[str, dict[str, int]], force: bool = False, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        lines = 0
+        for d in sorted(self.pending):
+            n = self.pending[d]
+            if not n or (not force and now - self.last_at.get(d, -1e18) < self.interval_s):
+                continue
+            by = counts.get(d, {})
+            total = sum(by.values())
+            fg = by.get("F", 0) + by.get("G", 0)
+            share = fg / total if total else 0.0
+            above = share > self.share
+            level = logging.WARNING if above else logging.INFO
+            logs.event(log, "fg_alert",
+                       f"department {d}: {n} new F/G certificate(s) (passoires thermiques) since the last summary; "
+                       f"{fg} of {total} = {100 * share:.1f}%" + (f", above the {100 * self.share:.0f}% threshold"
+                                                                  if above else ""),
+                       level, department=d, new_fg=n, fg=fg, rows=total, fg_share=round(share, 4),
+                       threshold=self.share, above=above)
+            if self.counter is not None:
+                self.counter.labels("warning" if above else "info").inc()
+            self.pending[d] = 0
+            self.last_at[d] = now
+            lines += 1
+        return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# the consumer
+# ---------------------------------------------------------------------------------------------
+class Analytics:
+    def __init__(self, cfg: AnalyticsConfig, *, exit_when_idle_s: float | None = None, store: Store | None = None,
+                 crash: CrashHook | None = None):
+        self.cfg = cfg
+        self.crash = crash or CrashHook({})
+        self.exit_when_idle_s = exit_when_idle_s
+        self.store = store or Store(cfg.database_url, cfg.table_prefix)
+        self.metrics = metrics.AnalyticsMetrics()
+        self.alerts = Alerts(cfg.alert_share, cfg.alert_interval_s, self.metrics.alerts)
+        self.consumer = None
+        self.unsynced: set[TopicPartition] = set()  # assigned, not yet positioned from the stored offsets
+        self.gap_ok: dict[TopicPartition, tuple[int, int]] = {}
+        self.stop = False
+        self.joined = False
+        self.last_message_at = time.monotonic()
+        self.counts: dict[str, dict[str, int]] = {}
+        self.counts_at = 0.0
+        self.totals = Applied()
+        self.batches = 0
+        self.last_progress_at = time.monotonic()
+        #: messages per transaction: 5 x BATCH_SIZE (counting is cheaper than storing whole rows)
+        self.max_records = cfg.batch_size * 5
+
+    def request_stop(self, signum=None, _frame=None) -> None:
+        if not self.stop:
+            logs.event(log, "stopping", "stop signal: finishing the batch in hand, then exiting",
+                       signal=signal.Signals(signum).name if signum else "stop")
+        self.stop = True
+
+    # -- rebalances (kafka-python's IO thread, inside poll): no I/O here ------------------------
+    def on_partitions_assigned(self, assigned) -> None:
+        self.joined = True
+        assigned = set(assigned)
+        self.unsynced |= assigned
+        if assigned and self.consumer is not None:
+            self.consumer.pause(*assigned)  # until positioned from the database
+        self.last_message_at = time.monotonic()
+        logs.event(log, "partitions_assigned", f"partitions assigned: {_tps(assigned) or 'none'}",
+                   partitions=_tps(assigned))
+
+    def on_partitions_revoked(self, revoked) -> None:
+        self.unsynced -= set(revoked)
+        if revoked:
+            logs.event(log, "partitions_revoked", f"partitions revoked: {_tps(revoked)}", partitions=_tps(revoked))
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _retrying(self, fn, what: str):
+        attempt = 0
+        while True:
+            try:
+                out = fn()
+                if attempt:
+                    logs.event(log, "db_recovered", f"database back after {attempt} failed attempt(s)", what=what)
+                return out
+            except self.store.pg.Error as exc:
+                self.store.close()
+                wait = min(self.cfg.retry_max_backoff_s, 0.5 * 2 ** min(attempt, 20))
+                logs.event(log, "db_unavailable", f"database error during {what}: {_short(exc)}; retrying in "
+                           f"{wait:.1f}s", logging.WARNING, what=what, attempt=attempt + 1, retry_in=round(wait, 1),
+                           error=_short(exc))
+                attempt += 1
+                self._keepalive(wait)
+                if self.stop:
+                    raise
+
+    def _keepalive(self, seconds: float) -> None:
+        """Wait while staying a live member of the group (poll with every partition paused)."""
+        end = time.monotonic() + seconds
+        while not self.stop and time.monotonic() < end:
+            if self.consumer is None:
+                time.sleep(min(0.5, end - time.monotonic()))
+                continue
+            assigned = self.consumer.assignment()
+            if assigned:
+                self.consumer.pause(*assigned)
+            try:
+                got = self.consumer.poll(timeout_ms=int(max(0.05, min(1.0, end - time.monotonic())) * 1000),
+                                         max_records=1)
+            except KafkaError:
+                time.sleep(0.5)
+                continue
+            for tp in got:  # (should not happen: all paused) re-read them later
+                self.unsynced.add(tp)
+
+    def _sync(self) -> None:
+        """Position the newly assigned partitions at the offsets stored with the state."""
+        if not self.unsynced:
+            return
+        stored = self._retrying(lambda: self.store.offsets(self.cfg.kafka.topic), "offsets read")
+        mine = self.consumer.assignment()
+        todo = [tp for tp in self.unsynced if tp in mine]
+        begin = [tp for tp in todo if stored.get(tp.partition, -1) < 0]
+        for tp in todo:
+            if stored.get(tp.partition, -1) >= 0:
+                self.consumer.seek(tp, stored[tp.partition])
+        if begin:
+            self.consumer.seek_to_beginning(*begin)
+        if todo:
+            self.consumer.resume(*todo)
+        self.unsynced = set()
+
+    def _refresh_counts(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self.counts_at < REFRESH_COUNTS_S:
+            return
+        labels, skipped = self._retrying(self.store.counts, "counts read")
+        self.counts, self.counts_at = labels, time.monotonic()
+        self.metrics.set_counts(labels, skipped)
+
+    def lag_by_partition(self) -> dict[tuple[str, int], int] | None:
+        if self.consumer is None:
+            return None
+        out = {}
+        try:
+            for tp in self.consumer.assignment():
+                hw = self.consumer.highwater(tp)
+                pos = self.consumer._subscription.assignment[tp].position
+                if hw is not None and pos is not None:
+                    out[(tp.topic, tp.partition)] = max(0, hw - pos.offset)
+        except Exception:  # noqa: BLE001 - a figure for metrics and logs only
+            return None
+        return out
+
+    # -- one batch -------------------------------------------------------------------------------
+    def handle(self, records: dict) -> None:
+        topic = self.cfg.kafka.topic
+        starts, ends, facts, skipped = {}, {}, [], {}
+        for tp, msgs in records.items():
+            if tp in self.unsynced or not msgs:
+                continue  # polled before it was positioned: read again from the stored offset
+            starts[tp.partition] = msgs[0].offset
+            ends[tp.partition] = msgs[-1].offset + 1
+            for m in msgs:
+                got = classify(m.value, m.partition, m.offset)
+                if isinstance(got, str):
+                    skipped[got] = skipped.get(got, 0) + 1
+                    logs.event(log, "skipped", f"message skipped: {got}", logging.DEBUG, reason=got,
+                               partition=m.partition, offset=m.offset)
+                else:
+                    facts.append(got)
+        if not starts:
+            return
+        t0 = time.monotonic()
+        try:
+            res = self._retrying(lambda: self._apply(topic, starts, ends, facts, skipped), "batch write")
+        except Stale as stale:
+            self._reposition(topic, starts, stale.where)
+            return
+        self.crash("after_db_commit", self.batches)
+        self.metrics.batch_seconds.observe(time.monotonic() - t0)
+        self.metrics.committed()
+        for outcome in ("new", "changed", "unchanged", "deleted", "skipped"):
+            n = getattr(res, outcome)
+            if n:
+                self.metrics.messages.labels(outcome).inc(n)
+                setattr(self.totals, outcome, getattr(self.totals, outcome) + n)
+        self.batches += 1
+        self.alerts.add(res.new_fg)
+        self._commit_kafka({TopicPartition(topic, p): o for p, o in ends.items()})
+        logs.event(log, "batch", f"batch {self.batches}: {res.new} new, {res.changed} changed, {res.unchanged} "
+                   f"unchanged, {res.deleted} deleted, {res.skipped} skipped", logging.DEBUG, new=res.new,
+                   changed=res.changed, unchanged=res.unchanged, deleted=res.deleted, skipped=res.skipped)
+
+    def _apply(self, topic, starts, ends, facts, skipped):
+        # a start offset past the stored one that was already seen after a re-seek is a real gap
+        # (records removed by retention or compaction): accept it by moving the stored offset first
+        accepted = {p: s for p, s in starts.items()
+                    if self.gap_ok.get(TopicPartition(topic, p)) is not None
+                    and self.gap_ok[TopicPartition(topic, p)][1] == s}
+        if accepted:
+            self._move_offsets(topic, accepted)
+        done = self.batches
+        return self.store.apply(topic, starts, ends, facts, skipped,
+                                before_commit=lambda: self.crash("before_db_commit", done))
+
+    def _move_offsets(self, topic: str, where: dict[int, int]) -> None:
+        conn = self.store.connect()
+        with conn.cursor() as cur:
+            for p, off in where.items():
+                cur.execute(self.store.sql.SQL("UPDATE {} SET next_offset = %s WHERE topic = %s AND part = %s "
+                                               "AND next_offset < %s").format(self.store.t["offsets"]),
+                            (off, topic, p, off))
+        conn.commit()
+        for p in where:
+            self.gap_ok.pop(TopicPartition(topic, p), None)
+            logs.event(log, "offset_gap", f"partition {p}: records missing from the topic before offset "
+                       f"{where[p]} (retention or compaction): continuing there", logging.WARNING, partition=p,
+                       offset=where[p])
+
+    def _reposition(self, topic: str, starts: dict[int, int], stored: dict[int, int]) -> None:
+        """The batch was not where the database is: go back (or forward) to the stored offsets and
+        re-read every partition of the batch (nothing of it was written)."""
+        for p, start in starts.items():
+            tp = TopicPartition(topic, p)
+            if p in stored:
+                if start > stored[p]:
+                    self.gap_ok[tp] = (stored[p], start)  # if we land on `start` again, the gap is real
+                self.consumer.seek(tp, stored[p])
+            else:
+                self.consumer.seek(tp, start)
+        logs.event(log, "repositioned", f"batch not at the stored offsets ({stored}): re-reading from there",
+                   logging.INFO, stored=json.dumps({str(k): v for k, v in stored.items()}))
+
+    def _commit_kafka(self, offsets: dict[TopicPartition, int]) -> None:
+        """Only for the group's lag in ``dpe-ingest status`` and the metrics: never trusted on restart."""
+        try:
+            self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}, timeout_ms=5000)
+        except Exception as exc:  # noqa: BLE001 - the truth is in the database
+            logs.event(log, "commit_failed", f"Kafka offset commit failed (harmless: the offsets are stored with "
+                       f"the counts): {_short(exc)}", logging.DEBUG, error=_short(exc))
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _idle_done(self) -> bool:
+        if self.exit_when_idle_s is None or not self.joined or self.unsynced:
+            return False
+        if time.monotonic() - self.last_message_at < self.exit_when_idle_s:
+            return False
+        assigned = list(self.consumer.assignment())
+        if not assigned:
+            return True
+        try:
+            ends = self.consumer.end_offsets(assigned, timeout_ms=10000)
+            stored = self.store.offsets(self.cfg.kafka.topic)
+        except Exception as exc:  # noqa: BLE001
+            logs.event(log, "idle_check_failed", f"idle check: {_short(exc)}", logging.WARNING)
+            self.last_message_at = time.monotonic()
+            return False
+        behind = [tp for tp, end in ends.items() if end > max(stored.get(tp.partition, 0), 0)]
+        if behind:
+            self.last_message_at = time.monotonic()
+            return False
+        return True
+
+    def _progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_progress_at < 10.0:
+            return
+        self.last_progress_at = now
+        lag = self.lag_by_partition()
+        self.metrics.lag.set(lag)
+        t = self.totals
+        logs.event(log, "progress", f"{self.batches} batches: {t.new} new, {t.changed} changed, {t.unchanged} "
+                   f"unchanged, {t.deleted} deleted, {t.skipped} skipped", batches=self.batches, new=t.new,
+                   changed=t.changed, unchanged=t.unchanged, deleted=t.deleted, skipped=t.skipped,
+                   lag=sum(lag.values()) if lag else None, departments=len(self.counts))
+
+    def run(self) -> int:
+        cfg = self.cfg
+        logs.event(log, "start", f"analytics starting: {cfg.kafka.topic} (group {cfg.group}) -> tables "
+                   f"{cfg.table_prefix}_*", topic=cfg.kafka.topic, group=cfg.group, prefix=cfg.table_prefix,
+                   alert_share=cfg.alert_share, alert_interval_s=cfg.alert_interval_s)
+        reason = "signal"
+        try:
+            self._retrying(self.store.migrate, "migration")
+            self._refresh_counts(force=True)
+            k = cfg.kafka
+            kc.ensure_topics(k)
+            self.consumer = kc.make_consumer(k, cfg.group, self.max_records,
+                                             client_id=f"dpe-ingest-analytics-{cfg.group}")
+            self.consumer.subscribe([k.topic], listener=_Listener(self))
+            while not self.stop:
+                self._sync()
+                try:
+                    records = self.consumer.poll(timeout_ms=1000, max_records=self.max_records)
+                except KafkaError as exc:
+                    logs.event(log, "kafka_error", f"poll failed: {_short(exc)}", logging.WARNING, error=_short(exc))
+                    time.sleep(1.0)
+                    continue
+                if records:
+                    self.last_message_at = time.monotonic()
+                    self.handle(records)  # (records of a partition assigned during this poll are dropped)
+                self._refresh_counts()
+                self.alerts.emit(self.counts)
+                self._progress()
+                if self._idle_done():
+                    reason = "idle"
+                    break
+        except Exception as exc:  # noqa: BLE001
+            if not self.stop:
+                raise
+            logs.event(log, "abandoned", f"stopped during a wait: {_short(exc)}", logging.WARNING)
+        finally:
+            if self.consumer is not None:
+                try:
+                    self.consumer.close(autocommit=False, timeout_ms=5000)
+                except Exception:  # noqa: BLE001
+                    pass
+            try:
+                self._refresh_counts(force=True)
+                self.alerts.emit(self.counts, force=True)
+            except Exception:  # noqa: BLE001
+                pass
+            self.store.close()
+        self._progress(force=True)
+        logs.event(log, "stop", f"analytics stopped ({reason})", reason=reason, batches=self.batches)
+        return 0
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, owner: Analytics):
+        self.owner = owner
+
+    def on_partitions_revoked(self, revoked):
+        self.owner.on_partitions_revoked(revoked)
+
+    def on_partitions_assigned(self, assigned):
+        self.owner.on_partitions_assigned(assigned)
+
+
+def _tps(tps: Iterable) -> str:
+    return ",".join(f"{tp.topic}:{tp.partition}" for tp in sorted(tps, key=lambda t: (t.topic, t.partition)))
+
+
+def _short(exc: BaseException) -> str:
+    return (" ".join(str(exc).split()) or type(exc).__name__)[:300]
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dpe-ingest analytics",
+        description="Live statistics of the DPE topic in a consumer group of its own (ANALYTICS_GROUP, default "
+        "dpe-analytics): per department, certificates per energy label and reception month, F+G share, latest "
+        "reception date, and a rate-limited alert summary. Exact under crashes: counts and offsets move in one "
+        "PostgreSQL transaction (DATABASE_URL, tables ANALYTICS_TABLE_PREFIX_*). See docs/analytics.md.")
+    p.add_argument("--report", action="store_true", help="print the counts per department and exit")
+    p.add_argument("--json", action="store_true", help="print the counts as one JSON document and exit")
+    p.add_argument("--exit-when-idle", type=float, metavar="SECONDS",
+                   help="exit 0 once nothing arrived for SECONDS and every assigned partition is applied to its end "
+                   "(local runs and tests; the Deployment runs forever)")
+    return p
+
+
+def report(cfg: AnalyticsConfig) -> Report:
+    store = Store(cfg.database_url, cfg.table_prefix)
+    try:
+        return store.read()
+    finally:
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.setup()
+    if args.exit_when_idle is not None and args.exit_when_idle <= 0:
+        print("dpe-ingest analytics: --exit-when-idle must be > 0 seconds", file=sys.stderr)
+        return 2
+    try:
+        cfg = AnalyticsConfig.from_env()
+        port = metrics_port()
+        crash = CrashHook(os.environ)
+    except ConfigError as exc:
+        print(f"dpe-ingest analytics: {exc}", file=sys.stderr)
+        return 2
+    if args.report or args.json:
+        try:
+            rep = report(cfg)
+        except Exception as exc:  # noqa: BLE001
+            print(f"dpe-ingest analytics: cannot read the analytics tables: {_short(exc)}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(rep.to_json(), indent=2))
+        else:
+            sys.stdout.write(rep.render())
+        return 0
+    app = Analytics(cfg, exit_when_idle_s=args.exit_when_idle, crash=crash)
+    try:
+        metrics.serve(app.metrics.registry, port)
+    except OSError as exc:
+        print(f"dpe-ingest analytics: METRICS_PORT={port}: {exc}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, app.request_stop)
+    signal.signal(signal.SIGINT, app.request_stop)
+    try:
+        return app.run()
+    except Exception as exc:  # noqa: BLE001
+        log.error(f"analytics failed: {_short(exc)}", exc_info=True,
+                  extra={"event": "fatal", "fields": {"error": _short(exc)}})
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

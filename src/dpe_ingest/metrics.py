@@ -1,0 +1,217 @@
+"""Prometheus metrics of the long-running parts (the ``prometheus_client`` package).
+
+- :class:`ConsumerMetrics`: the PostgreSQL sink (``dpe-ingest consume``);
+- :class:`AnalyticsMetrics`: the analytics consumer (``dpe-ingest analytics``);
+- :func:`push_producer_summary`: a producer Job is too short-lived to be scraped: it logs its summary
+  (``event=done``) and, when ``METRICS_PUSHGATEWAY_URL`` is set, pushes it to a Pushgateway.
+
+Each object owns its own :class:`~prometheus_client.CollectorRegistry` (several consumers may live in
+one test process); :func:`serve` exposes one on ``/metrics`` (``METRICS_PORT``, 0 = none).
+:func:`exported_names` lists every sample name the code can export: the Grafana dashboard of the
+chart may use only those (a test checks it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from . import logs
+
+log = logging.getLogger("dpe_ingest.metrics")
+
+#: the label values of ``dpe_consumer_rows_total{result=…}``
+CONSUMER_RESULTS = ("inserted", "updated", "unchanged", "deleted", "dead_lettered")
+#: energy labels of the analytics (anything else counts as ``unknown``)
+ENERGY_LABELS = ("A", "B", "C", "D", "E", "F", "G", "unknown")
+WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _LastCommit:
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def age(self) -> float:
+        return float("nan") if self.at is None else max(0.0, time.time() - self.at)
+
+
+class _Lag:
+    """``<prefix>_lag{partition}`` and ``<prefix>_lag_total``; partitions no longer ours are removed."""
+
+    def __init__(self, prefix: str, what: str, registry: CollectorRegistry):
+        self.per = Gauge(f"{prefix}_lag", f"Messages of the topic not yet processed by {what}, per partition "
+                         "(end offset - position, as last seen)", ["topic", "partition"], registry=registry)
+        self.total = Gauge(f"{prefix}_lag_total", f"Messages of the topic not yet processed by {what} "
+                           "(sum over the assigned partitions)", registry=registry)
+        self._seen: set[tuple[str, str]] = set()
+
+    def set(self, lags: dict[tuple[str, int], int] | None) -> None:
+        if lags is None:
+            return
+        now = {(t, str(p)) for t, p in lags}
+        for gone in self._seen - now:
+            try:
+                self.per.remove(*gone)
+            except KeyError:
+                pass
+        for (t, p), n in lags.items():
+            self.per.labels(t, str(p)).set(n)
+        self._seen = now
+        self.total.set(sum(lags.values()))
+
+
+class ConsumerMetrics:
+    """The sink: rows by result, batch write seconds, lag per partition, last offset commit."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.rows = Counter("dpe_consumer_rows", "Rows handled by the sink, by result: inserted (new in the table), "
+                            "updated (content changed), unchanged (a replay or an identical version), deleted, "
+                            "dead_lettered (refused, sent to the DLQ)", ["result"], registry=r)
+        for res in CONSUMER_RESULTS:
+            self.rows.labels(res)  # every series exists from the start (0), so rate() sees the first batch
+        self.batches = Counter("dpe_consumer_batches", "Batches written (one database transaction each)",
+                               registry=r)
+        self.write_seconds = Histogram("dpe_consumer_batch_write_seconds", "Seconds to write one batch into "
+                                       "PostgreSQL (COPY + upsert + commit)", buckets=WRITE_BUCKETS, registry=r)
+        self.lag = _Lag("dpe_consumer", "the sink", r)
+        self._last = _LastCommit()
+        self.last_commit_ts = Gauge("dpe_consumer_last_commit_timestamp_seconds",
+                                    "Unix time of the last successful offset commit", registry=r)
+        g = Gauge("dpe_consumer_last_commit_age_seconds", "Seconds since the last successful offset commit "
+                  "(NaN before the first)", registry=r)
+        g.set_function(self._last.age)
+
+    def batch(self, inserted: int, updated: int, unchanged: int, deleted: int, dead: int,
+              write_seconds: float | None) -> None:
+        for res, n in zip(CONSUMER_RESULTS, (inserted, updated, unchanged, deleted, dead)):
+            if n:
+                self.rows.labels(res).inc(n)
+        self.batches.inc()
+        if write_seconds is not None:
+            self.write_seconds.observe(write_seconds)
+
+    def committed(self) -> None:
+        self._last.at = time.time()
+        self.last_commit_ts.set(self._last.at)
+
+
+class AnalyticsMetrics:
+    """The analytics consumer: current counts per department and label (read back from its tables),
+    messages by outcome, skipped messages by reason, batch seconds, lag, last commit."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.rows = Gauge("dpe_analytics_rows", "Distinct certificates (numero_dpe) per department and energy "
+                          "label, latest version of each (exact: read from the analytics tables)",
+                          ["department", "label"], registry=r)
+        self.fg_share = Gauge("dpe_analytics_fg_share", "Share of F and G labels (passoires thermiques) among a "
+                              "department's certificates, 0..1", ["department"], registry=r)
+        self.messages = Counter("dpe_analytics_messages", "Messages processed by this process, by outcome: new "
+                                "(a certificate not seen before), changed (a new version of a known one), "
+                                "unchanged (a duplicate), deleted, skipped (not JSON, no numero_dpe, invalid)",
+                                ["outcome"], registry=r)
+        for outcome in ("new", "changed", "unchanged", "deleted", "skipped"):
+            self.messages.labels(outcome)
+        self.skipped = Gauge("dpe_analytics_skipped", "Messages skipped since the analytics began, by reason "
+                             "(exact: read from the analytics tables)", ["reason"], registry=r)
+        self.batch_seconds = Histogram("dpe_analytics_batch_seconds", "Seconds to apply one batch (one "
+                                       "PostgreSQL transaction: state, counts and offsets)", buckets=WRITE_BUCKETS,
+                                       registry=r)
+        self.alerts = Counter("dpe_analytics_alerts", "Alert summary lines logged, by level (warning: the F+G "
+                              "share is above ANALYTICS_ALERT_SHARE)", ["level"], registry=r)
+        self.lag = _Lag("dpe_analytics", "the analytics consumer", r)
+        self._last = _LastCommit()
+        g = Gauge("dpe_analytics_last_commit_age_seconds", "Seconds since the last batch was committed "
+                  "(NaN before the first)", registry=r)
+        g.set_function(self._last.age)
+        self._rows_seen: set[tuple[str, str]] = set()
+
+    def committed(self) -> None:
+        self._last.at = time.time()
+
+    def set_counts(self, labels: dict[str, dict[str, int]], skipped: dict[str, int]) -> None:
+        seen = set()
+        for dep, by in labels.items():
+            total = sum(by.values())
+            for label in ENERGY_LABELS:
+                self.rows.labels(dep, label).set(by.get(label, 0))
+                seen.add((dep, label))
+            self.fg_share.labels(dep).set((by.get("F", 0) + by.get("G", 0)) / total if total else 0.0)
+        for gone in self._rows_seen - seen:
+            try:
+                self.rows.remove(*gone)
+            except KeyError:
+                pass
+        self._rows_seen = seen
+        for reason, n in skipped.items():
+            self.skipped.labels(reason).set(n)
+
+
+def producer_registry(department: str, rows: int, dead: int, seconds: float, ok: bool,
+                      registry: CollectorRegistry | None = None) -> CollectorRegistry:
+    """The producer's summary as metrics (what :func:`push_producer_summary` pushes)."""
+    r = registry or CollectorRegistry()
+    Gauge("dpe_producer_rows", "Rows the producer sent to Kafka in its run", ["department"],
+          registry=r).labels(department).set(rows)
+    Gauge("dpe_producer_dead_letters", "Rows the producer sent to the dead-letter topic in its run", ["department"],
+          registry=r).labels(department).set(dead)
+    Gauge("dpe_producer_duration_seconds", "Duration of the producer's run", ["department"],
+          registry=r).labels(department).set(seconds)
+    Gauge("dpe_producer_success", "1 when the producer's run ended well (exit 0), else 0", ["department"],
+          registry=r).labels(department).set(1 if ok else 0)
+    Gauge("dpe_producer_last_run_timestamp_seconds", "Unix time the producer's run ended", ["department"],
+          registry=r).labels(department).set(time.time())
+    return r
+
+
+def push_producer_summary(url: str | None, department: str, rows: int, dead: int, seconds: float,
+                          ok: bool, timeout_s: float = 10.0) -> bool:
+    """Push the summary to a Pushgateway (job ``dpe-producer``, grouped by department).  Never raises:
+    a Pushgateway that is down costs a warning, not the Job.  False when nothing was pushed."""
+    if not url:
+        return False
+    from prometheus_client import push_to_gateway
+
+    try:
+        push_to_gateway(url, job="dpe-producer", grouping_key={"department": department},
+                        registry=producer_registry(department, rows, dead, seconds, ok), timeout=timeout_s)
+    except Exception as exc:  # noqa: BLE001 - a metrics sink must never fail the Job
+        logs.event(log, "metrics_push_failed", f"could not push the summary to {url}: {exc}", logging.WARNING,
+                   url=url, error=str(exc)[:200])
+        return False
+    logs.event(log, "metrics_pushed", f"summary pushed to {url}", url=url, department=department)
+    return True
+
+
+def serve(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0"):
+    """Serve ``registry`` on http://addr:port/metrics (a daemon thread); returns the server (None when port is 0)."""
+    if not port:
+        return None
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    logs.event(log, "metrics_listening", f"metrics on http://{addr}:{port}/metrics", port=port)
+    return server
+
+
+def sample_names(registries: Iterable[CollectorRegistry]) -> set[str]:
+    """Every sample name the registries expose (``_total``, ``_bucket``, ``_sum``, ``_count``… included)."""
+    names: set[str] = set()
+    for reg in registries:
+        for family in reg.collect():
+            suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}.get(family.type, ("",))
+            names.update(family.name + suffix for suffix in suffixes)
+            names.update(s.name for s in family.samples)
+    return names
+
+
+def exported_names() -> set[str]:
+    """Every metric name of the consumer, the analytics consumer and the producer summary."""
+    return sample_names([ConsumerMetrics().registry, AnalyticsMetrics().registry,
+                         producer_registry("69", 0, 0, 0.0, True)])
