@@ -184,6 +184,67 @@ class Runner:
         return proc.stdout_json(), proc
 
 
+def refresh_section(r: "Runner", env: dict[str, str], rows: int) -> None:
+    """A refresh of one department against a full pass: API requests and seconds.
+
+    The stand-in runs in this process (its dataset is changed between the two runs): department 974
+    of ``rows`` rows, a virtual dataset like dpe03existant; a full pass into an empty table; then a week
+    of changes (1 % of the rows updated, 0.5 % new, 0.5 % deactivated) and ``produce --refresh``.  The
+    table must then equal the API's rows, key for key."""
+    from dpe_ingest.standin import Dataset, StandinServer
+
+    dep = "974"
+    ds = Dataset({dep: rows}, default_rows=0, virtual=True, seed=16)
+    srv = StandinServer(ds).start()
+    try:
+        topic, table, group = r.name("refresh"), r.name("refresh"), r.name("g")
+        base = {**env, "DEPARTMENT": dep, "ADEME_API_URL": srv.url, "KAFKA_TOPIC": topic,
+                "KAFKA_DLQ_TOPIC": topic + "-dlq", "PRODUCER_CHECKPOINT_TOPIC": topic + "-ckpt",
+                "KAFKA_TOPIC_PARTITIONS": "6", "DB_TABLE": table, "CONSUMER_GROUP": group, "LOG_LEVEL": "WARNING"}
+        consumer = Proc([PY, "-m", "dpe_ingest", "consume"], base, r.log("consume-refresh"))
+        before = srv.requests_served
+        p = Proc([PY, "-m", "dpe_ingest", "produce"], base, r.log("produce-full-pass")).wait().check("full pass")
+        full_requests = srv.requests_served - before
+        full = r.record("refresh.full_pass", rows, p.seconds, p.peak_rss_mb, api_requests=full_requests)
+        r._wait_rows(consumer, table, rows)
+        ds.advance_days(7)
+        live = ds.live_indices(dep)
+        n_upd, n_new, n_gone = rows // 100, rows // 200, rows // 200
+        for i in live[7::max(1, len(live) // n_upd)][:n_upd]:
+            ds.update(dep, i)
+        for i in live[3::max(1, len(live) // n_gone)][:n_gone]:
+            if ds.is_live(dep, i):
+                ds.deactivate(dep, i)
+        ds.insert(dep, n_new)
+        before = srv.requests_served
+        p = Proc([PY, "-m", "dpe_ingest", "produce", "--refresh"], base, r.log("produce-refresh")).wait()
+        p.check("refresh")
+        refresh_requests = srv.requests_served - before
+        want = set(ds.current_rows(dep))
+        deadline = time.monotonic() + 600
+        while True:
+            import psycopg2
+
+            with psycopg2.connect(env["DATABASE_URL"]) as conn, conn.cursor() as cur:
+                cur.execute(f"SELECT numero_dpe FROM {table}")
+                got = {row[0] for row in cur}
+            if got == want or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        consumer.p.send_signal(signal.SIGTERM)
+        consumer.wait(120).check("consumer")
+        rec = r.record("refresh.1pct_updated_0.5pct_new_0.5pct_deactivated", rows, p.seconds, p.peak_rss_mb,
+                       api_requests=refresh_requests, exact=got == want,
+                       changes={"updated": ds.changes["updated"], "inserted": ds.changes["inserted"],
+                                "deactivated": ds.changes["deactivated"]})
+        rec["ratio_to"] = {"full_pass_requests": round(refresh_requests / full_requests, 3),
+                           "full_pass_seconds": round(p.seconds / full["seconds"], 3)}
+        if got != want:
+            raise RuntimeError(f"after the refresh the table differs from the API: {len(got ^ want)} keys")
+    finally:
+        srv.stop()
+
+
 def ratios(r: dict, others: dict[str, dict]) -> dict:
     return {k: round(r["rows_per_s"] / o["rows_per_s"], 2) for k, o in others.items() if o.get("rows_per_s")}
 
@@ -215,7 +276,14 @@ def run(args) -> dict:
     wait_http(api)
     r = Runner(env, work, N, args.baseline_rows)
     t_all = time.perf_counter()
+    sections = set(args.sections.split(","))
     try:
+        if "refresh" in sections:
+            print(f"\nrefresh: one department of {N} rows, a week of changes, against a full pass", flush=True)
+            refresh_section(r, env, N)
+        if "main" not in sections:
+            raise _Done
+
         # ---------------------------------------------------------------- producer
         print(f"\nproducer: API (stand-in) -> Kafka, department 69, {N} rows", flush=True)
         res, p = r.baseline("api-raw", api_url=api, department="69")
@@ -279,6 +347,8 @@ def run(args) -> dict:
             seconds, c = r.consume_until(topic, size)
             rc = r.record(f"scale.consumer.{size}", size, seconds, c.peak_rss_mb)
             rc["us_per_row"] = round(1e6 * seconds / size, 1)
+    except _Done:
+        pass
     finally:
         standin.terminate()
         standin.wait(10)
@@ -292,6 +362,10 @@ def run(args) -> dict:
                      "page_size": 500, "kafka": KAFKA_VERSION, "bench_external": external},
         "measurements": r.results,
     }
+
+
+class _Done(Exception):
+    """The sections asked for are measured."""
 
 
 def machine() -> dict:
@@ -317,6 +391,8 @@ def print_table(doc: dict) -> None:
     print(f"{'measurement':<48} {'rows':>9} {'seconds':>9} {'rows/s':>10} {'peak MB':>8}  ratios")
     for r in doc["measurements"]:
         rat = "  ".join(f"{v:g}x {k}" for k, v in (r.get("ratio_to") or {}).items())
+        if r.get("api_requests") is not None:
+            rat = f"{r['api_requests']} API requests  " + rat
         print(f"{r['name']:<48} {r['rows']:>9} {r['seconds']:>9.2f} {r['rows_per_s'] or 0:>10.0f} "
               f"{r['peak_rss_mb'] or 0:>8.1f}  {rat}")
 
@@ -327,6 +403,8 @@ def main() -> int:
     p.add_argument("--baseline-rows", type=int, default=20_000,
                    help="rows the slow per-row baselines process (their rows/s is what is compared)")
     p.add_argument("--scale", default="10000,100000,1000000", help="department sizes of the scale test")
+    p.add_argument("--sections", default="main,refresh",
+                   help="what to measure: main (producer, consumer, end to end, scale) and/or refresh")
     p.add_argument("--out", default=str(HERE / "results.json"))
     args = p.parse_args()
     doc = run(args)
