@@ -86,7 +86,8 @@ def test_install_in_a_restricted_namespace_is_admitted_without_a_warning(helm, k
     assert all(j.metadata.name.startswith(f"dpe-producer-{code}-") for code, j in jobs.items())
     apps = client.AppsV1Api(api)
     assert {s.metadata.name for s in apps.list_namespaced_stateful_set(ns).items} == {"dpe-kafka", "dpe-postgresql"}
-    assert {d.metadata.name for d in apps.list_namespaced_deployment(ns).items} == {"dpe-consumer", "dpe-kafdrop"}
+    assert {d.metadata.name for d in apps.list_namespaced_deployment(ns).items} == {"dpe-consumer", "dpe-kafdrop",
+                                                                                 "dpe-analytics"}
     secret = client.CoreV1Api(api).read_namespaced_secret("dpe-postgresql", ns)
     assert secret.data and secret.data.get("password")
 
