@@ -110,6 +110,19 @@ def test_three_departments_on_the_standin_reconcile_and_exit_0(run_env, database
     assert processes_with(run_env["DPE_TEST_RUN_MARKER"]) == []
 
 
+def test_new_codes_and_rows_without_a_department_run_and_reconcile(run_env, database_url):
+    res = dpe_run(["977", "none", "988", "--standin", "--rows-per-department", "600"], run_env)
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+    rows = {line.split()[0]: line.split()[1:5] for line in res.stdout.splitlines()
+            if line.split() and line.split()[0] in ("977", "988", "none", "total")}
+    assert rows["977"] == rows["988"] == rows["none"] == ["600", "600", "600", "0"], res.stdout
+    assert "rows without a department in the API: 600 (department none fetches them)" in res.stdout
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute(f'SELECT departement, count(*) FROM "{run_env["DB_TABLE"]}" GROUP BY 1 ORDER BY 1')
+        assert cur.fetchall() == [("977", 600), ("988", 600), (None, 600)]
+    conn.close()
+
+
 def test_malformed_rows_are_dead_lettered_and_an_unreachable_api_falls_back_to_the_standin(run_env):
     # nothing listens on this port: the probe fails and the run says it uses the stand-in
     with socket.socket() as s:

@@ -76,7 +76,8 @@ def test_render_text_of_a_known_state():
 
 def test_to_json_of_a_known_state():
     doc = to_json(known_status())
-    assert list(doc) == ["version", "generated_at", "overall", "settings", "sources", "consumer_lag", "departments"]
+    assert list(doc) == ["version", "generated_at", "overall", "settings", "sources", "consumer_lag", "analytics_lag",
+                         "api_without_department", "departments"]
     assert doc["version"] == 1
     assert doc["overall"] == {"state": "in_progress", "exit_code": 1, "message": "in progress (1 producing, 1 pending)"}
     assert doc["consumer_lag"] == {"topic": "dpe-lines", "group": "dpe-sink", "total": 400,
@@ -89,6 +90,7 @@ def test_to_json_of_a_known_state():
         "stored": 1980, "dead_letters": 20, "dead_letters_by_stage": {"producer": 20}, "producer_done": True,
         "checkpoint_at": "2025-11-25T21:29:00Z", "progress": 1.0,
         "labels": {"A": 30, "B": 60, "C": 380, "D": 670, "E": 500, "F": 200, "G": 140}, "job": None,
+        "refresh": None,
     }
     assert (d01["state"], d01["produced"], d01["stored"], d01["progress"], d01["producer_done"]) == \
         ("producing", 1000, 600, 0.3, False)

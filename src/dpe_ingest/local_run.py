@@ -468,7 +468,9 @@ class Run:
         if self.stop.event.is_set():
             return self.interrupted()
         self.infra.choose_api(a.standin, a.probe_timeout, {"rows_per_department": a.rows_per_department,
-                                                           "seed": a.seed, "malformed_rate": a.malformed_rate})
+                                                           "seed": a.seed, "malformed_rate": a.malformed_rate,
+                                                           # department none: the rows without one
+                                                           "rows_without_department": a.rows_per_department})
         logs.event(log, "start", f"running {len(self.deps)} department(s) {', '.join(self.deps)}: Kafka "
                    f"{self.env['KAFKA_BOOTSTRAP_SERVERS']} ({self.infra.kafka_origin}), PostgreSQL "
                    f"({self.infra.db_origin}), API {self.env['ADEME_API_URL']} ({self.infra.api_origin})",
@@ -567,6 +569,12 @@ class Run:
                     labels[k] = labels.get(k, 0) + n
         header = (f"dpe-ingest run: {len(self.deps)} department(s) in {logs.human_duration(time.monotonic() - self.t0)}"
                   f", API {self.env.get('ADEME_API_URL')} ({self.infra.api_origin})")
+        from .status import api_without_department
+
+        without = api_without_department(status)
+        if without is not None:  # as a producer read it from the API: what department none fetches
+            result = (f"rows without a department in the API: {without['count']} (department none fetches them)\n"
+                      + result)
         self.out.write(render_summary(lines, labels, header, result))
         self.out.flush()
         logs.event(log, "finished", result.removeprefix("result: "), exit_code=code)

@@ -204,6 +204,9 @@ class Producer:
         # the refresh mark: the latest date_derniere_modification_dpe of the department when this pass
         # starts, read from the API (never the local clock); a refresh re-reads what changed since
         mark = ckpt.get("mark") if ckpt else self._api_mark()
+        # how many rows of the dataset have no department (what `none` fetches), from the API: shown by
+        # `dpe-ingest status` and the run summary, so that "every department plus none" can be checked
+        without = ckpt.get("api_without_department") if ckpt else self._api_without_department()
         if ckpt:
             after = ckpt.get("after")
             page_no, prog.rows, prog.dead = ckpt.get("page", 0), ckpt.get("rows", 0), ckpt.get("dead", 0)
@@ -232,7 +235,7 @@ class Producer:
                 hwm = line
             store.save(cfg.department, {
                 "v": CHECKPOINT_VERSION, "query": self.fingerprint(), "dataset": self.identity, "hwm_i": hwm,
-                "mark": mark, "after": page.after, "page": page_no,
+                "mark": mark, "api_without_department": without, "after": page.after, "page": page_no,
                 "rows": prog.rows, "dead": prog.dead, "total": prog.total, "done": not page.has_next,
                 "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             })
@@ -268,6 +271,12 @@ class Producer:
         value = body.get("metric")
         return value[:10] if isinstance(value, str) and len(value) >= 10 else None
 
+
+    def _api_without_department(self) -> dict:
+        """{"count", "at"}: the rows of the whole dataset without code_departement_ban, now."""
+        page = self.client.fetch(self.client.lines_url, {"size": 0, "qs": build_qs(departments.NONE)})
+        at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        return {"count": page.total, "at": at}
 
     def _refresh(self, producer, store, ckpt: dict, t0: float) -> int:
         """Bring dpe_data to the API's current state for this department, at the cost of what changed.

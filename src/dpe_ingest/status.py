@@ -73,6 +73,15 @@ def _job_text(job: JobState | None, kube_used: bool) -> str:
     return text + (f" ({', '.join(extra)})" if extra else "")
 
 
+def api_without_department(status: Status) -> dict | None:
+    """The latest count of rows without a department a producer read from the API."""
+    if not status.source_ok("checkpoints"):
+        return None
+    found = [ck.api_without_department for ck in status.checkpoints.values()
+             if isinstance(ck.api_without_department, dict) and ck.api_without_department.get("count") is not None]
+    return max(found, key=lambda d: str(d.get("at") or "")) if found else None
+
+
 def render_text(status: Status) -> str:
     """The screen of ``dpe-ingest status`` (plain ASCII, no colours)."""
     s = status.settings
@@ -99,11 +108,29 @@ def render_text(status: Status) -> str:
     else:
         lines.append("no department found (no checkpoint, stored row, dead letter or Job yet)")
     lines.append("")
+    without = api_without_department(status)
+    if without is not None:
+        lines.append(f"rows without a department in the API: {without['count']} (as of {without.get('at')}; "
+                     "department none fetches them)")
+    for code, ck in sorted(status.checkpoints.items()):
+        r = ck.refresh if status.source_ok("checkpoints") else None
+        if r:
+            lines.append(f"refresh of {code} at {r.get('at')}: {r.get('updated')} updated, {r.get('inserted')} new, "
+                         f"{r.get('deleted')} deleted (deactivated in the API)")
     if status.source_ok("consumer_lag") and status.lag is not None:
         lines.append(f"consumer lag: {status.lag.total} message{'s' if status.lag.total != 1 else ''} "
                      f"(topic {status.lag.topic}, group {status.lag.group})")
     else:
         lines.append("consumer lag: unknown")
+    alag, asrc = status.analytics_lag, status.sources.get("analytics_lag")
+    if asrc is not None and asrc.used:  # the second consumer group (dpe-ingest analytics)
+        if not asrc.ok or alag is None:
+            lines.append("analytics lag: unknown")
+        elif asrc.note and "committed nothing" in asrc.note:
+            lines.append(f"analytics lag: {alag.total} messages (group {alag.group} has committed nothing: "
+                         "not running yet?)")
+        else:
+            lines.append(f"analytics lag: {alag.total} message{'s' if alag.total != 1 else ''} (group {alag.group})")
     parts = []
     for name in SOURCE_NAMES:
         src = status.sources.get(name)
@@ -129,6 +156,13 @@ def _job_json(job: JobState | None) -> dict | None:
             "created_at": job.created_at, "started_at": job.started_at, "completed_at": job.completed_at}
 
 
+def _lag_json(lag: Lag | None, src: Source | None) -> dict | None:
+    if lag is None or src is None or not (src.used and src.ok):
+        return None
+    return {"topic": lag.topic, "group": lag.group, "total": lag.total,
+            "partitions": {str(p): n for p, n in sorted(lag.partitions.items())}}
+
+
 def to_json(status: Status) -> dict:
     """The ``--json`` document (keys documented in docs/run-and-status.md; version 1)."""
     state, code, sentence = status.overall()
@@ -143,6 +177,8 @@ def to_json(status: Status) -> dict:
             "progress": None if v.progress is None else round(v.progress, 4),
             "labels": None if labels is None else {k: labels.get(k, 0) for k in sorted(labels)},
             "job": _job_json(v.job),
+            "refresh": (status.checkpoints[v.code].refresh if v.code in status.checkpoints
+                        and status.source_ok("checkpoints") else None),
         })
     lag = None
     if status.lag is not None and status.source_ok("consumer_lag"):
@@ -157,6 +193,8 @@ def to_json(status: Status) -> dict:
                            "note": src.note}
                     for name, src in ((n, status.sources.get(n, Source(used=False))) for n in SOURCE_NAMES)},
         "consumer_lag": lag,
+        "analytics_lag": _lag_json(status.analytics_lag, status.sources.get("analytics_lag")),
+        "api_without_department": api_without_department(status),
         "departments": deps,
     }
 

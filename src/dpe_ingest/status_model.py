@@ -66,6 +66,10 @@ class Checkpoint:
     done: bool = False
     page: int = 0
     at: str | None = None
+    #: {"count", "at"}: rows of the whole dataset without a department, as the API said (producer)
+    api_without_department: dict | None = None
+    #: the last `produce --refresh`: {"at", "updated", "inserted", "deleted", …}
+    refresh: dict | None = None
 
 
 @dataclass
@@ -89,6 +93,8 @@ class Status:
     labels: dict[str, dict[str, int]] = field(default_factory=dict)  # dep -> label -> n
     lag: Lag | None = None
     jobs: dict[str, JobState] = field(default_factory=dict)
+    #: the analytics consumer group's lag (``dpe-ingest analytics``, ANALYTICS_GROUP), next to the sink's
+    analytics_lag: Lag | None = None
     only: list[str] | None = None  # departments asked for on the command line
 
     # -- derived -----------------------------------------------------------------------------

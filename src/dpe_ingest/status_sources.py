@@ -40,6 +40,7 @@ class Settings:
     namespace: str | None = None
     release: str | None = None
     timeout_s: float = 10.0
+    analytics_group: str = CONTRACT["ANALYTICS_GROUP"][0] or "dpe-analytics"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
@@ -53,7 +54,7 @@ class Settings:
             checkpoint_topic=str(_get(env, "PRODUCER_CHECKPOINT_TOPIC")), group=str(_get(env, "CONSUMER_GROUP")),
             database_url=overrides.get("database_url") or str(_get(env, "DATABASE_URL")), table=table,
             kube=overrides.get("kube"), namespace=overrides.get("namespace"), release=overrides.get("release"),
-            timeout_s=float(overrides.get("timeout_s") or 10.0),
+            timeout_s=float(overrides.get("timeout_s") or 10.0), analytics_group=str(_get(env, "ANALYTICS_GROUP")),
         )
 
     def public(self) -> dict[str, Any]:
@@ -193,7 +194,9 @@ class Collector:
             doc = json.loads(rec.value)
             self.checkpoints[key] = Checkpoint(rows=int(doc.get("rows") or 0), dead=int(doc.get("dead") or 0),
                                                total=doc.get("total"), done=bool(doc.get("done")),
-                                               page=int(doc.get("page") or 0), at=doc.get("at"))
+                                               page=int(doc.get("page") or 0), at=doc.get("at"),
+                                               api_without_department=doc.get("api_without_department"),
+                                               refresh=doc.get("refresh"))
         except (ValueError, TypeError, AttributeError):
             log.warning("unreadable checkpoint for key %s", key)
 
@@ -261,7 +264,7 @@ class Collector:
                 stored: dict[str, int] = {}
                 labels: dict[str, dict[str, int]] = {}
                 for dep, label, n in cur.fetchall():
-                    dep = dep if dep is not None else "?"
+                    dep = dep if dep is not None else departments.NONE  # rows without a department
                     stored[dep] = stored.get(dep, 0) + int(n)
                     key = label if label is not None else "none"
                     labels.setdefault(dep, {})[key] = labels.get(dep, {}).get(key, 0) + int(n)
@@ -271,8 +274,10 @@ class Collector:
         finally:
             conn.close()
 
-    def read_lag(self) -> tuple[Source, Lag | None]:
+    def read_lag(self, group: str | None = None) -> tuple[Source, Lag | None]:
+        """The lag of the sink's group (CONSUMER_GROUP), or of ``group`` (e.g. the analytics group)."""
         s = self.settings
+        group = group or s.group
         try:
             from kafka import KafkaConsumer, TopicPartition
 
@@ -283,7 +288,7 @@ class Collector:
             try:
                 parts = sorted(c.partitions_for_topic(s.topic) or ())
                 if not parts:
-                    return Source(note=f"topic {s.topic} does not exist yet"), Lag(s.topic, s.group, 0, {})
+                    return Source(note=f"topic {s.topic} does not exist yet"), Lag(s.topic, group, 0, {})
                 tps = [TopicPartition(s.topic, p) for p in parts]
                 end = c.end_offsets(tps)
                 begin = c.beginning_offsets(tps)
@@ -291,13 +296,13 @@ class Collector:
                 c.close()
             from .kafka_consumer import group_offsets
 
-            committed = group_offsets(s.bootstrap, s.group, ms)
+            committed = group_offsets(s.bootstrap, group, ms)
             per: dict[int, int] = {}
             for tp in tps:
                 pos = committed.get(tp)
                 per[tp.partition] = max(0, end[tp] - (pos if pos is not None else begin[tp]))
-            note = None if any(tp in committed for tp in tps) else f"group {s.group} has committed nothing yet"
-            return Source(note=note), Lag(s.topic, s.group, sum(per.values()), per)
+            note = None if any(tp in committed for tp in tps) else f"group {group} has committed nothing yet"
+            return Source(note=note), Lag(s.topic, group, sum(per.values()), per)
         except Exception as exc:  # noqa: BLE001
             return Source(ok=False, error=_short(exc)), None
 
@@ -327,12 +332,13 @@ class Collector:
                                                    self._forget_dead_letters)
         sources["database"], stored, labels = self.read_database()
         sources["consumer_lag"], lag = self.read_lag()
+        sources["analytics_lag"], analytics_lag = self.read_lag(s.analytics_group)
         sources["kubernetes"], jobs = self.read_jobs()
         settings = s.public()
         return Status(generated_at=now_iso(), settings=settings, sources=sources,
                       checkpoints={k: Checkpoint(**vars(v)) for k, v in self.checkpoints.items()},
                       dead_letters={k: dict(v) for k, v in self.dead.items()}, stored=stored, labels=labels,
-                      lag=lag, jobs=jobs, only=only)
+                      lag=lag, jobs=jobs, only=only, analytics_lag=analytics_lag)
 
     def close(self) -> None:
         for r in self._readers.values():
