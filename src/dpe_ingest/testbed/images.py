@@ -424,12 +424,16 @@ def _build(engine: DockerEngine, recipe: _Recipe, tag: str, quiet: bool) -> None
 
 
 def _ensure(engine: DockerEngine, recipes: dict[str, _Recipe], roles: list[str], quiet: bool) -> None:
+    built = False
     for role in roles:
         if role == "base":
             continue
         tag = CLUSTER_IMAGES[role]
         if _built_from(engine, tag) != recipes[role].digest:
             _build(engine, recipes[role], tag, quiet)
+            built = True
+    if built:  # the images these builds replaced, now untagged (the layers still in use stay)
+        engine.docker("image", "prune", "--force", "--filter", f"label={LABEL}", check=False)
 
 
 def ensure_images(engine: DockerEngine, roles: list[str] | None = None, quiet: bool = True) -> dict[str, str]:
