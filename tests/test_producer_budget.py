@@ -91,3 +91,29 @@ def test_unknown_api_key_fails_at_once_naming_the_setting_and_writes_nothing(kaf
     assert "inconnue" in err[0]["msg"] and "wrong-key-123" not in res.stderr
     assert srv.requests_served == 1  # not retried
     _assert_nothing_written(kafka_bootstrap, topics)
+
+
+def test_at_most_max_concurrent_producers_page_at_once(kafka_bootstrap, standin_factory, topics):
+    """PRODUCER_MAX_CONCURRENT (chart producer.maxConcurrent): slots held through a Kafka consumer group."""
+    import datetime as dt
+
+    from dpe_ingest.standin import Faults
+
+    deps = ["69", "01", "38", "13", "33"]
+    ds = Dataset({d: 1_000 for d in deps}, default_rows=0, seed=23)
+    srv = standin_factory(ds, Faults(p_slow=1.0, slow_s=0.15))  # each page takes a while
+    with ThreadPoolExecutor(len(deps)) as pool:
+        results = list(pool.map(lambda d: run(command("produce"), env_for(
+            kafka_bootstrap, srv, topics, d, ADEME_PAGE_SIZE="100", PRODUCER_MAX_CONCURRENT="2"), timeout=600), deps))
+    spans = []
+    for dep, res in zip(deps, results):
+        assert res.returncode == 0, f"producer {dep} failed:\n{res.stderr[-3000:]}"
+        got, gone = events(res.stderr, "slot_acquired"), events(res.stderr, "slot_released")
+        assert len(got) == 1 and len(gone) == 1, res.stderr[-2000:]
+        t = [dt.datetime.fromisoformat(e["ts"].replace("Z", "+00:00")) for e in (got[0], gone[0])]
+        spans.append((t[0], t[1], dep))
+    assert len(read_topic(kafka_bootstrap, topics["KAFKA_TOPIC"])) == 5_000
+    most = max(sum(1 for a, b, _ in spans if a <= start < b) for start, _, _ in spans)
+    assert most <= 2, spans
+    waited = sum(1 for res in results if events(res.stderr, "slot_wait"))
+    assert waited >= 3, "three producers had to wait for a slot"

@@ -50,6 +50,7 @@ CONTRACT: dict[str, tuple[str | None, str]] = {
     "KAFKA_WAIT_S": ("180", "How long the producer waits for Kafka to answer at start before giving up (exit 1)"),
     "PRODUCER_CHECKPOINT_TOPIC": ("dpe-producer-checkpoints", "Compacted topic holding each department's resume point"),
     "PRODUCER_RESTART": ("false", "true: ignore the checkpoint and fetch the department again from the start"),
+    "PRODUCER_MAX_CONCURRENT": ("0", "At most this many producers page the API at once, slots in Kafka (0 = no limit)"),
     "REFRESH_WAIT_S": ("900", "produce --refresh: how long to wait for the consumer to store what is in the topic before comparing keys"),
     # consumer
     "DATABASE_URL": ("postgresql://dpe@localhost:5432/dpe", "libpq URL of PostgreSQL; PGPASSWORD etc. also apply"),
@@ -171,6 +172,7 @@ class ProducerConfig:
     rate_window_s: float = 60.0
     budget_file: str | None = None
     refresh_wait_s: float = 900.0
+    max_concurrent: int = 0
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -210,6 +212,7 @@ class ProducerConfig:
             rate_window_s=_float(env, "ADEME_RATE_WINDOW_S", 0.1),
             budget_file=_get(env, "ADEME_BUDGET_FILE"),
             refresh_wait_s=_float(env, "REFRESH_WAIT_S", 0.0),
+            max_concurrent=_int(env, "PRODUCER_MAX_CONCURRENT", 0, 10000),
         )
         if cfg.date_from and cfg.date_to and cfg.date_from > cfg.date_to:
             raise ConfigError(f"ADEME_DATE_FROM={cfg.date_from} is after ADEME_DATE_TO={cfg.date_to}")

@@ -210,3 +210,75 @@ def wait_until_stored(bootstrap: str, topic: str, group: str, timeout_s: float =
             raise KafkaUnavailable("stopped while waiting for the consumer")
         if stop is None:
             time.sleep(1.0)
+
+
+class Slot:
+    """One of ``n`` slots shared by every producer: at most ``n`` departments page the API at once.
+
+    A Kafka consumer group is the semaphore: the slots are the ``n`` partitions of a topic, the group's
+    members are the producers wanting one, and the sticky assignor hands each partition to one member
+    and leaves it there while other members come and go.  A producer holds a slot while a partition is
+    assigned to it; when it exits (or dies: the group's session timeout) the partition moves to a
+    waiting producer.  A soft limit: a holder that misses a rebalance loses its slot but finishes its
+    page run.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, n: int, context: dict | None = None):
+        self.bootstrap, self.topic, self.n, self.context = bootstrap, topic, n, context or {}
+        self.consumer = None
+        self._stop = None
+        self._thread = None
+
+    def acquire(self, stop=None, timeout_s: float | None = None) -> None:
+        import threading
+
+        from kafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
+
+        admin = wait_for_kafka(self.bootstrap, context=self.context)
+        try:
+            ensure_topics(admin, [TopicSpec(self.topic, self.n, 1)])
+        finally:
+            admin.close()
+        self.consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=self.topic,
+                                      client_id="dpe-ingest-slot", enable_auto_commit=False,
+                                      partition_assignment_strategy=[StickyPartitionAssignor],
+                                      session_timeout_ms=30000, heartbeat_interval_ms=3000,
+                                      max_poll_interval_ms=24 * 3600 * 1000)
+        self.consumer.subscribe([self.topic])
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        logged = False
+        while not self.consumer.assignment():
+            self.consumer.poll(timeout_ms=500)
+            if self.consumer.assignment():
+                break
+            if not logged:
+                logs.event(log, "slot_wait", f"waiting for one of the {self.n} producer slots "
+                           f"(producer.maxConcurrent)", slots=self.n, **self.context)
+                logged = True
+            if stop is not None and stop.is_set():
+                raise KafkaUnavailable("stopped while waiting for a producer slot")
+            if deadline is not None and time.monotonic() > deadline:
+                raise KafkaUnavailable(f"no producer slot in {timeout_s:.0f}s")
+        logs.event(log, "slot_acquired", f"producer slot {sorted(tp.partition for tp in self.consumer.assignment())} "
+                   f"of {self.n} acquired", slots=self.n, **self.context)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keep, name="slot", daemon=True)
+        self._thread.start()
+
+    def _keep(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self.consumer.poll(timeout_ms=0)  # take part in rebalances, keep the partition
+            except Exception:  # noqa: BLE001 - the slot is best effort; the pass goes on
+                pass
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(timeout=10)
+        if self.consumer is not None:
+            try:
+                self.consumer.close()  # leaves the group at once: the next producer gets the slot
+            finally:
+                self.consumer = None
+                logs.event(log, "slot_released", "producer slot released", **self.context)

@@ -31,7 +31,7 @@ from . import deadletter, departments, logs
 from .ademe import (MOD_FIELD, AdemeClient, ApiAuthError, ApiInterrupted, ApiRequestError, ApiUnavailable,
                     build_qs, cursor_line)
 from .config import CONTRACT, ConfigError, ProducerConfig
-from .kafka_io import (CheckpointStore, KafkaUnavailable, SendTracker, ensure_topics, make_producer,
+from .kafka_io import (CheckpointStore, KafkaUnavailable, SendTracker, Slot, ensure_topics, make_producer,
                        pipeline_topics, wait_for_kafka)
 
 log = logging.getLogger("dpe_ingest.producer")
@@ -163,11 +163,18 @@ class Producer:
         if created:
             logs.event(log, "topics_created", f"created topics {', '.join(created)}", topics=",".join(created),
                        **ctx)
+        slot = None
+        if cfg.max_concurrent > 0:  # producer.maxConcurrent: wait for one of the slots
+            slot = Slot(cfg.kafka.bootstrap_servers, f"{cfg.checkpoint_topic}-slots-{cfg.max_concurrent}",
+                        cfg.max_concurrent, context=ctx)
+            slot.acquire(stop=self.stop)
         producer = make_producer(cfg.kafka.bootstrap_servers)
         try:
             return self._run(producer, t0)
         finally:
             producer.close(timeout=30)
+            if slot is not None:
+                slot.release()
 
     def _run(self, producer, t0: float) -> int:
         cfg, ctx = self.cfg, self.ctx

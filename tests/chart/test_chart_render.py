@@ -381,6 +381,10 @@ def test_one_api_budget_shared_by_every_producer(render):
     after = {c: j["metadata"]["name"] for c, j in producer_jobs(more).items()}
     assert all(after[c] == name for c, name in before.items())
     assert json.loads(named(more, "ConfigMap", "dpe-api-budget")["data"]["budget.json"])["departments"] == 5
+    few = render.template(sets={"departments": "{69,01,38,13,33}", "producer.maxConcurrent": "2"})
+    assert json.loads(named(few, "ConfigMap", "dpe-api-budget")["data"]["budget.json"])["departments"] == 2
+    assert {env_of(container(j, "producer"))["PRODUCER_MAX_CONCURRENT"] for j in producer_jobs(few).values()} == {"2"}
+    assert "PRODUCER_MAX_CONCURRENT" not in env_of(container(producer_jobs(docs)["69"], "producer"))
     own = render.template(sets={"ademe.maxRps": "0.5"})
     assert env_of(container(producer_jobs(own)["69"], "producer"))["ADEME_MAX_RPS"] == "0.5"
 

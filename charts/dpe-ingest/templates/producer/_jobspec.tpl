@@ -91,6 +91,10 @@ template:
             value: {{ $p.checkpointTopic | quote }}
           - name: PRODUCER_RESTART
             value: {{ ternary "true" "false" (ne .run "0") | quote }}
+          {{- if $p.maxConcurrent }}
+          - name: PRODUCER_MAX_CONCURRENT
+            value: {{ $p.maxConcurrent | toString | quote }}
+          {{- end }}
           {{- include "dpe-ingest.env.kafka" $root | nindent 10 }}
         resources:
           {{- toYaml $p.resources | nindent 10 }}
