@@ -233,10 +233,12 @@ def test_five_sigkills_a_resumed_producer_and_a_refresh_keep_the_counts_exact(
     srv.faults = Faults()
     run_ok(["produce"], {**penv, "DEPARTMENT": "38"})
     run_ok(["produce"], {**penv, "DEPARTMENT": "69"})
+    # and a department fetched again from the start (PRODUCER_RESTART): every one of its rows twice
+    run_ok(["produce"], {**penv, "DEPARTMENT": "69", "PRODUCER_RESTART": "true"})
     from kafka_util import duplicates, read_topic
 
     records = read_topic(kafka_bootstrap, n["KAFKA_TOPIC"])
-    assert duplicates(records) > 0, "the resumed producer sent some rows twice"
+    assert duplicates(records) >= 3000, "the topic holds duplicates"
     # a refresh: new versions of existing certificates, with other labels (and a few moved months)
     rng = random.Random(12)
     latest = {}
@@ -249,8 +251,9 @@ def test_five_sigkills_a_resumed_producer_and_a_refresh_keep_the_counts_exact(
         if rng.random() < 0.2:
             d["date_reception_dpe"] = "2019-06-15"
         changed.append(d)
+    again = [latest[k] for k in rng.sample(sorted(latest), 300)]  # older versions again: they win over a change
     send(kafka_bootstrap, n["KAFKA_TOPIC"], changed[:400])
-    send(kafka_bootstrap, n["KAFKA_TOPIC"], [latest[k] for k in rng.sample(sorted(latest), 300)])  # exact duplicates
+    send(kafka_bootstrap, n["KAFKA_TOPIC"], again)
     send(kafka_bootstrap, n["KAFKA_TOPIC"], changed[400:] + [b"garbage"])
     total = len(read_topic(kafka_bootstrap, n["KAFKA_TOPIC"]))
     # five SIGKILLs of the analytics consumer, at seeded random points: inside the transaction before
@@ -267,9 +270,9 @@ def test_five_sigkills_a_resumed_producer_and_a_refresh_keep_the_counts_exact(
     doc = assert_exact(env, database_url)
     assert sum(doc["offsets"].values()) == total
     assert doc["skipped"] == {"not_json": 1}
-    # the refresh moved certificates between labels: the latest label won
+    # the refresh moved certificates between labels: the latest message of each key won
     final = dict(latest)
-    for d in changed:
+    for d in changed[:400] + again + changed[400:]:
         final[d["numero_dpe"]] = d
     fg = sum(1 for d in final.values() if d["etiquette_dpe"] in ("F", "G"))
     assert sum(v["fg"] for v in doc["departments"].values()) == fg
@@ -279,26 +282,44 @@ def test_five_sigkills_a_resumed_producer_and_a_refresh_keep_the_counts_exact(
 @pytest.mark.postgres
 def test_two_analytics_members_and_a_sigkilled_one_count_each_certificate_once(kafka_bootstrap, database_url,
                                                                                tmp_path):
+    import time
+
     n = names()
     env = env_of(kafka_bootstrap, database_url, n, BATCH_SIZE="10")
     docs = [{"numero_dpe": f"M{i:06d}", "date_reception_dpe": f"2023-{1 + i % 12:02d}-01",
              "etiquette_dpe": "ABCDEFGX"[i % 8], "departement": ["69", "01", None][i % 3]} for i in range(6000)]
-    send(kafka_bootstrap, n["KAFKA_TOPIC"], docs[:3000])
-    a = start(command("analytics"), env, tmp_path / "a.log")
-    b = start(command("analytics", "--exit-when-idle", "8"), env, tmp_path / "b.log")
-    try:
-        import time
+    from kafka.admin import KafkaAdminClient, NewTopic
 
-        deadline = time.monotonic() + SLOW
-        while "event=partitions_assigned" not in (tmp_path / "b.log").read_text(errors="replace"):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        send(kafka_bootstrap, n["KAFKA_TOPIC"], docs[3000:] + docs[:500])
-        a.send_signal(signal.SIGKILL)  # its partitions go to b after the session timeout
-        a.wait(30)
-        assert b.wait(SLOW) == 0, (tmp_path / "b.log").read_text()[-4000:]
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap, request_timeout_ms=30000)
+    try:
+        admin.create_topics([NewTopic(n["KAFKA_TOPIC"], 3, 1)])
     finally:
-        for p in (a, b):
+        admin.close()
+    send(kafka_bootstrap, n["KAFKA_TOPIC"], docs[:3000])
+    logs = {m: tmp_path / f"{m}.log" for m in "ab"}
+    procs = {m: start(command("analytics"), env, logs[m]) for m in "ab"}
+
+    def assigned(m: str) -> list[str]:
+        return [ln.split("partitions=")[1].split()[0] for ln in logs[m].read_text(errors="replace").splitlines()
+                if "event=partitions_assigned" in ln and "partitions=" in ln]
+
+    def wait(pred, what):
+        deadline = time.monotonic() + SLOW
+        while not pred():
+            assert time.monotonic() < deadline, f"{what}:\n" + "\n".join(p.read_text()[-3000:] for p in logs.values())
+            time.sleep(0.2)
+
+    try:
+        wait(lambda: assigned("a") and assigned("b"), "both members own partitions")
+        send(kafka_bootstrap, n["KAFKA_TOPIC"], docs[3000:] + docs[:500])
+        procs["a"].send_signal(signal.SIGKILL)  # mid-stream: its partitions go to b after the session timeout
+        procs["a"].wait(30)
+        wait(lambda: assigned("b") and assigned("b")[-1].count(":") == 3, "b owns every partition")
+        wait(lambda: sum(analytics_report(env)["offsets"].values()) == 6500, "b applied the whole topic")
+        procs["b"].terminate()
+        assert procs["b"].wait(60) == 0
+    finally:
+        for p in procs.values():
             if p.poll() is None:
                 p.kill()
                 p.wait(30)
