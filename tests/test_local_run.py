@@ -34,10 +34,13 @@ def run_env(kafka_bootstrap, database_url, unique_name):
     env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "DATABASE_URL": database_url, "KAFKA_TOPIC": base,
            "KAFKA_DLQ_TOPIC": base + "-dlq", "PRODUCER_CHECKPOINT_TOPIC": base + "-ckpt",
            "CONSUMER_GROUP": base + "-sink", "DB_TABLE": table, "KAFKA_TOPIC_PARTITIONS": "3",
-           "BATCH_IDLE_MS": "200", "BATCH_SIZE": "500", "DPE_TEST_RUN_MARKER": base}
+           "BATCH_IDLE_MS": "200", "BATCH_SIZE": "500", "DPE_TEST_RUN_MARKER": base,
+           "ANALYTICS_GROUP": base + "-analytics", "ANALYTICS_TABLE_PREFIX": table + "_a"}
     yield env
     with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
         cur.execute(f'DROP TABLE IF EXISTS "{table}"')
+        for part in ("keys", "labels", "months", "skipped", "offsets"):
+            cur.execute(f'DROP TABLE IF EXISTS "{table}_a_{part}"')
     conn.close()
 
 
@@ -107,6 +110,9 @@ def test_three_departments_on_the_standin_reconcile_and_exit_0(run_env, database
     # the children's log lines came through, prefixed with their department
     assert re.search(r"^69\s+\| .*event=done", res.stderr, re.M)
     assert re.search(r"^consumer\s+\| .*event=stop", res.stderr, re.M)
+    assert re.search(r"^analytics\s+\| .*event=stop", res.stderr, re.M)
+    assert "analytics vs dpe_data: rows per label agree for every department" in res.stdout, res.stdout
+    assert re.search(r"^department 69: 2000 certificates, F\+G \d+\.\d% \(\d+\)", res.stdout, re.M), res.stdout
     assert processes_with(run_env["DPE_TEST_RUN_MARKER"]) == []
 
 

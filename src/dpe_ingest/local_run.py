@@ -6,11 +6,13 @@ What it does, in order:
    unless KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL point at your own;
 2. the API: the real ADEME API (ADEME_API_URL, default data.ademe.fr) when it answers a short probe,
    else -- or with ``--standin`` -- the local stand-in, started in this process;
-3. one ``dpe-ingest consume`` process and one ``dpe-ingest produce`` process per department, in
-   parallel; their log lines are relayed to stderr, prefixed with the department;
+3. one ``dpe-ingest consume`` process, one ``dpe-ingest analytics`` process (the second consumer group)
+   and one ``dpe-ingest produce`` process per department, in parallel; their log lines are relayed to
+   stderr, prefixed with the department (or consumer, analytics);
 4. waits until every producer has exited and the consumer has drained the topic (consumer group lag
    0), stops the consumer (SIGTERM: it commits and exits 0), then prints a summary table per
-   department (API total, produced, stored, dead letters) and the energy-label distribution.
+   department (API total, produced, stored, dead letters), the energy-label distribution, and the
+   analytics report, whose rows per label must equal dpe_data's (else exit 4).
 
 Exit codes (stable, for scripts):
 
@@ -453,7 +455,8 @@ class Run:
         self.consumer: Child | None = None
         self.producers: dict[str, Child] = {}
         self.exits: dict[str, int | None] = {d: None for d in deps}
-        self.relay = Relay(sys.stderr, max([len("consumer")] + [len(d) for d in deps]))
+        self.analytics: Child | None = None  # dpe-ingest analytics: the second consumer group
+        self.relay = Relay(sys.stderr, max([len("analytics")] + [len(d) for d in deps]))
         self.out = sys.stdout
         self.t0 = time.monotonic()
 
@@ -491,6 +494,7 @@ class Run:
 
     def _pipeline(self) -> int:
         self.consumer = self._spawn("consumer", ["consume"], {})
+        self.analytics = self._spawn("analytics", ["analytics"], {})
         for dep in self.deps:
             self.producers[dep] = self._spawn(dep, ["produce"], {"DEPARTMENT": dep})
         from .status_sources import Collector, Settings
@@ -512,6 +516,11 @@ class Run:
                         logs.event(log, "producer_exit", f"producer {dep} exited with {rc} "
                                    f"({PRODUCER_EXIT_MEANING.get(rc, 'failed')})", level, department=dep,
                                    exit_code=rc)
+                rc = self.analytics.poll()
+                if rc is not None:
+                    logs.event(log, "analytics_exit", f"the analytics consumer exited early with {rc}", logging.ERROR,
+                               exit_code=rc)
+                    return self.finish(collector, EXIT_FAILED, f"the analytics consumer exited with {rc}")
                 rc = self.consumer.poll()
                 if rc is not None:
                     logs.event(log, "consumer_exit", f"the consumer exited early with {rc}", logging.ERROR,
@@ -524,6 +533,9 @@ class Run:
                     logs.event(log, "producers_done", "every producer has exited; waiting for the consumer to "
                                "drain the topic")
                 src, lag = collector.read_lag()
+                asrc, alag = collector.read_lag(settings.analytics_group)
+                if not (asrc.ok and alag is not None and alag.total == 0):
+                    src, lag = asrc, alag  # drained means both groups: the sink and the analytics
                 if src.ok and lag is not None and lag.total == 0:
                     drained_at = time.monotonic()
                 elif time.monotonic() - producers_done_at > self.args.drain_timeout:
@@ -534,7 +546,10 @@ class Run:
                     last_note = time.monotonic()
                     logs.event(log, "draining", f"consumer lag {lag.total if lag else '?'}",
                                lag=lag.total if lag else None)
-            # drained: stop the consumer cleanly (it commits and exits 0)
+            # drained: stop the consumer cleanly (it commits and exits 0), and the analytics consumer
+            self.analytics.terminate()
+            if _wait(self.analytics, 60.0) != 0:
+                return self.finish(collector, EXIT_FAILED, "the analytics consumer did not stop cleanly")
             self.consumer.terminate()
             rc = _wait(self.consumer, 60.0)
             if rc != 0:
@@ -551,10 +566,13 @@ class Run:
         self._stop_children(timeout_s=60.0)
         status = collector.collect(only=self.deps)
         lines = reconcile(status, self.deps, self.exits)
+        analytics_text, disagree = self.analytics_summary(status)
         if code is None:
             bad = [ln.department for ln in lines if ln.problems]
             if bad:
                 code, why = EXIT_MISMATCH, f"counts do not reconcile for {', '.join(bad)}"
+            elif disagree:
+                code, why = EXIT_MISMATCH, disagree
             else:
                 code = EXIT_OK
         if code == EXIT_OK:
@@ -575,10 +593,41 @@ class Run:
         if without is not None:  # as a producer read it from the API: what department none fetches
             result = (f"rows without a department in the API: {without['count']} (department none fetches them)\n"
                       + result)
-        self.out.write(render_summary(lines, labels, header, result))
+        self.out.write(render_summary(lines, labels, header, analytics_text + result))
         self.out.flush()
         logs.event(log, "finished", result.removeprefix("result: "), exit_code=code)
         return code
+
+    def analytics_summary(self, status) -> tuple[str, str | None]:
+        """The analytics report of the departments run, and whether its counts per label agree with
+        ``dpe_data`` (a sentence when they do not)."""
+        from .analytics import LABELS, UNKNOWN, Report, report
+        from .config import AnalyticsConfig
+
+        try:
+            cfg = AnalyticsConfig.from_env(self.env)
+            full = report(cfg)
+        except Exception as exc:  # noqa: BLE001
+            return f"analytics: unavailable ({exc})\n\n", f"analytics unreadable: {exc}"
+        rep = Report(labels={d: v for d, v in full.labels.items() if d in self.deps},
+                     months={d: v for d, v in full.months.items() if d in self.deps},
+                     latest={d: v for d, v in full.latest.items() if d in self.deps}, skipped=full.skipped)
+        text = f"analytics (consumer group {cfg.group}, tables {cfg.table_prefix}_*):\n" + rep.render()
+        if not status.source_ok("database"):
+            return text + "\n", None
+        differ = []
+        for dep in self.deps:
+            stored: dict[str, int] = {}
+            for k, n in status.labels.get(dep, {}).items():
+                key = k if k in LABELS else UNKNOWN
+                stored[key] = stored.get(key, 0) + n
+            counted = {k: n for k, n in rep.labels.get(dep, {}).items() if n}
+            if stored != counted:
+                differ.append(dep)
+        if differ:
+            text += f"analytics vs dpe_data: rows per label DIFFER for {', '.join(differ)}\n\n"
+            return text, f"analytics counts differ from dpe_data for {', '.join(differ)}"
+        return text + "analytics vs dpe_data: rows per label agree for every department\n\n", None
 
     def interrupted(self, collector=None) -> int:
         self._stop_children(timeout_s=60.0)
