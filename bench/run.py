@@ -245,6 +245,72 @@ def refresh_section(r: "Runner", env: dict[str, str], rows: int) -> None:
         srv.stop()
 
 
+def analytics_section(r: "Runner", env: dict[str, str], api: str, rows: int) -> None:
+    """The sink alone, then with the analytics group paused far behind (its process SIGSTOPped after it
+    joined), then with the analytics consumer running beside it; and the analytics consumer alone.
+    Rounds alternate so that a slow moment of the shared machine does not favour one side."""
+    import psycopg2
+
+    topic = r.name("an")
+    r.produce("69", topic, api).wait().check("producer")
+
+    def analytics(group: str, prefix: str) -> Proc:
+        env_a = {**env, "KAFKA_TOPIC": topic, "KAFKA_DLQ_TOPIC": topic + "-dlq", "ANALYTICS_GROUP": group,
+                 "ANALYTICS_TABLE_PREFIX": prefix, "LOG_LEVEL": "WARNING"}
+        return Proc([PY, "-m", "dpe_ingest", "analytics"], env_a, r.log("analytics"))
+
+    def applied(prefix: str) -> int:
+        try:
+            with psycopg2.connect(env["DATABASE_URL"]) as conn, conn.cursor() as cur:
+                cur.execute(f'SELECT coalesce(sum(next_offset), 0) FROM "{prefix}_offsets"')
+                return int(cur.fetchone()[0])
+        except psycopg2.Error:
+            return 0
+
+    def wait_applied(proc: Proc, prefix: str, n: int) -> float:
+        while applied(prefix) < n:
+            proc.sample()
+            if proc.p.poll() is not None:
+                raise RuntimeError(f"analytics exited {proc.p.returncode}: {proc.log}")
+            time.sleep(0.05)
+        return time.perf_counter() - proc.t0
+
+    # the analytics consumer alone
+    prefix = r.name("a")
+    a = analytics(r.name("g"), prefix)
+    secs = wait_applied(a, prefix, rows)
+    a.p.send_signal(signal.SIGTERM)
+    a.wait(120).check("analytics")
+    r.record("analytics.dpe_ingest", rows, secs, a.peak_rss_mb)
+    alone, paused = [], []
+    for _round in range(2):
+        secs, p = r.consume_until(topic, rows)
+        alone.append(r.record("consumer.alone", rows, secs, p.peak_rss_mb))
+        prefix = r.name("a")
+        a = analytics(r.name("g"), prefix)
+        while applied(prefix) < min(1000, rows):  # joined and counting: then paused, lagging behind
+            time.sleep(0.05)
+        a.p.send_signal(signal.SIGSTOP)
+        try:
+            secs, p = r.consume_until(topic, rows)
+        finally:
+            a.p.send_signal(signal.SIGCONT)
+            a.p.send_signal(signal.SIGTERM)
+            a.wait(120).check("analytics")
+        behind = rows - applied(prefix)
+        paused.append(r.record("consumer.with_analytics_paused", rows, secs, p.peak_rss_mb, analytics_behind=behind))
+    prefix = r.name("a")
+    a = analytics(r.name("g"), prefix)
+    secs, p = r.consume_until(topic, rows)
+    a.p.send_signal(signal.SIGTERM)
+    a.wait(120).check("analytics")
+    running = r.record("consumer.with_analytics_running", rows, secs, p.peak_rss_mb)
+    best_alone = max(alone, key=lambda x: x["rows_per_s"])
+    best_paused = max(paused, key=lambda x: x["rows_per_s"])
+    best_paused["ratio_to"] = ratios(best_paused, {"consumer_alone": best_alone})
+    running["ratio_to"] = ratios(running, {"consumer_alone": best_alone})
+
+
 def ratios(r: dict, others: dict[str, dict]) -> dict:
     return {k: round(r["rows_per_s"] / o["rows_per_s"], 2) for k, o in others.items() if o.get("rows_per_s")}
 
@@ -281,6 +347,9 @@ def run(args) -> dict:
         if "refresh" in sections:
             print(f"\nrefresh: one department of {N} rows, a week of changes, against a full pass", flush=True)
             refresh_section(r, env, N)
+        if "analytics" in sections:
+            print(f"\nanalytics: the sink alone and with the analytics group paused far behind, {N} rows", flush=True)
+            analytics_section(r, env, api, N)
         if "main" not in sections:
             raise _Done
 
@@ -403,8 +472,8 @@ def main() -> int:
     p.add_argument("--baseline-rows", type=int, default=20_000,
                    help="rows the slow per-row baselines process (their rows/s is what is compared)")
     p.add_argument("--scale", default="10000,100000,1000000", help="department sizes of the scale test")
-    p.add_argument("--sections", default="main,refresh",
-                   help="what to measure: main (producer, consumer, end to end, scale) and/or refresh")
+    p.add_argument("--sections", default="main,refresh,analytics",
+                   help="what to measure: main (producer, consumer, end to end, scale), refresh, analytics")
     p.add_argument("--out", default=str(HERE / "results.json"))
     args = p.parse_args()
     doc = run(args)
