@@ -201,6 +201,13 @@ def test_clean_run_of_three_departments_with_bad_messages(kafka_bootstrap, datab
         with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
             cur.execute(f'SELECT max(date_reception_dpe) FROM "{n["DB_TABLE"]}" WHERE departement = %s', (d,))
             assert v["latest_reception"] == cur.fetchone()[0].isoformat()
+    # dpe-ingest status: the analytics group's lag next to the sink's
+    res = run(command("status", "--json", "--no-kube"), env, timeout=120)
+    st = json.loads(res.stdout)
+    assert st["analytics_lag"]["group"] == n["ANALYTICS_GROUP"] and st["analytics_lag"]["total"] == 0
+    assert st["consumer_lag"]["group"] == n["CONSUMER_GROUP"] and st["consumer_lag"]["total"] == 0
+    text = run(command("status", "--no-kube"), env, timeout=120).stdout
+    assert f"analytics lag: 0 messages (group {n['ANALYTICS_GROUP']})" in text
     text = run_ok(["analytics", "--report"], env, timeout=60).stdout
     assert "department 69: 1501 certificates" in text and "rows per month (last 12 months):" in text
     assert "skipped messages: invalid 1, no_numero_dpe 1, not_json 2" in text
