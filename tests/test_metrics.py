@@ -195,3 +195,28 @@ def test_producer_summary_is_pushed_to_a_pushgateway_and_a_dead_one_is_only_a_wa
     # nothing listens there any more: a warning, never an exception
     assert metrics.push_producer_summary(url, "2A", rows=1, dead=0, seconds=1.0, ok=True, timeout_s=2) is False
     assert metrics.push_producer_summary("", "2A", rows=1, dead=0, seconds=1.0, ok=True) is False
+
+
+@pytest.mark.kafka
+def test_a_producer_pushes_its_summary_when_a_pushgateway_is_set(kafka_bootstrap, standin_factory):
+    from dpe_ingest.standin import Dataset
+    from kafka_util import command as cmd, run
+
+    srv = standin_factory(Dataset({"69": 700}, seed=4))
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Gateway.got = []
+    tag = uuid.uuid4().hex[:10]
+    try:
+        res = run(cmd("produce"), {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "ADEME_API_URL": srv.url,
+                                   "DEPARTMENT": "69", "KAFKA_TOPIC": f"px-{tag}", "KAFKA_DLQ_TOPIC": f"px-{tag}-dlq",
+                                   "PRODUCER_CHECKPOINT_TOPIC": f"px-{tag}-ckpt",
+                                   "METRICS_PUSHGATEWAY_URL": f"http://127.0.0.1:{server.server_address[1]}"})
+    finally:
+        server.shutdown()
+    assert res.returncode == 0, res.stderr[-3000:]
+    ((path, body),) = _Gateway.got
+    assert path == "/metrics/job/dpe-producer/department/69"
+    samples = {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples}
+    assert samples["dpe_producer_rows"] == 700 and samples["dpe_producer_success"] == 1
+    assert "event=metrics_pushed" in res.stderr

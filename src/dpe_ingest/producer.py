@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import deadletter, departments, logs
+from . import deadletter, departments, logs, metrics
 from .ademe import (MOD_FIELD, AdemeClient, ApiAuthError, ApiInterrupted, ApiRequestError, ApiUnavailable,
                     build_qs, cursor_line)
 from .config import CONTRACT, ConfigError, ProducerConfig
@@ -266,6 +266,9 @@ class Producer:
                    seconds=round(seconds, 1), api_requests=c.requests_made, api_rps=round(rate, 3),
                    api_retries=c.retries_made, api_throttled=c.throttled, api_throttled_s=round(c.throttled_s, 1),
                    **ctx)
+        # a Job is too short-lived to be scraped: the summary also goes to a Pushgateway when one is set
+        metrics.push_producer_summary(os.environ.get("METRICS_PUSHGATEWAY_URL"), cfg.department, prog.rows,
+                                      prog.dead, seconds, ok=True)
         return EXIT_OK
 
     # -------------------------------------------------------------------------------------------- refresh
