@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ._proc import LaunchError, cache_dir, file_lock, place_built, run
-from .helm import _find_go
+from .gotool import find_go, go_env
 
 ACTIONLINT_VERSION = "v1.7.12"  # the newest 1.7 the Go module proxy serves (go list -m -versions)
 ACTIONLINT_MODULE = "github.com/rhysd/actionlint"
@@ -35,12 +35,11 @@ def actionlint_version(binary: Path | str) -> str | None:
 
 
 def build_actionlint(target: Path, quiet: bool = False) -> None:
-    go = _find_go()
+    go = find_go()
     cache = cache_dir()
     log = cache / "actionlint-build.log"
     tmp_bin = Path(tempfile.mkdtemp(prefix="actionlint-bin.", dir=target.parent))
-    env = dict(os.environ, GOBIN=str(tmp_bin), GOPATH=str(cache / "go"), GOFLAGS="-modcacherw", CGO_ENABLED="0")
-    env.setdefault("GOTOOLCHAIN", "auto")  # its go.mod asks for Go 1.25: an older go switches through the proxy
+    env = go_env(GOBIN=str(tmp_bin))  # its go.mod asks for Go 1.25: an older go switches through the proxy
     if not quiet:
         print(f"testbed: building actionlint {ACTIONLINT_VERSION} with {go} (go install, Go module proxy) -> "
               f"{target}; log {log}", flush=True)

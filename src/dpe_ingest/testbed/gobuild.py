@@ -11,8 +11,8 @@ No binary release can be downloaded here, but every part of a single-node cluste
 - ``local-path-provisioner`` (the default StorageClass of kind, here too).
 
 Each group is built once (cold: ~15 min for ``kubernetes`` on 2 cores) and recorded by a stamp naming
-its version and recipe; the Go build and module caches live under ``<cache>/go-build`` and
-``<cache>/go`` so that a second clone builds in seconds.  ``ensure(name)`` returns the paths.
+its version and recipe; modules are kept in ``<cache>/go`` and compiled packages in Go's build cache
+(``testbed.gotool``), so that a second clone only links.  ``ensure(name)`` returns the paths.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from ._proc import LaunchError, cache_dir, file_lock, run
-from .helm import _find_go
+from .gotool import find_go, go_env
 
 K8S_VERSION = "v1.37.2"
 STAGING_VERSION = "v0.37.2"  # the k8s.io/* staging modules published with K8S_VERSION
@@ -87,14 +87,6 @@ class GoBuild:
         recipe = json.dumps([self.module, sorted(self.packages.items()), self.tags, self.ldflags,
                              sorted(self.extra.items())], sort_keys=True)
         return f"{self.version} {hashlib.sha256(recipe.encode()).hexdigest()[:16]}"
-
-
-def go_env() -> dict[str, str]:
-    cache = cache_dir()
-    env = dict(os.environ, GOPATH=str(cache / "go"), GOCACHE=str(cache / "go-build"),
-               GOFLAGS="-modcacherw -mod=mod", CGO_ENABLED="0")
-    env.setdefault("GOTOOLCHAIN", "auto")  # Debian's go.env says local: allow the switch a module asks for
-    return env
 
 
 def _kube_ldflags() -> str:
@@ -155,8 +147,8 @@ def _built(build: GoBuild) -> dict[str, Path] | None:
 
 
 def _build(build: GoBuild, quiet: bool) -> None:
-    go = _find_go()
-    env = go_env()
+    go = find_go()
+    env = go_env(GOFLAGS="-modcacherw -mod=mod")
     bindir = cache_dir() / "bin"
     log = cache_dir() / f"{build.name}-build.log"
     if not quiet:

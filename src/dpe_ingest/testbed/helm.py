@@ -10,7 +10,6 @@ a temporary directory and is renamed into place, so a helm in use is never half-
 from __future__ import annotations
 
 import os
-import re
 
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 from ._proc import LaunchError, cache_dir, file_lock, place_built, run
+from .gotool import find_go, go_env
 
 HELM_VERSION = "v3.22.0"
 HELM_MODULE = "helm.sh/helm/v3"
@@ -34,47 +34,6 @@ def helm_version(helm: Path | str) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return res.stdout.strip() if res.returncode == 0 else None
-
-GO_TOOLCHAIN = "go1.26.8"  # helm v3.22.0's go.mod says go 1.26.0
-
-
-def _go_version(go: str) -> tuple[int, int]:
-    try:
-        out = subprocess.run([go, "env", "GOVERSION"], capture_output=True, text=True, timeout=60,
-                             env=dict(os.environ, GOTOOLCHAIN="local")).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return (0, 0)
-    m = re.match(r"go(\d+)\.(\d+)", out.strip())
-    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-
-
-def _find_go() -> str:
-    """A go command able to build helm: Go >= 1.21 switches itself to the toolchain helm needs
-    (GOTOOLCHAIN=auto, through the module proxy); an older one (Debian 12's 1.19) first downloads
-    the ``golang.org/toolchain`` module of GO_TOOLCHAIN (a Go module like any other) and uses it."""
-    go = shutil.which("go") or next((p for p in ("/usr/local/go/bin/go", "/usr/lib/go/bin/go")
-                                     if os.access(p, os.X_OK)), None)
-    if not go:
-        raise LaunchError(f"helm {HELM_VERSION} is not built yet and no Go toolchain was found to build it: "
-                         "apt-get install -y golang-go (scripts/test does it), or set HELM=/path/to/helm")
-    if _go_version(go) >= (1, 21):
-        return go
-    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
-    mod = f"golang.org/toolchain@v0.0.1-{GO_TOOLCHAIN}.linux-{arch}"
-    tmp = Path(tempfile.mkdtemp(prefix="go-bootstrap."))
-    try:
-        out = run([go, "mod", "download", "-json", mod], f"downloading the Go toolchain module {mod}",
-                  timeout=1800, cwd=tmp, env=dict(os.environ, GOPATH=str(cache_dir() / "go"), GO111MODULE="on",
-                                                  GOFLAGS="-modcacherw"))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    m = re.search(r'"Dir":\s*"([^"]+)"', out)
-    new_go = Path(m.group(1)) / "bin" / "go" if m else None
-    if new_go is None or not new_go.is_file():
-        raise LaunchError(f"go mod download {mod} gave no toolchain (output: {out[-500:]})")
-    new_go.chmod(0o755)
-    return str(new_go)
-
 
 def _other_build_running() -> bool:
     """A ``go install helm.sh/helm…`` started by someone else (e.g. a colleague's shell) is running."""
@@ -104,12 +63,10 @@ def _ldflags() -> str:
     ])
 
 def build_helm(target: Path, quiet: bool = False) -> None:
-    go = _find_go()
+    go = find_go()
     cache = cache_dir()
     tmp_bin = Path(tempfile.mkdtemp(prefix="helm-bin.", dir=target.parent))
-    env = dict(os.environ, GOBIN=str(tmp_bin), GOPATH=str(cache / "go"), GOFLAGS="-modcacherw",
-               CGO_ENABLED="0")
-    env.setdefault("GOTOOLCHAIN", "auto")  # Debian's go.env says local: allow the switch to helm's Go
+    env = go_env(GOBIN=str(tmp_bin))
     if not quiet:
         print(f"testbed: building helm {HELM_VERSION} with {go} (go install, Go module proxy) -> {target}; "
               f"log {cache / 'helm-build.log'}", flush=True)

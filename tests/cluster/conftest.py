@@ -1,0 +1,25 @@
+"""The test cluster: a real single-node Kubernetes (``dpe_ingest.testbed.cluster``), started once per
+session on first use and torn down at the end.  A cluster that cannot start fails the tests that
+need it, never skips them."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpe_ingest.testbed import LaunchError
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory, request):
+    from dpe_ingest.testbed.cluster import Cluster
+
+    c = Cluster(tmp_path_factory.mktemp("cluster"), quiet=False)
+    try:
+        c.start()
+    except LaunchError as exc:
+        pytest.fail(f"the test cluster did not start: {exc}", pytrace=False)
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"cluster: ready in {c.timings.get('total', 0):.0f}s ({c.timings}); log {c.log_path}")
+    yield c
+    c.stop()

@@ -1,0 +1,329 @@
+"""The chart, installed and run for real: pods on a single-node Kubernetes (``testbed.cluster``).
+
+What users do, in order, on one release: ``helm install --wait --wait-for-jobs`` with departments
+69, 01 and 38 and the in-cluster ADEME stand-in, into a namespace enforcing Pod Security
+``restricted``; ``helm test``; ``kubectl logs`` of the producers; ``dpe-ingest status --kube``;
+``helm upgrade`` adding departments while pods are deleted under the pipeline (the consumer, the
+PostgreSQL pod, the Kafka pod); ``helm uninstall``.  After each step the rows in PostgreSQL (read
+with ``kubectl exec`` into the postgres pod) reconcile exactly with what the stand-in serves, and no
+Job has failed.  The tests of this module run in order and share the release.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+HERE = Path(__file__).resolve().parent
+CHART = HERE.parents[1] / "charts" / "dpe-ingest"
+NS = "dpe-e2e"
+RELEASE = "dpe"
+RESTRICTED = {f"pod-security.kubernetes.io/{m}": "restricted" for m in ("enforce", "warn", "audit")}
+FIRST = ["69", "01", "38"]
+SLOW = 600  # generous bound of a wait, only reached on failure
+
+
+class Release:
+    """The release under test and the ways a user looks at it."""
+
+    def __init__(self, cluster, helm: str):
+        self.cluster, self.helm_bin = cluster, helm
+        self.departments: list[str] = []
+
+    # -- tools -------------------------------------------------------------------------------------------
+    def helm(self, *args: str, timeout: float = SLOW, check: bool = True) -> subprocess.CompletedProcess:
+        env = dict(os.environ, KUBECONFIG=str(self.cluster.kubeconfig), HELM_CACHE_HOME=str(self.cluster.workdir / "helm"),
+                   HELM_CONFIG_HOME=str(self.cluster.workdir / "helm"), HELM_DATA_HOME=str(self.cluster.workdir / "helm"))
+        res = subprocess.run([self.helm_bin, *args, "--namespace", NS], capture_output=True, text=True,
+                             timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+        if check and res.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}\n"
+                                 f"{self.describe()}")
+        return res
+
+    def kubectl(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        return self.cluster.kubectl("-n", NS, *args, check=check, timeout=timeout)
+
+    def get(self, *args: str) -> dict:
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+    def describe(self) -> str:
+        """What a user would look at when something is stuck: pods, Jobs, events."""
+        parts = []
+        for args in (["get", "pods,jobs,pvc", "-o", "wide"], ["get", "events", "--sort-by=.lastTimestamp"]):
+            res = self.kubectl(*args, check=False)
+            parts.append(res.stdout[-6000:] + res.stderr[-2000:])
+        return "\n".join(parts)
+
+    def values_args(self, departments: list[str]) -> list[str]:
+        return ["-f", str(CHART / "values-offline.yaml"), "-f", str(HERE / "values-test-cluster.yaml"),
+                "--set", "departments={" + ",".join(departments) + "}", "--set", "ademe.maxRps=4"]
+
+    # -- what is in the pipeline ---------------------------------------------------------------------------
+    def psql(self, sql: str) -> str:
+        pod = f"{RELEASE}-postgresql-0"
+        return self.kubectl("exec", pod, "-c", "postgresql", "--", "psql", "-U", "dpe", "-d", "dpe",
+                            "-v", "ON_ERROR_STOP=1", "-At", "-c", sql).stdout
+
+    def stored(self) -> dict[str, int]:
+        out = self.psql("SELECT departement, count(*), count(DISTINCT numero_dpe) FROM dpe_data GROUP BY 1")
+        counts = {}
+        for line in out.split():
+            dep, rows, distinct = line.split("|")
+            assert rows == distinct, f"duplicate numero_dpe in department {dep}: {rows} rows, {distinct} distinct"
+            counts[dep] = int(rows)
+        return counts
+
+    def served(self, departments: list[str]) -> dict[str, int]:
+        """The stand-in's total per department, asked inside its own pod as the producers ask it."""
+        code = ("import json, sys, urllib.parse, urllib.request\n"
+                "base = 'http://127.0.0.1:' + sys.argv[1] + '/data-fair/api/v1/datasets/dpe03existant/lines?'\n"
+                "out = {}\n"
+                "for d in sys.argv[2:]:\n"
+                "    q = urllib.parse.urlencode({'size': 1, 'qs': 'code_departement_ban:\"%s\"' % d})\n"
+                "    out[d] = json.load(urllib.request.urlopen(base + q, timeout=30))['total']\n"
+                "print(json.dumps(out))\n")
+        port = str(self.get("service", f"{RELEASE}-standin")["spec"]["ports"][0]["port"])
+        res = self.kubectl("exec", f"deploy/{RELEASE}-standin", "--", "python", "-c", code, port, *departments)
+        return json.loads(res.stdout)
+
+    def jobs(self) -> dict[str, dict]:
+        """The newest producer Job of each department."""
+        found: dict[str, dict] = {}
+        for job in self.get("jobs", "-l", "app.kubernetes.io/component=producer")["items"]:
+            dep = job["metadata"]["labels"]["dpe-ingest/department"]
+            if dep not in found or job["metadata"]["creationTimestamp"] > found[dep]["metadata"]["creationTimestamp"]:
+                found[dep] = job
+        return found
+
+    def wait_jobs_complete(self, departments: list[str], timeout: float = SLOW) -> dict[str, dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            jobs = self.jobs()
+            failed = [d for d, j in jobs.items() if (j.get("status") or {}).get("failed")]
+            assert not failed, f"producer Jobs with failed pods: {failed}\n{self.describe()}"
+            done = {d for d, j in jobs.items() if (j.get("status") or {}).get("succeeded")}
+            if set(departments) <= done:
+                return jobs
+            assert time.monotonic() < deadline, f"Jobs not complete after {timeout}s: {sorted(set(departments) - done)}\n" \
+                                                f"{self.describe()}"
+            time.sleep(2)
+
+    def wait_reconciled(self, departments: list[str], timeout: float = SLOW) -> dict[str, int]:
+        """Every Job complete, then the table equals what the stand-in serves, department by department."""
+        self.wait_jobs_complete(departments, timeout)
+        want = self.served(departments)
+        assert all(n > 0 for n in want.values()), want
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.stored()
+            if {d: got.get(d, 0) for d in departments} == want:
+                break
+            over = {d: got.get(d, 0) for d in departments if got.get(d, 0) > want[d]}
+            assert not over, f"more rows than the API serves: {over} > {want}"
+            assert time.monotonic() < deadline, f"table {got} != API {want}\n{self.describe()}"
+            time.sleep(2)
+        extra = set(got) - set(departments)
+        assert not extra, f"rows of departments never asked for: {extra}"
+        return got
+
+    def wait_rows(self, department: str, at_least: int = 1, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while self.stored().get(department, 0) < at_least:
+            assert time.monotonic() < deadline, f"no rows of {department} after {timeout}s\n{self.describe()}"
+            time.sleep(0.5)
+
+    def pod_of(self, component: str) -> dict:
+        pods = [p for p in self.get("pods", "-l", f"app.kubernetes.io/component={component}")["items"]
+                if not p["metadata"].get("deletionTimestamp")]
+        assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
+        return pods[0]
+
+    def wait_ready(self, component: str, not_uid: str | None = None, timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pod = self.pod_of(component)
+                ready = any(c["type"] == "Ready" and c["status"] == "True"
+                            for c in (pod.get("status") or {}).get("conditions", []))
+                if ready and pod["metadata"]["uid"] != not_uid:
+                    return pod
+            except AssertionError:
+                pass
+            assert time.monotonic() < deadline, f"{component} not Ready after {timeout}s\n{self.describe()}"
+            time.sleep(1)
+
+    def upgrade_adding(self, new: str) -> None:
+        self.departments = self.departments + [new]
+        self.helm("upgrade", RELEASE, str(CHART), *self.values_args(self.departments))
+        deadline = time.monotonic() + 120
+        while new not in self.jobs():
+            assert time.monotonic() < deadline, f"no Job for {new}\n{self.describe()}"
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def release(cluster, helm_bin):
+    cluster.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS, "labels": RESTRICTED}}])
+    rel = Release(cluster, str(helm_bin))
+    yield rel
+    rel.helm("uninstall", RELEASE, "--wait", check=False)
+    cluster.kubectl("delete", "namespace", NS, "--wait=false", check=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the node
+# ---------------------------------------------------------------------------------------------------
+def test_the_node_cannot_reach_outside_the_machine(cluster):
+    """Pods (and the node) live in a network namespace with no route out: a connection to any other
+    address fails at once, no DNS name outside cluster.local resolves, the cluster's own names do."""
+    from dpe_ingest.testbed.images import CLUSTER_IMAGES
+
+    ns = "netcheck"
+    cluster.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}])
+    probe = (
+        "import errno, json, socket, time\n"
+        "out = {}\n"
+        "for host in ('192.0.2.10', '10.1.2.3', '8.8.8.8'):\n"
+        "    t = time.monotonic(); s = socket.socket(); s.settimeout(10)\n"
+        "    try:\n"
+        "        s.connect((host, 443)); out[host] = 'connected'\n"
+        "    except OSError as e:\n"
+        "        out[host] = [errno.errorcode.get(e.errno, str(e)), round(time.monotonic() - t, 3)]\n"
+        "for name in ('example.com', 'data.ademe.fr', 'kubernetes.default.svc.cluster.local'):\n"
+        "    try:\n"
+        "        out[name] = socket.gethostbyname(name)\n"
+        "    except OSError as e:\n"
+        "        out[name] = 'unresolved'\n"
+        "print(json.dumps(out))\n")
+    out = cluster.run_pod(ns, "probe", CLUSTER_IMAGES["producer"], ["python", "-c", probe])
+    got = json.loads(out.strip().splitlines()[-1])
+    for host in ("192.0.2.10", "10.1.2.3", "8.8.8.8"):
+        err, took = got[host]
+        assert err in ("ENETUNREACH", "EHOSTUNREACH"), got
+        assert took < 1.0, f"{host}: failed only after {took}s: a packet may have gone somewhere"
+    assert got["example.com"] == got["data.ademe.fr"] == "unresolved", got
+    assert got["kubernetes.default.svc.cluster.local"] == "10.96.0.1", got
+    # no interface of the machine's own network leads into the node's namespace
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    assert cluster.netns not in links, links
+    routes = subprocess.run(["ip", "-n", cluster.netns, "route", "show", "table", "all"], capture_output=True,
+                            text=True, check=True).stdout
+    assert "default" not in routes, routes
+
+
+# ---------------------------------------------------------------------------------------------------
+# install, look at it, upgrade under faults, uninstall
+# ---------------------------------------------------------------------------------------------------
+def test_install_runs_every_department_into_postgresql(release):
+    release.departments = list(FIRST)
+    t0 = time.monotonic()
+    release.helm("install", RELEASE, str(CHART), *release.values_args(FIRST), "--wait", "--wait-for-jobs",
+                 "--timeout", "10m")
+    took = time.monotonic() - t0
+    jobs = release.wait_jobs_complete(FIRST)
+    assert set(jobs) == set(FIRST)
+    release.wait_ready("consumer")
+    got = release.wait_reconciled(FIRST)
+    print(f"\ninstall --wait --wait-for-jobs: {took:.0f}s; rows {got}")
+
+
+def test_helm_test_passes(release):
+    res = release.helm("test", RELEASE, "--logs", "--timeout", "5m")
+    assert "Phase:          Succeeded" in res.stdout or "Succeeded" in res.stdout, res.stdout
+
+
+def test_producer_logs_show_each_department_progress(release):
+    """The README's way of watching: kubectl logs -l app.kubernetes.io/component=producer --prefix."""
+    res = release.kubectl("logs", "-l", "app.kubernetes.io/component=producer", "--prefix", "--tail=-1",
+                          "--max-log-requests", "20")
+    for dep in FIRST:
+        lines = [line for line in res.stdout.splitlines() if f"department={dep}" in line]
+        assert any("event=page" in line and "rate=" in line for line in lines), (dep, res.stdout[-3000:])
+        assert any(re.search(r"event=(done|finished)", line) for line in lines), (dep, lines[-5:])
+        assert all(line.startswith("[pod/") for line in lines), lines[:3]
+
+
+def test_status_in_the_cluster_network_shows_every_department_complete(release, cluster):
+    """``dpe-ingest status --kube`` from a machine on the cluster's network (names resolved by the
+    cluster's DNS), as docs/run-and-status.md suggests for a cluster."""
+    secret = release.get("secret", f"{RELEASE}-postgresql")
+    import base64
+    password = base64.b64decode(secret["data"]["password"]).decode()
+    svc = f"{NS}.svc.cluster.local"
+    env = dict(os.environ, KUBECONFIG=str(cluster.node_kubeconfig),
+               KAFKA_BOOTSTRAP_SERVERS=f"{RELEASE}-kafka.{svc}:9092",
+               DATABASE_URL=f"postgresql://dpe:{password}@{RELEASE}-postgresql.{svc}:5432/dpe")
+    res = cluster.run_in_network([sys.executable, "-m", "dpe_ingest", "status", "--kube", "--namespace", NS,
+                                  "--release", RELEASE, "--json", "--timeout", "30"], env=env, timeout=180)
+    assert res.returncode == 0, f"status exit {res.returncode}:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    doc = json.loads(res.stdout)
+    assert doc["overall"]["state"] == "done", doc["overall"]
+    assert all(src["ok"] is True for src in doc["sources"].values()), doc["sources"]
+    deps = {d["department"]: d for d in doc["departments"]}
+    assert set(deps) == set(FIRST), deps.keys()
+    served = release.served(FIRST)
+    for dep in FIRST:
+        d = deps[dep]
+        assert d["state"] == "done" and d["job"]["state"] == "Succeeded", d
+        assert d["api_total"] == d["produced"] == d["stored"] == served[dep] and d["progress"] == 1.0, d
+
+
+def test_upgrade_adds_2A_alone_and_survives_the_consumer_pod_deleted(release):
+    before = {d: j["metadata"]["uid"] for d, j in release.jobs().items()}
+    consumer = release.pod_of("consumer")
+    release.upgrade_adding("2A")
+    release.wait_rows("2A")
+    release.kubectl("delete", "pod", consumer["metadata"]["name"], "--wait=false")
+    release.wait_ready("consumer", not_uid=consumer["metadata"]["uid"])
+    release.wait_reconciled(release.departments)
+    after = {d: j["metadata"]["uid"] for d, j in release.jobs().items()}
+    assert {d: after[d] for d in FIRST} == before, "the Jobs of 69, 01, 38 must be left alone"
+    assert after["2A"] not in before.values()
+
+
+def test_postgresql_pod_deleted_mid_run_keeps_every_row(release):
+    pg = release.pod_of("postgresql")
+    release.upgrade_adding("2B")
+    release.wait_rows("2B")
+    release.kubectl("delete", "pod", pg["metadata"]["name"], "--wait=false")
+    release.wait_ready("postgresql", not_uid=pg["metadata"]["uid"])
+    release.wait_reconciled(release.departments)  # the rows stored before the deletion are all there
+
+
+def test_kafka_pod_deleted_while_producers_run(release):
+    kafka = release.pod_of("kafka")
+    release.upgrade_adding("971")
+    release.wait_rows("971")
+    release.kubectl("delete", "pod", kafka["metadata"]["name"], "--wait=false")
+    release.wait_ready("kafka", not_uid=kafka["metadata"]["uid"])
+    release.wait_reconciled(release.departments)
+
+
+def test_uninstall_leaves_what_the_docs_say(release):
+    """docs/chart.md: the password Secret, the two data volumes and the finished helm test pods stay."""
+    release.helm("uninstall", RELEASE, "--wait", "--timeout", "5m")
+    tests = {f"{RELEASE}-test-kafka", f"{RELEASE}-test-postgresql"}
+    deadline = time.monotonic() + 180
+    while True:
+        pods = {p["metadata"]["name"]: p["status"].get("phase") for p in release.get("pods")["items"]}
+        if set(pods) <= tests:
+            break
+        assert time.monotonic() < deadline, f"pods left after uninstall: {pods}"
+        time.sleep(1)
+    assert pods == {name: "Succeeded" for name in tests}, pods
+    left = {f"{o['kind']}/{o['metadata']['name']}"
+            for kind in ("secrets", "pvc", "configmaps", "services", "jobs", "cronjobs", "statefulsets",
+                         "deployments")
+            for o in release.get(kind, "-l", f"app.kubernetes.io/instance={RELEASE}")["items"]}
+    assert left == {f"Secret/{RELEASE}-postgresql", f"PersistentVolumeClaim/data-{RELEASE}-postgresql-0",
+                    f"PersistentVolumeClaim/data-{RELEASE}-kafka-0"}, left
