@@ -24,7 +24,7 @@ from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from dpe_ingest import deadletter
-from dpe_ingest.kafka_consumer import group_offsets
+from dpe_ingest.kafka_io import group_offsets
 from dpe_ingest.status_sources import Collector
 
 from kafka_util import read_topic

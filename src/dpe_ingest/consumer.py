@@ -29,7 +29,7 @@ from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from . import deadletter, logs, metrics
+from . import deadletter, kafka_io, logs, metrics
 from . import kafka_consumer as kc
 from .config import ConfigError, ConsumerConfig, metrics_port
 from .sink import DatabaseUnavailable, Invalid, Row, Sink, WriteResult, parse_message
@@ -534,7 +534,7 @@ class Consumer:
         # the group's committed offsets (from the broker) must reach the end of every assigned partition
         try:
             ends = self.consumer.end_offsets(list(assigned), timeout_ms=10000)
-            committed = kc.group_offsets(self.cfg.kafka.bootstrap_servers, self.cfg.group)
+            committed = kafka_io.group_offsets(self.cfg.kafka.bootstrap_servers, self.cfg.group)
         except Exception as exc:  # noqa: BLE001
             logs.event(log, "kafka_error", f"idle check: {_short(exc)}", logging.WARNING, error=_short(exc))
             self.last_message_at = time.monotonic()

@@ -1,12 +1,11 @@
-"""Kafka helpers of the consumer side: clients, topics, dead-letter sending, group offsets."""
+"""Kafka helpers of the consumer side: clients, topics, dead-letter sending."""
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Iterable
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError
 
@@ -97,27 +96,5 @@ def ensure_topics(settings: KafkaSettings, timeout_ms: int = 15000) -> list[str]
         admin.close()
 
 
-def group_offsets(bootstrap: str, group: str, timeout_ms: int = 15000) -> dict[TopicPartition, int]:
-    """Committed offsets of a consumer group (for status and tests).
-
-    A retriable answer (no coordinator yet: on a fresh cluster the first lookup is what creates
-    ``__consumer_offsets``; a coordinator loading or moving) is asked again until ``timeout_ms``."""
-    deadline = time.monotonic() + timeout_ms / 1000.0
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="dpe-ingest-offsets",
-                             request_timeout_ms=max(timeout_ms, 5000), bootstrap_timeout_ms=timeout_ms)
-    try:
-        while True:
-            try:
-                res = admin.list_group_offsets({group: None}).get(group, {})
-                break
-            except KafkaError as exc:
-                if not getattr(exc, "retriable", False) or time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.2)
-    finally:
-        admin.close()
-    return {tp: om.offset for tp, om in res.items() if om.offset is not None and om.offset >= 0}
-
-
 __all__ = ["KafkaError", "make_consumer", "make_dlq_producer", "send_dead_letters", "ensure_topics",
-           "group_offsets", "is_ownership_error"]
+           "is_ownership_error"]

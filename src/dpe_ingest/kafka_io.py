@@ -1,4 +1,5 @@
-"""Kafka I/O of the producer side: connecting, topics, a pipelined producer, and checkpoints.
+"""Kafka I/O shared by the producer, the consumer and status: connecting, topics, a pipelined producer,
+checkpoints, and the committed offsets of a consumer group.
 
 Checkpoints live in Kafka itself (a compacted topic, key = department): a producer needs nothing
 but Kafka and the API, and the checkpoint of a page is written only after every row of that page
@@ -177,13 +178,33 @@ class CheckpointStore:
             raise KafkaUnavailable(f"checkpoint write failed: {exc}") from exc
 
 
+def group_offsets(bootstrap: str, group: str, timeout_ms: int = 15000) -> dict[TopicPartition, int]:
+    """Committed offsets of a consumer group (status, the consumer, the refresh, tests).
+
+    A retriable answer (no coordinator yet: on a fresh cluster the first lookup is what creates
+    ``__consumer_offsets``; a coordinator loading or moving) is asked again until ``timeout_ms``."""
+    deadline = time.monotonic() + timeout_ms / 1000.0
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="dpe-ingest-offsets",
+                             request_timeout_ms=max(timeout_ms, 5000), bootstrap_timeout_ms=timeout_ms)
+    try:
+        while True:
+            try:
+                res = admin.list_group_offsets({group: None}).get(group, {})
+                break
+            except KafkaError as exc:
+                if not getattr(exc, "retriable", False) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
+    finally:
+        admin.close()
+    return {tp: om.offset for tp, om in res.items() if om.offset is not None and om.offset >= 0}
+
+
 def wait_until_stored(bootstrap: str, topic: str, group: str, timeout_s: float = 900.0,
                       stop=None, context: dict | None = None) -> None:
     """Wait until consumer group ``group`` has committed, on every partition of ``topic``, the end
     offset the topic has now: the consumer commits after the database did, so from then on every
     message already in the topic is in the table.  Raises KafkaUnavailable after ``timeout_s``."""
-    from .kafka_consumer import group_offsets
-
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
                              client_id="dpe-ingest-refresh")
     try:

@@ -294,7 +294,7 @@ class Collector:
                 begin = c.beginning_offsets(tps)
             finally:
                 c.close()
-            from .kafka_consumer import group_offsets
+            from .kafka_io import group_offsets
 
             committed = group_offsets(s.bootstrap, group, ms)
             per: dict[int, int] = {}
