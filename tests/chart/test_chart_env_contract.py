@@ -55,9 +55,10 @@ def test_every_producer_setting_is_wired(render):
     assert producer_vars == set(env)
     # set only when asked: the API key (from a Secret) and a rate window other than data-fair's 60 s
     keyed = render.template(sets={"ademe.apiKey.existingSecret": "ademe-key", "ademe.rateWindowSeconds": "30",
-                                  "producer.maxConcurrent": "3"})
+                                  "producer.maxConcurrent": "3",
+                                  "metrics.pushgatewayUrl": "http://pushgateway.monitoring:9091"})
     extra = set(env_of(container(producer_jobs(keyed)["69"], "producer"))) - producer_vars
-    assert extra == {"ADEME_API_KEY", "ADEME_RATE_WINDOW_S", "PRODUCER_MAX_CONCURRENT"}
+    assert extra == {"ADEME_API_KEY", "ADEME_RATE_WINDOW_S", "PRODUCER_MAX_CONCURRENT", "METRICS_PUSHGATEWAY_URL"}
     assert extra <= set(config.CONTRACT)
     consumer_env = env_of(container(named(docs, "Deployment", "dpe-consumer")))
     consumer_vars = {"DATABASE_URL", "DB_TABLE", "CONSUMER_GROUP", "BATCH_SIZE", "BATCH_IDLE_MS",

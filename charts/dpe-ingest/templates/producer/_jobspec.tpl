@@ -95,6 +95,10 @@ template:
           - name: PRODUCER_MAX_CONCURRENT
             value: {{ $p.maxConcurrent | toString | quote }}
           {{- end }}
+          {{- with $v.metrics.pushgatewayUrl }}
+          - name: METRICS_PUSHGATEWAY_URL
+            value: {{ . | quote }}
+          {{- end }}
           {{- include "dpe-ingest.env.kafka" $root | nindent 10 }}
         resources:
           {{- toYaml $p.resources | nindent 10 }}
