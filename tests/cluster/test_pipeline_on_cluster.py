@@ -91,7 +91,15 @@ class Release:
                 "for d in sys.argv[2:]:\n"
                 "    q = urllib.parse.urlencode({'size': 1, 'qs': 'code_departement_ban:\"%s\"' % d})\n"
                 "    out[d] = json.load(urllib.request.urlopen(base + q, timeout=30))['total']\n"
-                "print(json.dumps(out))\n")
+                "import struct\n"
+        "def rcode(name):\n"  # one raw DNS query to the cluster's DNS Service: the answer's RCODE
+        "    q = struct.pack('>HHHHHH', 0x1234, 0x0100, 1, 0, 0, 0)\n"
+        "    q += b''.join(bytes([len(p)]) + p.encode() for p in name.split('.')) + b'\\0' + struct.pack('>HH', 1, 1)\n"
+        "    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)\n"
+        "    s.sendto(q, ('10.96.0.10', 53))\n"
+        "    return s.recv(512)[3] & 0x0F\n"
+        "out['rcode'] = {n: rcode(n) for n in ('example.com', 'data.ademe.fr', 'kubernetes.default.svc.cluster.local')}\n"
+        "print(json.dumps(out))\n")
         port = str(self.get("service", f"{RELEASE}-standin")["spec"]["ports"][0]["port"])
         res = self.kubectl("exec", f"deploy/{RELEASE}-standin", "--", "python", "-c", code, port, *departments)
         return json.loads(res.stdout)
@@ -204,6 +212,14 @@ def test_the_node_cannot_reach_outside_the_machine(cluster):
         "        out[name] = socket.gethostbyname(name)\n"
         "    except OSError as e:\n"
         "        out[name] = 'unresolved'\n"
+        "import struct\n"
+        "def rcode(name):\n"  # one raw DNS query to the cluster's DNS Service: the answer's RCODE
+        "    q = struct.pack('>HHHHHH', 0x1234, 0x0100, 1, 0, 0, 0)\n"
+        "    q += b''.join(bytes([len(p)]) + p.encode() for p in name.split('.')) + b'\\0' + struct.pack('>HH', 1, 1)\n"
+        "    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)\n"
+        "    s.sendto(q, ('10.96.0.10', 53))\n"
+        "    return s.recv(512)[3] & 0x0F\n"
+        "out['rcode'] = {n: rcode(n) for n in ('example.com', 'data.ademe.fr', 'kubernetes.default.svc.cluster.local')}\n"
         "print(json.dumps(out))\n")
     out = cluster.run_pod(ns, "probe", CLUSTER_IMAGES["producer"], ["python", "-c", probe])
     got = json.loads(out.strip().splitlines()[-1])
@@ -213,6 +229,8 @@ def test_the_node_cannot_reach_outside_the_machine(cluster):
         assert took < 1.0, f"{host}: failed only after {took}s: a packet may have gone somewhere"
     assert got["example.com"] == got["data.ademe.fr"] == "unresolved", got
     assert got["kubernetes.default.svc.cluster.local"] == "10.96.0.1", got
+    # CoreDNS forwards nothing: NXDOMAIN (3) for any name outside cluster.local, NOERROR (0) inside
+    assert got["rcode"] == {"example.com": 3, "data.ademe.fr": 3, "kubernetes.default.svc.cluster.local": 0}, got
     # no interface of the machine's own network leads into the node's namespace
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
     assert cluster.netns not in links, links
