@@ -60,6 +60,7 @@ def find_go() -> str:
 
 
 def go_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, GOPATH=str(cache_dir() / "go"), GOFLAGS="-modcacherw", CGO_ENABLED="0", **extra)
+    env = dict(os.environ, GOPATH=str(cache_dir() / "go"), GOFLAGS="-modcacherw", CGO_ENABLED="0")
+    env.update(extra)
     env.setdefault("GOTOOLCHAIN", "auto")  # Debian's go.env says local: allow the switch a module asks for
     return env
