@@ -850,19 +850,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(rep.render())
         return 0
     app = Analytics(cfg, exit_when_idle_s=args.exit_when_idle, crash=crash)
-    try:
-        metrics.serve(app.metrics.registry, port)
-    except OSError as exc:
-        print(f"dpe-ingest analytics: METRICS_PORT={port}: {exc}", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, app.request_stop)
-    signal.signal(signal.SIGINT, app.request_stop)
-    try:
-        return app.run()
-    except Exception as exc:  # noqa: BLE001
-        log.error(f"analytics failed: {_short(exc)}", exc_info=True,
-                  extra={"event": "fatal", "fields": {"error": _short(exc)}})
-        return 1
+    return metrics.run_service(app, port, "dpe-ingest analytics", "analytics", log)
 
 
 if __name__ == "__main__":

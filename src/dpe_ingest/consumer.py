@@ -691,19 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     consumer = Consumer(cfg, exit_when_idle_s=args.exit_when_idle, shutdown_timeout_s=args.shutdown_timeout,
                         crash=crash)
-    try:
-        metrics.serve(consumer.metrics.registry, port)
-    except OSError as exc:
-        print(f"dpe-ingest consume: METRICS_PORT={port}: {exc}", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, consumer.request_stop)
-    signal.signal(signal.SIGINT, consumer.request_stop)
-    try:
-        return consumer.run()
-    except Exception as exc:  # noqa: BLE001
-        log.error(f"consumer failed: {_short(exc)}", exc_info=True,
-                  extra={"event": "fatal", "fields": {"error": _short(exc)}})
-        return 1
+    return metrics.run_service(consumer, port, "dpe-ingest consume", "consumer", log)
 
 
 if __name__ == "__main__":

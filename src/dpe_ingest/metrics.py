@@ -14,8 +14,10 @@ chart may use only those (a test checks it).
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 import time
-from typing import Iterable
+from typing import Any, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -215,3 +217,22 @@ def exported_names() -> set[str]:
     """Every metric name of the consumer, the analytics consumer and the producer summary."""
     return sample_names([ConsumerMetrics().registry, AnalyticsMetrics().registry,
                          producer_registry("69", 0, 0, 0.0, True)])
+
+
+def run_service(app: Any, port: int, prog: str, what: str, log: logging.Logger) -> int:
+    """Run a long-lived consumer (``dpe-ingest consume`` or ``analytics``): its /metrics on ``port``
+    (0 = none; 2 when the port cannot be bound), SIGTERM/SIGINT ask ``app.request_stop``, then
+    ``app.run()``'s exit code; a crash is logged as one ``fatal`` event and exits 1."""
+    try:
+        serve(app.metrics.registry, port)
+    except OSError as exc:
+        print(f"{prog}: METRICS_PORT={port}: {exc}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, app.request_stop)
+    signal.signal(signal.SIGINT, app.request_stop)
+    try:
+        return app.run()
+    except Exception as exc:  # noqa: BLE001
+        short = (" ".join(str(exc).split()) or type(exc).__name__)[:300]
+        log.error(f"{what} failed: {short}", exc_info=True, extra={"event": "fatal", "fields": {"error": short}})
+        return 1
