@@ -49,16 +49,16 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     kafka = f"KAFKA_BOOTSTRAP_SERVERS={_env('KAFKA_BOOTSTRAP_SERVERS')} (yours)" if _env("KAFKA_BOOTSTRAP_SERVERS") \
-        else f"bench Kafka {KAFKA_VERSION} (started on first use)"
-    pg = "DATABASE_URL (yours)" if _env("DATABASE_URL") else "bench PostgreSQL (started on first use)"
+        else f"testbed Kafka {KAFKA_VERSION} (started on first use)"
+    pg = "DATABASE_URL (yours)" if _env("DATABASE_URL") else "testbed PostgreSQL (started on first use)"
     kube = "DPE_TEST_KUBECONFIG (yours)" if _env("DPE_TEST_KUBECONFIG") else \
-        "bench kube-apiserver (started on first use)"
-    return f"bench: {kafka}; {pg}; {kube}"
+        "testbed kube-apiserver (started on first use)"
+    return f"testbed: {kafka}; {pg}; {kube}"
 
 
 def pytest_terminal_summary(terminalreporter):
     if _timings:
-        terminalreporter.write_line("bench: " + "; ".join(_timings))
+        terminalreporter.write_line("testbed: " + "; ".join(_timings))
 
 
 def pytest_unconfigure(config):

@@ -12,12 +12,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
-import time
 from pathlib import Path
 
-from ._proc import LaunchError, cache_dir, file_lock, place_built, run
-from .gotool import find_go, go_env
+from ._proc import LaunchError, cache_dir, file_lock
+from .gotool import go_install
 
 ACTIONLINT_VERSION = "v1.7.12"  # the newest 1.7 the Go module proxy serves (go list -m -versions)
 ACTIONLINT_MODULE = "github.com/rhysd/actionlint"
@@ -35,24 +33,9 @@ def actionlint_version(binary: Path | str) -> str | None:
 
 
 def build_actionlint(target: Path, quiet: bool = False) -> None:
-    go = find_go()
-    cache = cache_dir()
-    log = cache / "actionlint-build.log"
-    tmp_bin = Path(tempfile.mkdtemp(prefix="actionlint-bin.", dir=target.parent))
-    env = go_env(GOBIN=str(tmp_bin))  # its go.mod asks for Go 1.25: an older go switches through the proxy
-    if not quiet:
-        print(f"testbed: building actionlint {ACTIONLINT_VERSION} with {go} (go install, Go module proxy) -> "
-              f"{target}; log {log}", flush=True)
-    t0 = time.monotonic()
-    try:
-        run([go, "install", "-trimpath", "-ldflags=-s -w", f"{ACTIONLINT_MODULE}/cmd/actionlint@{ACTIONLINT_VERSION}"],
-            f"building actionlint {ACTIONLINT_VERSION}", timeout=3600, env=env, log_path=log)
-        built = tmp_bin / "actionlint"
-        place_built(built, target, "actionlint", actionlint_version(built), ACTIONLINT_VERSION)
-    finally:
-        shutil.rmtree(tmp_bin, ignore_errors=True)
-    if not quiet:
-        print(f"testbed: actionlint {ACTIONLINT_VERSION} built in {time.monotonic() - t0:.0f}s", flush=True)
+    # its go.mod asks for Go 1.25: an older go switches through the proxy (go_env: GOTOOLCHAIN=auto)
+    go_install("actionlint", f"{ACTIONLINT_MODULE}/cmd/actionlint", ACTIONLINT_VERSION, target, "-s -w",
+               actionlint_version, quiet)
 
 
 def ensure_actionlint(quiet: bool = False) -> Path:

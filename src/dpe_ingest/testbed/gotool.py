@@ -14,9 +14,11 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
-from ._proc import LaunchError, cache_dir, run
+from ._proc import LaunchError, cache_dir, place_built, run
 
 GO_TOOLCHAIN = "go1.26.8"  # helm v3.22.0's go.mod says go 1.26.0
 
@@ -64,3 +66,25 @@ def go_env(**extra: str) -> dict[str, str]:
     env.update(extra)
     env.setdefault("GOTOOLCHAIN", "auto")  # Debian's go.env says local: allow the switch a module asks for
     return env
+
+
+def go_install(name: str, package: str, version: str, target: Path, ldflags: str,
+               version_of: Callable[[Path], str | None], quiet: bool = False) -> None:
+    """``go install package@version`` into a temporary GOBIN, then moved to ``target`` once the binary
+    says ``version`` (a binary in use is never half-written)."""
+    go = find_go()
+    log = cache_dir() / f"{name}-build.log"
+    tmp_bin = Path(tempfile.mkdtemp(prefix=f"{name}-bin.", dir=target.parent))
+    if not quiet:
+        print(f"testbed: building {name} {version} with {go} (go install, Go module proxy) -> {target}; log {log}",
+              flush=True)
+    t0 = time.monotonic()
+    try:
+        run([go, "install", "-trimpath", f"-ldflags={ldflags}", f"{package}@{version}"],
+            f"building {name} {version}", timeout=3600, env=go_env(GOBIN=str(tmp_bin)), log_path=log)
+        built = tmp_bin / name
+        place_built(built, target, name, version_of(built), version)
+    finally:
+        shutil.rmtree(tmp_bin, ignore_errors=True)
+    if not quiet:
+        print(f"testbed: {name} {version} built in {time.monotonic() - t0:.0f}s", flush=True)

@@ -14,12 +14,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from ._proc import LaunchError, cache_dir, file_lock, place_built, run
-from .gotool import find_go, go_env
+from ._proc import LaunchError, cache_dir, file_lock, run
+from .gotool import go_install
 
 HELM_VERSION = "v3.22.0"
 HELM_MODULE = "helm.sh/helm/v3"
@@ -63,23 +62,8 @@ def _ldflags() -> str:
     ])
 
 def build_helm(target: Path, quiet: bool = False) -> None:
-    go = find_go()
-    cache = cache_dir()
-    tmp_bin = Path(tempfile.mkdtemp(prefix="helm-bin.", dir=target.parent))
-    env = go_env(GOBIN=str(tmp_bin))
-    if not quiet:
-        print(f"testbed: building helm {HELM_VERSION} with {go} (go install, Go module proxy) -> {target}; "
-              f"log {cache / 'helm-build.log'}", flush=True)
-    t0 = time.monotonic()
-    try:
-        run([go, "install", "-trimpath", f"-ldflags={_ldflags()}", f"{HELM_MODULE}/cmd/helm@{HELM_VERSION}"],
-            f"building helm {HELM_VERSION}", timeout=3600, env=env, log_path=cache / "helm-build.log")
-        built = tmp_bin / "helm"
-        place_built(built, target, "helm", helm_version(built), HELM_VERSION)
-    finally:
-        shutil.rmtree(tmp_bin, ignore_errors=True)
-    if not quiet:
-        print(f"testbed: helm {HELM_VERSION} built in {time.monotonic() - t0:.0f}s", flush=True)
+    go_install("helm", f"{HELM_MODULE}/cmd/helm", HELM_VERSION, target, _ldflags(), helm_version, quiet)
+
 
 def ensure_helm(quiet: bool = False) -> Path:
     """Path of a helm binary: $HELM when set (used as is), else ``<cache>/bin/helm`` v3.22.0."""
