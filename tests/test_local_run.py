@@ -181,7 +181,7 @@ def test_sigint_mid_run_stops_everything_cleanly(run_env, tmp_path):
                 assert time.monotonic() < deadline, "producers did not get going: " + text[-3000:]
                 time.sleep(0.5)
             pids = [int(p) for p in re.findall(r"event=spawned .*pid=(\d+)", text)]
-            assert len(pids) == 3  # consumer + 2 producers
+            assert len(pids) == 4  # consumer, analytics consumer, 2 producers
             proc.send_signal(signal.SIGINT)
             rc = proc.wait(timeout=120)
         finally:
