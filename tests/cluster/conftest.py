@@ -8,9 +8,16 @@ import pytest
 
 from dpe_ingest.testbed import LaunchError
 
+_started: list[str] = []  # for the terminal summary: when and how fast the cluster came up
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in _started:
+        terminalreporter.write_line(line)
+
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory, request):
+def cluster(tmp_path_factory):
     from dpe_ingest.testbed.cluster import Cluster
 
     c = Cluster(tmp_path_factory.mktemp("cluster"), quiet=False)
@@ -18,8 +25,6 @@ def cluster(tmp_path_factory, request):
         c.start()
     except LaunchError as exc:
         pytest.fail(f"the test cluster did not start: {exc}", pytrace=False)
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"cluster: ready in {c.timings.get('total', 0):.0f}s ({c.timings}); log {c.log_path}")
+    _started.append(f"testbed: cluster ready in {c.timings.get('total', 0):.0f}s ({c.timings}); log {c.log_path}")
     yield c
     c.stop()
