@@ -170,6 +170,16 @@ class Release:
             assert time.monotonic() < deadline, f"no Job for {new}\n{self.describe()}"
             time.sleep(0.5)
 
+    def upgrade_deleting_mid_run(self, new: str, component: str) -> None:
+        """``helm upgrade`` adding department ``new``; once its first rows are stored, the pod of
+        ``component`` is deleted; its replacement must come up and every department reconcile exactly."""
+        pod = self.pod_of(component)
+        self.upgrade_adding(new)
+        self.wait_rows(new)
+        self.kubectl("delete", "pod", pod["metadata"]["name"], "--wait=false")
+        self.wait_ready(component, not_uid=pod["metadata"]["uid"])
+        self.wait_reconciled(self.departments)
+
 
 @pytest.fixture(scope="module")
 def release(cluster, helm_bin):
@@ -290,33 +300,18 @@ def test_status_in_the_cluster_network_shows_every_department_complete(release, 
 
 def test_upgrade_adds_2A_alone_and_survives_the_consumer_pod_deleted(release):
     before = {d: j["metadata"]["uid"] for d, j in release.jobs().items()}
-    consumer = release.pod_of("consumer")
-    release.upgrade_adding("2A")
-    release.wait_rows("2A")
-    release.kubectl("delete", "pod", consumer["metadata"]["name"], "--wait=false")
-    release.wait_ready("consumer", not_uid=consumer["metadata"]["uid"])
-    release.wait_reconciled(release.departments)
+    release.upgrade_deleting_mid_run("2A", "consumer")
     after = {d: j["metadata"]["uid"] for d, j in release.jobs().items()}
     assert {d: after[d] for d in FIRST} == before, "the Jobs of 69, 01, 38 must be left alone"
     assert after["2A"] not in before.values()
 
 
 def test_postgresql_pod_deleted_mid_run_keeps_every_row(release):
-    pg = release.pod_of("postgresql")
-    release.upgrade_adding("2B")
-    release.wait_rows("2B")
-    release.kubectl("delete", "pod", pg["metadata"]["name"], "--wait=false")
-    release.wait_ready("postgresql", not_uid=pg["metadata"]["uid"])
-    release.wait_reconciled(release.departments)  # the rows stored before the deletion are all there
+    release.upgrade_deleting_mid_run("2B", "postgresql")  # the rows stored before the deletion are all there
 
 
 def test_kafka_pod_deleted_while_producers_run(release):
-    kafka = release.pod_of("kafka")
-    release.upgrade_adding("971")
-    release.wait_rows("971")
-    release.kubectl("delete", "pod", kafka["metadata"]["name"], "--wait=false")
-    release.wait_ready("kafka", not_uid=kafka["metadata"]["uid"])
-    release.wait_reconciled(release.departments)
+    release.upgrade_deleting_mid_run("971", "kafka")
 
 
 def test_uninstall_leaves_what_the_docs_say(release):
