@@ -4,6 +4,9 @@
 the ADEME stand-in in its own process) unless KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL are set, runs
 every measurement side by side in one run, prints a table and writes ``bench/results.json``.
 
+The peer a data engineer would pick, Kafka Connect (standalone) with Debezium's JDBC sink, is measured
+beside our consumer on the same rows (section ``connect``, ``bench/kafka_connect.py``, bench/README.md).
+
 Every program measured runs as its own process: wall seconds of the work, and its peak resident
 memory (the kernel's high-water mark, ``VmHWM``).  Ratios compare rows/s measured in this same run.
 """
@@ -29,6 +32,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from dpe_ingest.testbed import KAFKA_VERSION, LocalServers  # noqa: E402
+from dpe_ingest.testbed.connect import CONNECT_VERSION, DEBEZIUM_VERSION  # noqa: E402
+from kafka_connect import connect_section  # noqa: E402
 
 PY = sys.executable
 
@@ -138,7 +143,7 @@ class Runner:
              "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None,
              "peak_rss_mb": None if peak_rss_mb is None else round(peak_rss_mb, 1), **extra}
         self.results.append(r)
-        print(f"  {name:<44} {rows:>9} rows {seconds:>8.2f} s {r['rows_per_s'] or 0:>10.0f} rows/s"
+        print(f"  {name:<54} {rows:>9} rows {seconds:>8.2f} s {r['rows_per_s'] or 0:>10.0f} rows/s"
               + (f" {peak_rss_mb:>7.1f} MB" if peak_rss_mb else ""), flush=True)
         return r
 
@@ -350,6 +355,9 @@ def run(args) -> dict:
         if "analytics" in sections:
             print(f"\nanalytics: the sink alone and with the analytics group paused far behind, {N} rows", flush=True)
             analytics_section(r, env, api, N)
+        if "connect" in sections and "main" not in sections:
+            print(CONNECT_TITLE.format(N=N), flush=True)
+            connect_section(r, api, N)
         if "main" not in sections:
             raise _Done
 
@@ -372,7 +380,8 @@ def run(args) -> dict:
         res, p = r.baseline("copy", bootstrap=env["KAFKA_BOOTSTRAP_SERVERS"], topic=topic,
                             database_url=env["DATABASE_URL"], table=r.name("copy"))
         copy = r.record("consumer.limit.copy_no_kafka", res["rows"], res["seconds"], p.peak_rss_mb)
-        seconds, p = r.consume_until(topic, N)
+        ours_table = r.name("t")
+        seconds, p = r.consume_until(topic, N, ours_table)
         ours_c = r.record("consumer.dpe_ingest", N, seconds, p.peak_rss_mb)
         res, p = r.baseline("course-consumer", bootstrap=env["KAFKA_BOOTSTRAP_SERVERS"], topic=topic,
                             group=r.name("g"), database_url=env["DATABASE_URL"], table=r.name("course"),
@@ -385,6 +394,9 @@ def run(args) -> dict:
         ours_c["ratio_to"] = ratios(ours_c, {"course_insert_commit_per_row": course_c,
                                              "executemany_batch_100": em, "kafka_read_no_db": kread,
                                              "copy_no_kafka": copy})
+        if "connect" in sections:  # the peer, on an enveloped copy of the same topic
+            print(CONNECT_TITLE.format(N=N), flush=True)
+            connect_section(r, api, N, ours=ours_c, topic=topic, ours_table=ours_table)
 
         # ---------------------------------------------------------------- end to end
         print(f"\nend to end: departments 69, 01, 38 x {N} rows, from start to all rows stored", flush=True)
@@ -428,9 +440,16 @@ def run(args) -> dict:
         "seconds_total": round(time.perf_counter() - t_all, 1),
         "machine": machine(),
         "settings": {"rows": N, "baseline_rows": args.baseline_rows, "scale": sizes, "batch_size": 100,
-                     "page_size": 500, "kafka": KAFKA_VERSION, "bench_external": external},
+                     "page_size": 500, "kafka": KAFKA_VERSION, "bench_external": external,
+                     **({"kafka_connect": CONNECT_VERSION, "debezium_jdbc": DEBEZIUM_VERSION}
+                        if "connect" in sections else {})},
         "measurements": r.results,
     }
+
+
+CONNECT_TITLE = (f"\nconnect: Kafka Connect {CONNECT_VERSION} (standalone) + Debezium JDBC sink {DEBEZIUM_VERSION}, "
+                 "the same {N} rows as our consumer (an enveloped copy of its topic), from connector created "
+                 "to all rows stored")
 
 
 class _Done(Exception):
@@ -457,12 +476,15 @@ def print_table(doc: dict) -> None:
     m = doc["machine"]
     print(f"dpe-ingest benchmarks — {m['cpus']} cores ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}, "
           f"Kafka {doc['settings']['kafka']}, PostgreSQL {m['postgresql']}")
-    print(f"{'measurement':<48} {'rows':>9} {'seconds':>9} {'rows/s':>10} {'peak MB':>8}  ratios")
+    print(f"{'measurement':<56} {'rows':>9} {'seconds':>9} {'rows/s':>10} {'peak MB':>8}  ratios")
     for r in doc["measurements"]:
         rat = "  ".join(f"{v:g}x {k}" for k, v in (r.get("ratio_to") or {}).items())
         if r.get("api_requests") is not None:
             rat = f"{r['api_requests']} API requests  " + rat
-        print(f"{r['name']:<48} {r['rows']:>9} {r['seconds']:>9.2f} {r['rows_per_s'] or 0:>10.0f} "
+        if r.get("seconds_from_worker_start") is not None:
+            rat = (f"{r['seconds_from_worker_start']:.2f} s from worker start, {r['seconds_from_task_running']:.2f} s "
+                   "from task RUNNING  " + rat)
+        print(f"{r['name']:<56} {r['rows']:>9} {r['seconds']:>9.2f} {r['rows_per_s'] or 0:>10.0f} "
               f"{r['peak_rss_mb'] or 0:>8.1f}  {rat}")
 
 
@@ -472,8 +494,9 @@ def main() -> int:
     p.add_argument("--baseline-rows", type=int, default=20_000,
                    help="rows the slow per-row baselines process (their rows/s is what is compared)")
     p.add_argument("--scale", default="10000,100000,1000000", help="department sizes of the scale test")
-    p.add_argument("--sections", default="main,refresh,analytics",
-                   help="what to measure: main (producer, consumer, end to end, scale), refresh, analytics")
+    p.add_argument("--sections", default="main,refresh,analytics,connect",
+                   help="what to measure: main (producer, consumer, end to end, scale), refresh, analytics, "
+                        "connect (the Kafka Connect + Debezium JDBC sink peer, beside our consumer)")
     p.add_argument("--out", default=str(HERE / "results.json"))
     args = p.parse_args()
     doc = run(args)
