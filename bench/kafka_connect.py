@@ -86,6 +86,7 @@ def run_peer(r: "Runner", topic: str, rows: int, label: str, batch_size: int | N
     rec = r.record(f"consumer.peer.{PEER}_{label}", rows, t_done - t_submit, peak or None,
                    seconds_from_worker_start=round(t_done - worker.t_launch, 3),
                    seconds_from_task_running=round(t_done - (t_running or t_submit), 3),
+                   rows_per_s_from_task_running=round(rows / (t_done - (t_running or t_submit)), 1),
                    worker_start_s=round(worker.start_seconds or 0.0, 3),
                    settings={"batch.size": batch_size or DEBEZIUM_DEFAULT_BATCH_SIZE,
                              "max.poll.records": max_poll_records or 500, "tasks.max": 1,

@@ -340,7 +340,10 @@ class ConnectStandalone(LocalServer):
         states = [st.get("connector", {})] + list(st.get("tasks", []))
         for s in states:
             if s.get("state") == "FAILED":
-                raise ConnectError(f"connector {name} FAILED: {s.get('trace', '')[:4000]}")
+                trace = s.get("trace") or ""
+                causes = [ln.strip() for ln in trace.splitlines() if ln.startswith("Caused by")]
+                raise ConnectError(f"connector {name} FAILED: {(trace.splitlines() or [''])[0]}\n"
+                                   + "\n".join(causes) + f"\nlog {self.log_path}; trace:\n{trace[:4000]}")
         return bool(st.get("tasks")) and all(s.get("state") == "RUNNING" for s in states)
 
     def wait_running(self, name: str, timeout: float = 120.0) -> float:
