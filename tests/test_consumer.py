@@ -188,7 +188,7 @@ def procs():
 def consumer_env(bootstrap: str, database_url: str, names: dict, **extra) -> dict:
     env = {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "DATABASE_URL": database_url, "BATCH_SIZE": "100",
            "BATCH_IDLE_MS": "1000", "RETRY_MAX_BACKOFF_S": "2", "KAFKA_TOPIC_PARTITIONS": "6",
-           "LOG_FORMAT": "logfmt", "LOG_LEVEL": "INFO", **names}
+           "LOG_FORMAT": "logfmt", "LOG_LEVEL": "DEBUG", **names}
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -242,12 +242,28 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     return {tp.partition: off for tp, off in group_offsets(bootstrap, group).items() if tp.topic == topic}
 
 
-def assert_fully_committed(bootstrap: str, group: str, sent: list[Sent], topic: str) -> None:
+def stored_offsets(database_url: str, group: str, topic: str) -> dict[int, int]:
+    """The offsets the consumer keeps in PostgreSQL with the rows (its truth)."""
+    with psycopg2.connect(database_url, connect_timeout=5) as conn, conn.cursor() as cur:
+        cur.execute("SELECT partition, next_offset FROM dpe_ingest_offsets WHERE consumer_group = %s AND topic = %s",
+                    (group, topic))
+        out = dict(cur.fetchall())
+    conn.close()
+    return out
+
+
+def assert_fully_committed(bootstrap: str, group: str, sent: list[Sent], topic: str,
+                           database_url: str | None = None) -> None:
+    """The group's Kafka offsets (advisory, committed at least every second and at exit) and, with
+    ``database_url``, the offsets stored with the rows are the end of every partition written to."""
     ends: dict[int, int] = {}
     for s in sent:
         ends[s.partition] = max(ends.get(s.partition, 0), s.offset + 1)
     committed = committed_offsets(bootstrap, group, topic)
     assert {p: committed.get(p) for p in ends} == ends
+    if database_url is not None:
+        stored = stored_offsets(database_url, group, topic)
+        assert {p: stored.get(p) for p in ends} == ends
 
 
 def stored_and_committed(database_url: str, table: str, rows: int, bootstrap: str, group: str, sent: list[Sent],
@@ -256,15 +272,16 @@ def stored_and_committed(database_url: str, table: str, rows: int, bootstrap: st
     if table_count(database_url, table) != rows:
         return False
     try:
-        assert_fully_committed(bootstrap, group, sent, topic)
+        assert_fully_committed(bootstrap, group, sent, topic, database_url)
         return True
     except not_yet:
         return False
 
 
-def committed_prefix(bootstrap: str, group: str, topic: str, sent: list[Sent]) -> set[str]:
-    committed = committed_offsets(bootstrap, group, topic)
-    return {s.doc["numero_dpe"] for s in sent if s.offset < committed.get(s.partition, 0)}
+def stored_prefix(database_url: str, group: str, topic: str, sent: list[Sent]) -> set[str]:
+    """The keys of the messages before the offsets stored with the rows."""
+    stored = stored_offsets(database_url, group, topic)
+    return {s.doc["numero_dpe"] for s in sent if s.offset < stored.get(s.partition, 0)}
 
 
 def batch_totals(*ps: Proc) -> dict:
@@ -289,13 +306,14 @@ def test_clean_run_writes_every_row_exactly_once(kafka_bootstrap, database_url, 
     procs.append(p)
     assert p.wait() == 0, p.text()[-4000:]
     reconcile(database_url, names["DB_TABLE"], sent)
-    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, names["KAFKA_TOPIC"])
+    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, names["KAFKA_TOPIC"], database_url)
     batches = p.events("batch")
     assert all(int(b["rows"]) <= 100 for b in batches)
     assert batch_totals(p) == {"rows": 5000, "inserted": 5000, "updated": 0, "unchanged": 0, "dead_letters": 0,
                                "batches": len(batches)}
     assert len(batches) >= 50
-    assert all(b["rate"].endswith("rows/s") and "lag" in b for b in batches)
+    assert all("lag" in b and "write_ms" in b and b["level"] == "debug" for b in batches)  # one per batch: DEBUG
+    assert all(e["rate"].endswith("rows/s") for e in p.events("progress"))  # INFO: every 10 s and at the end
     assert p.events("start") and p.events("stop")[0]["reason"] == "idle"
     # a second run over the same, fully committed topic has nothing to do
     again = Proc(consumer_env(kafka_bootstrap, database_url, names), tmp_path, "--exit-when-idle", "3")
@@ -323,13 +341,16 @@ def test_a_new_version_of_a_row_updates_it_and_a_replay_changes_nothing(kafka_bo
     for s1, s2 in zip(first, second):
         want = expected_row(s2 if s2.doc["etiquette_dpe"] != s1.doc["etiquette_dpe"] else s1)
         assert got[s1.doc["numero_dpe"]] == want
-    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], first + second, names["KAFKA_TOPIC"])
+    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], first + second, names["KAFKA_TOPIC"], database_url)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["after_poll", "after_insert", "after_db_commit"])
 def test_sigkill_at_each_critical_point_loses_and_duplicates_nothing(point, kafka_bootstrap, database_url, procs,
                                                                      tmp_path):
+    """Rows and offsets move in one transaction: whatever the crash point, the table is exactly the
+    messages before the stored offsets, and no row is ever written twice (no ``unchanged``, no
+    ``updated``: nothing is replayed into the table)."""
     names = new_names("kill")
     topic, group, table = names["KAFKA_TOPIC"], names["CONSUMER_GROUP"], names["DB_TABLE"]
     create_topic(kafka_bootstrap, topic, 4)
@@ -338,35 +359,32 @@ def test_sigkill_at_each_critical_point_loses_and_duplicates_nothing(point, kafk
     # full batches only while crashing (the topic is pre-filled; a partial batch would need 60 s idle)
     env = consumer_env(kafka_bootstrap, database_url, names, BATCH_IDLE_MS=60000)
     crashed = []
+    hidden = 0  # rows of batches committed just before a crash, so never logged
     for n in (2, 3, 5):  # each run dies at a later batch of its own
         p = Proc({**env, "DPE_TEST_CRASH_AT": point, "DPE_TEST_CRASH_AFTER_BATCHES": n}, tmp_path, name=f"crash{n}")
         procs.append(p)
         assert p.wait() == -signal.SIGKILL, p.text()[-4000:]
         assert [e["point"] for e in p.events("test_crash")] == [point]
-        assert len(p.events("batch")) == n  # it died inside batch n+1
+        assert len(p.events("batch")) == n  # it died inside the next batch (or, after_poll, while it was written)
         crashed.append(p)
-        prefix = committed_prefix(kafka_bootstrap, group, topic, sent)
         in_db = set(table_rows(database_url, table))
-        assert prefix <= in_db <= all_keys
+        assert in_db == stored_prefix(database_url, group, topic, sent)  # the table is what the offsets say
+        assert in_db <= all_keys
+        hidden = len(in_db) - sum(int(e["inserted"]) for c in crashed for e in c.events("batch"))
         if point == "after_db_commit":
-            # the batch being committed is in the table, its offsets are not committed
-            assert len(in_db - prefix) >= 100
-        else:
-            # the DB transaction never committed: the table is exactly what the offsets say
-            assert in_db == prefix
+            assert hidden == 100 * len(crashed)  # each crash hid exactly one committed batch from the logs
+        elif point == "after_insert":
+            assert hidden == 0  # the transaction never committed
     final = Proc(env | {"BATCH_IDLE_MS": "1000"}, tmp_path, "--exit-when-idle", "5", name="final")
     procs.append(final)
     assert final.wait() == 0, final.text()[-4000:]
     reconcile(database_url, table, sent)
-    assert_fully_committed(kafka_bootstrap, group, sent, topic)
+    assert_fully_committed(kafka_bootstrap, group, sent, topic, database_url)
     totals = batch_totals(*crashed, final)
-    assert totals["updated"] == 0
-    if point == "after_db_commit":
-        # each crash hid one committed batch from the logs; its replay found the rows there already
-        assert totals["inserted"] < 2000 and totals["unchanged"] >= 100
-        assert totals["inserted"] + totals["unchanged"] >= 2000
-    else:
-        assert totals["inserted"] == 2000 and totals["unchanged"] == 0
+    # nothing written twice: no replay reached the table
+    assert totals["updated"] == 0 and totals["unchanged"] == 0
+    assert totals["inserted"] + hidden == 2000
+    assert not any(c.events("stale_batch") for c in (*crashed, final))
 
 
 @pytest.mark.slow
@@ -389,7 +407,7 @@ def test_postgres_restart_mid_run(kafka_bootstrap, postgres_factory, procs, tmp_
     assert all(float(w["retry_in"]) <= 1.0 for w in waits)  # capped at RETRY_MAX_BACKOFF_S
     assert all(int(w["batch_rows"]) > 0 for w in waits) and p.events("db_recovered")
     reconcile(pg.url, names["DB_TABLE"], sent)
-    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic)
+    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic, pg.url)
     assert batch_totals(p)["inserted"] == 2500
 
 
@@ -420,7 +438,7 @@ def test_sigterm_while_the_database_is_down_commits_nothing_and_the_batch_is_rep
     assert p2.wait() == 0, p2.text()[-4000:]
     assert batch_totals(p2)["inserted"] == 30
     reconcile(pg.url, table, sent)
-    assert_fully_committed(kafka_bootstrap, group, sent, topic)
+    assert_fully_committed(kafka_bootstrap, group, sent, topic, pg.url)
 
 
 @pytest.mark.slow
@@ -445,7 +463,7 @@ def test_broker_restart_mid_run(kafka_broker_factory, database_url, procs, tmp_p
     p.p.send_signal(signal.SIGTERM)
     assert p.wait() == 0, p.text()[-4000:]
     reconcile(database_url, table, sent)
-    assert_fully_committed(bootstrap, group, sent, topic)
+    assert_fully_committed(bootstrap, group, sent, topic, database_url)
 
 
 @pytest.mark.slow
@@ -465,7 +483,7 @@ def test_two_consumers_share_the_partitions_and_write_each_row_once(kafka_bootst
     assert a.wait() == 0 and b.wait() == 0, a.text()[-3000:] + b.text()[-3000:]
     assert batch_totals(a)["rows"] > 0 and batch_totals(b)["rows"] > 0
     reconcile(database_url, names["DB_TABLE"], sent)
-    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic)
+    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic, database_url)
     assert batch_totals(a, b)["inserted"] == 4000
 
 
@@ -510,19 +528,21 @@ def test_a_member_joining_while_a_partial_batch_is_in_memory(kafka_bootstrap, da
         p.p.send_signal(signal.SIGTERM)
     assert a.wait() == 0 and b.wait() == 0
     reconcile(database_url, table, sent)
-    assert_fully_committed(kafka_bootstrap, group, sent, topic)
+    assert_fully_committed(kafka_bootstrap, group, sent, topic, database_url)
     assert batch_totals(a, b)["inserted"] == 60
 
 
 @pytest.mark.slow
 def test_a_consumer_killed_mid_run_is_replaced_by_the_other_member(kafka_bootstrap, database_url, procs, tmp_path):
     """A member dies without a word (SIGKILL, as an OOM kill would): after its session times out the
-    group gives its partitions to the survivor, which replays the dead member's uncommitted batch."""
+    group gives its partitions to the survivor, which starts where the database says: right after the
+    dead member's last batch, committed with its offsets just before the kill."""
     names = new_names("surv")
     topic, table, group = names["KAFKA_TOPIC"], names["DB_TABLE"], names["CONSUMER_GROUP"]
     create_topic(kafka_bootstrap, topic, 6)
     env = consumer_env(kafka_bootstrap, database_url, names)
-    # the victim dies inside its 3rd batch, after its DB commit: rows in the table, offsets not committed
+    # the victim dies inside its 3rd batch, right after its DB commit: rows and offsets in the table, the
+    # group's Kafka offsets not committed yet
     victim = Proc({**env, "DPE_TEST_CRASH_AT": "after_db_commit", "DPE_TEST_CRASH_AFTER_BATCHES": 2}, tmp_path,
                   name="victim")
     survivor = Proc(env, tmp_path, name="survivor")
@@ -538,7 +558,10 @@ def test_a_consumer_killed_mid_run_is_replaced_by_the_other_member(kafka_bootstr
     survivor.p.send_signal(signal.SIGTERM)
     assert survivor.wait() == 0
     reconcile(database_url, table, sent)
-    assert batch_totals(survivor)["unchanged"] >= 1  # the replay of the victim's last batch changed nothing
+    # the victim's last batch was committed with its offsets: the survivor started after it, wrote nothing twice
+    both = batch_totals(victim, survivor)
+    assert both["unchanged"] == 0 and both["updated"] == 0
+    assert 0 < 6000 - both["inserted"] <= 100  # the rows of the victim's last batch, never logged
 
 
 @pytest.mark.slow
@@ -600,7 +623,7 @@ def test_database_down_at_start_is_waited_for(kafka_bootstrap, postgres_factory,
     pg.start()
     assert p.wait() == 0, p.text()[-4000:]
     reconcile(url, names["DB_TABLE"], sent)
-    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, names["KAFKA_TOPIC"])
+    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, names["KAFKA_TOPIC"], url)
 
 
 POISON_REASONS = ["not JSON", "not valid UTF-8", "missing numero_dpe", "empty numero_dpe", "is not a date",
@@ -645,7 +668,7 @@ def test_poison_messages_go_to_the_dlq_and_do_not_block_their_partition(kafka_bo
     procs.append(p)
     assert p.wait() == 0, p.text()[-4000:]
     reconcile(database_url, names["DB_TABLE"], good)
-    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic)
+    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic, database_url)
     letters = read_topic(kafka_bootstrap, names["KAFKA_DLQ_TOPIC"], timeout_s=SLOW)
     docs = sorted((deadletter.parse(r.value) for r in letters), key=lambda d: d["source"]["offset"])
     assert [(d["source"]["topic"], d["source"]["partition"], d["source"]["offset"]) for d in docs] == \
@@ -681,7 +704,7 @@ def test_dead_letters_resent_by_a_replay_keep_their_id_and_are_counted_once(kafk
     procs.append(final)
     assert final.wait() == 0, final.text()[-4000:]
     reconcile(database_url, names["DB_TABLE"], good)
-    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic)
+    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic, database_url)
 
     letters = read_topic(kafka_bootstrap, names["KAFKA_DLQ_TOPIC"], timeout_s=SLOW)
     ids = [deadletter.parse(r.value)["id"] for r in letters]
@@ -716,7 +739,7 @@ def test_sigterm_writes_the_partial_batch_commits_and_exits_0(kafka_bootstrap, d
     assert [int(b["rows"]) for b in p.events("batch")] == [37]
     assert p.events("stop")[0]["reason"] == "signal"
     reconcile(database_url, names["DB_TABLE"], sent)
-    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic)
+    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic, database_url)
 
 
 def test_a_partial_batch_is_written_after_batch_idle_ms(kafka_bootstrap, database_url, procs, tmp_path):
@@ -730,7 +753,7 @@ def test_a_partial_batch_is_written_after_batch_idle_ms(kafka_bootstrap, databas
     p.wait_for(lambda: sum(int(b["rows"]) for b in p.events("batch")) == 23, "the partial batch")
     assert all(int(b["rows"]) < 100 for b in p.events("batch"))  # written partial, by the idle timer
     reconcile(database_url, names["DB_TABLE"], sent)
-    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic)
+    assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic, database_url)
     assert p.p.poll() is None  # still running: it was the idle timer, not an exit
     p.p.send_signal(signal.SIGTERM)
     assert p.wait() == 0

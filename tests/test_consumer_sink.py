@@ -9,7 +9,7 @@ import uuid
 import psycopg2
 import pytest
 
-from dpe_ingest.sink import Row, Sink
+from dpe_ingest.sink import OffsetClaim, Row, Sink, Stale
 
 pytestmark = pytest.mark.postgres
 
@@ -66,9 +66,8 @@ def test_migration_is_idempotent_and_safe_when_consumers_start_together(database
     assert pk == [("numero_dpe",)]
 
 
-@pytest.mark.parametrize("method", ["copy", "values"])
-def test_upsert_counts_inserted_updated_unchanged_and_last_version_wins(database_url, table, method):
-    s = Sink(database_url, table, method=method)
+def test_upsert_counts_inserted_updated_unchanged_and_last_version_wins(database_url, table):
+    s = Sink(database_url, table)
     s.migrate()
     res = s.write([R(i, offset=i) for i in range(100)])
     assert (res.inserted, res.updated, res.unchanged) == (100, 0, 0)
@@ -88,11 +87,10 @@ def test_upsert_counts_inserted_updated_unchanged_and_last_version_wins(database
     s.close()
 
 
-@pytest.mark.parametrize("method", ["copy", "values"])
-def test_write_after_the_connection_broke_reconnects(database_url, table, method):
+def test_write_after_the_connection_broke_reconnects(database_url, table):
     from dpe_ingest.sink import DatabaseUnavailable
 
-    s = Sink(database_url, table, method=method)
+    s = Sink(database_url, table)
     s.migrate()
     s.write([R(1)])
     pid = s.conn.get_backend_pid()
@@ -106,9 +104,8 @@ def test_write_after_the_connection_broke_reconnects(database_url, table, method
     s.close()
 
 
-@pytest.mark.parametrize("method", ["copy", "values"])
-def test_a_row_the_database_refuses_is_isolated_and_the_rest_is_written(database_url, table, method):
-    s = Sink(database_url, table, method=method)
+def test_a_row_the_database_refuses_is_isolated_and_the_rest_is_written(database_url, table):
+    s = Sink(database_url, table)
     s.migrate()
     with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
         cur.execute(f'ALTER TABLE "{table}" ADD CONSTRAINT no_x CHECK (etiquette_dpe <> \'X\')')
@@ -120,41 +117,118 @@ def test_a_row_the_database_refuses_is_isolated_and_the_rest_is_written(database
     s.close()
 
 
-def test_both_strategies_store_exactly_the_same_rows(database_url, table):
-    odd = {"n": 1, "s": "tab\tnewline\ncr\rbackslash\\ \\N quote' \" é 😀", "nested": [1, {"a": None}]}
+def test_awkward_values_are_stored_exactly(database_url, table):
+    odd = {"n": 1, "s": "tab\tnewline\ncr\rbackslash\\ \\N quote' \" é 😀", "nested": [1, {"a": None}],
+           "big": 123456789012345678901234567890, "f": 1e20}
     rows = [R(i, offset=i, extra=odd if i % 2 else {"n": i}) for i in range(50)]
     rows.append(Row("\\N", None, None, None, None, {}, 1, 99))  # a key spelled like COPY's NULL
-    got = []
-    for method in ("copy", "values"):
-        name = f"{table}_{method}"
-        s = Sink(database_url, name, method=method)
-        s.migrate()
-        s.write(rows)
-        got.append(rows_of(database_url, name))
-        s.close()
-        with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
-            cur.execute(f'DROP TABLE "{name}"')
-    assert got[0] == got[1] and len(got[0]) == 51
-    assert {r[0]: r for r in got[0]}["DPE00001"][5] == odd
+    s = Sink(database_url, table)
+    s.migrate()
+    s.write(rows)
+    s.close()
+    got = {r[0]: r for r in rows_of(database_url, table)}
+    assert len(got) == 51 and got["DPE00001"][5] == odd and got["\\N"][1:6] == (None, None, None, None, {})
+    assert got["DPE00002"] == ("DPE00002", dt.date(2023, 1, 3), "69002", "C", "69", {"n": 2}, 0, 2)
 
 
-@pytest.mark.parametrize("method", ["values", "copy"])
-def test_batch_write_speed_is_reported(database_url, table, method, capsys):
-    """Not a timing assertion: prints rows/s of 100-row batches for both strategies (docs/consumer.md)."""
+def test_batch_write_speed_is_reported(database_url, table, capsys):
+    """Not a timing assertion: prints rows/s of 100-row batches with their offsets (docs/consumer.md)."""
     import time
 
-    s = Sink(database_url, table, method=method)
+    s = Sink(database_url, table)
     s.migrate()
     rows = [R(i, offset=i, extra={"n": i, "s": "tab\tnewline\nbackslash\\ é"}) for i in range(3000)]
     t = time.perf_counter()
     for i in range(0, len(rows), 100):
-        s.write(rows[i:i + 100])
+        s.write(rows[i:i + 100], OffsetClaim(f"g-{table}", "speed", {0: (i, i + 100)}))
     took = time.perf_counter() - t
     got = rows_of(database_url, table)
     assert len(got) == 3000 and got[1][5] == {"n": 1, "s": "tab\tnewline\nbackslash\\ é"}
     with capsys.disabled():
-        print(f"\n[bench] sink method={method}: {len(rows) / took:.0f} rows/s in 100-row batches "
+        print(f"\n[bench] sink: {len(rows) / took:.0f} rows/s in 100-row batches with their offsets "
               f"({took / 30 * 1000:.1f} ms per batch)")
+    s.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# offsets in step with the rows
+# ---------------------------------------------------------------------------------------------
+def test_a_batch_moves_its_offsets_with_its_rows_and_a_replay_writes_nothing(database_url, table):
+    s = Sink(database_url, table)
+    s.migrate()
+    group, topic = f"g-{table}", f"t-{table}"
+    first = OffsetClaim(group, topic, {0: (0, 3), 1: (5, 6)})
+    res = s.write([R(1, offset=0), R(2, offset=2), Row("DPE00009", None, None, None, "69", {}, 1, 5)], first)
+    assert res.inserted == 3 and s.stored_offsets(group, topic) == {0: 3, 1: 6}
+    # the same batch again (a replay after a crash between the commit and anything else): refused
+    with pytest.raises(Stale) as err:
+        s.write([R(1, "Z", offset=0)], first)
+    assert err.value.stored == {0: 3, 1: 6}
+    assert [r[3] for r in rows_of(database_url, table)] == ["C", "C", None]
+    # the next batch of partition 0 goes on; partition 1 is untouched
+    res = s.write([R(1, "Z", offset=3)], OffsetClaim(group, topic, {0: (3, 4)}))
+    assert res.updated == 1 and s.stored_offsets(group, topic) == {0: 4, 1: 6}
+    # one stale partition refuses the whole batch, rows of the other partition included
+    with pytest.raises(Stale) as err:
+        s.write([R(7, offset=4), Row("DPE00008", None, None, None, "69", {}, 1, 5)],
+                OffsetClaim(group, topic, {0: (4, 5), 1: (5, 6)}))
+    assert err.value.stored == {1: 6}
+    assert "DPE00007" not in {r[0] for r in rows_of(database_url, table)}
+    assert s.stored_offsets(group, topic) == {0: 4, 1: 6}
+    # another group, another topic: positions of their own
+    s.write([], OffsetClaim("other", topic, {0: (0, 10)}))
+    assert s.stored_offsets("other", topic) == {0: 10} and s.stored_offsets(group, topic) == {0: 4, 1: 6}
+    s.close()
+
+
+def test_a_batch_of_dead_letters_only_moves_the_offsets(database_url, table):
+    s = Sink(database_url, table)
+    s.migrate()
+    res = s.write([], OffsetClaim("g", table, {2: (40, 50)}))
+    assert res.rows == 0 and s.stored_offsets("g", table) == {2: 50}
+    with pytest.raises(Stale):
+        s.write([], OffsetClaim("g", table, {2: (40, 50)}))
+    s.close()
+
+
+def test_two_members_writing_the_same_batch_at_once_store_it_once(database_url, table):
+    """A rebalance can leave two members with the same messages: the offset row lock lets one win."""
+    Sink(database_url, table).migrate()
+    group = f"g-{table}"
+    rows = [R(i, offset=i) for i in range(100)]
+    outcome = []
+    barrier = threading.Barrier(4)
+
+    def member():
+        s = Sink(database_url, table)
+        s._ensure()
+        barrier.wait()
+        try:
+            outcome.append(s.write(rows, OffsetClaim(group, "t", {0: (0, 100)})).inserted)
+        except Stale as exc:
+            outcome.append(exc.stored)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=member) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(outcome, key=str) == sorted([100] + [{0: 100}] * 3, key=str)
+    assert len(rows_of(database_url, table)) == 100
+
+
+def test_a_refused_row_is_isolated_and_the_offsets_still_move(database_url, table):
+    s = Sink(database_url, table)
+    s.migrate()
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute(f'ALTER TABLE "{table}" ADD CONSTRAINT no_x CHECK (etiquette_dpe <> \'X\')')
+    res = s.write([R(1, offset=0), R(2, "X", offset=1)], OffsetClaim("g", table, {0: (0, 2)}))
+    assert [r.numero_dpe for r, _ in res.refused] == ["DPE00002"] and res.inserted == 1
+    assert s.stored_offsets("g", table) == {0: 2}
+    with pytest.raises(Stale):  # the refused row is not retried by a replay either
+        s.write([R(1, offset=0), R(2, "X", offset=1)], OffsetClaim("g", table, {0: (0, 2)}))
     s.close()
 
 

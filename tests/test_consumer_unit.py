@@ -88,16 +88,18 @@ def test_dedupe_keeps_the_last_version_of_each_numero():
     assert [(r.numero_dpe, r.code_postal_ban, r.offset) for r in out] == [("B", "1", 2), ("A", "2", 3)]
 
 
-def test_batch_tracks_offsets_per_partition_and_drops_revoked_partitions():
+def test_batch_claims_from_where_reading_began_to_after_its_last_message():
     b = consumer.Batch()
     p0, p1 = TopicPartition("t", 0), TopicPartition("t", 1)
-    b.add_row(p0, Row("A", None, None, None, None, {}, 0, 10))
-    b.add_row(p0, Row("B", None, None, None, None, {}, 0, 11))
-    b.add_dead(p1, 7, (None, b"{}", []))
-    b.add_row(p1, Row("C", None, None, None, None, {}, 1, 8))
-    assert b.count == 4 and b.offsets() == {p0: 12, p1: 9}
-    assert b.drop({p1}) == {p1: (2, 7)}  # 2 messages dropped, the first at offset 7
-    assert b.count == 2 and b.offsets() == {p0: 12} and b.n_dead() == 0 and len(b.all_rows()) == 2
+    b.add_row(p0, Row("A", None, None, None, None, {}, 0, 10), start=10)
+    b.add_row(p0, Row("B", None, None, None, None, {}, 0, 11), start=11)
+    # a gap (a removed record) inside the partition: the claim starts where reading began, not at 7
+    b.add_dead(p1, 7, (None, b"{}", []), start=5)
+    b.add_row(p1, Row("C", None, None, None, None, {}, 1, 8), start=8)
+    assert b.count == 4 and b.claim("g", "t").ranges == {0: (10, 12), 1: (5, 9)}
+    assert b.drop({p1}) == 2
+    assert b.count == 2 and b.claim("g", "t").ranges == {0: (10, 12)} and b.n_dead() == 0
+    assert len(b.all_rows()) == 2
 
 
 def test_crash_hook_settings_are_checked():

@@ -1,17 +1,23 @@
-"""``dpe-ingest consume``: the Kafka topic into the PostgreSQL table, in batches, exactly once in effect.
+"""``dpe-ingest consume``: the Kafka topic into the PostgreSQL table, in batches, exactly once.
 
-The protocol, for every batch (see docs/consumer.md for the reasoning):
+The protocol (see docs/consumer.md for the reasoning):
 
-1. poll messages (raw bytes) until BATCH_SIZE are in memory or BATCH_IDLE_MS passed without a new one;
-   each message is validated: a bad one becomes a dead letter of the batch, never a crash;
-2. write the batch's rows in ONE database transaction (idempotent upsert); while the database is
-   down, retry the same batch with capped exponential backoff, never skipping it;
-3. after the DB commit, send the batch's dead letters to the DLQ topic and wait for acks=all;
-4. THEN commit the Kafka offsets of exactly the messages of the batch (last offset + 1 per partition).
+1. on assignment, each partition is positioned where the DATABASE says (``dpe_ingest_offsets``, the
+   next offset per group/topic/partition; the group's Kafka offset for a partition the database
+   does not know yet, then the beginning of the partition);
+2. messages (raw bytes) are polled into a batch until BATCH_SIZE are in memory or BATCH_IDLE_MS passed
+   without a new one; each is validated: a bad one becomes a dead letter of the batch, never a crash;
+3. the batch goes to the writer thread, which writes its rows AND moves its partitions' offsets in ONE
+   database transaction, only if the stored offsets are still where the batch started (else nothing is
+   written: the batch was written already, before a crash or by another member); its dead letters are
+   sent (acks=all) before that transaction commits; while the database is down it retries the same
+   batch with capped exponential backoff, never skipping it;
+4. meanwhile the main thread fetches and decodes the next batch (never more than one batch in flight);
+5. the Kafka group offsets are committed asynchronously from the stored ones: advisory, for lag and
+   Kafdrop, never read back by the consumer itself.
 
-A crash anywhere replays at most the uncommitted batch, and replaying it is harmless (the upsert
-leaves an identical row untouched), so every numero_dpe ends up in the table exactly once with the
-content of its last message.
+A crash anywhere leaves the table and its offsets in step, so no batch is replayed into the table: each
+message is written once (the idempotent upsert stays as a second line of defence).
 """
 
 from __future__ import annotations
@@ -29,19 +35,24 @@ from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from . import deadletter, kafka_io, logs, metrics
+from . import deadletter, logs, metrics
 from . import kafka_consumer as kc
 from .config import ConfigError, ConsumerConfig, metrics_port
-from .sink import DatabaseUnavailable, Invalid, Row, Sink, WriteResult, parse_message
+from .sink import DatabaseUnavailable, Invalid, OffsetClaim, Row, Sink, Stale, WriteResult, parse_message
+from .writer_thread import WriterThread
 
 log = logging.getLogger("dpe_ingest.consumer")
 
-CRASH_POINTS = ("after_poll", "after_insert", "after_db_commit", "after_dlq_send")
+CRASH_POINTS = ("after_poll", "after_insert", "after_dlq_send", "after_db_commit")
 PROGRESS_EVERY_S = 10.0
+#: the Kafka group offsets (advisory) are committed at most this often, and at exit
+KAFKA_COMMIT_EVERY_S = 1.0
+
+Letter = tuple[bytes | None, bytes, list]
 
 
 class Abandon(Exception):
-    """Shutting down and the grace period is over: leave the batch uncommitted (it will be replayed)."""
+    """Shutting down and the grace period is over: leave the batch unwritten (it will be read again)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,51 +61,62 @@ class Abandon(Exception):
 @dataclass
 class Batch:
     rows: dict[TopicPartition, list[Row]] = field(default_factory=dict)
-    dead: dict[TopicPartition, list[tuple[bytes | None, bytes, list]]] = field(default_factory=dict)
-    last: dict[TopicPartition, int] = field(default_factory=dict)
-    first: dict[TopicPartition, int] = field(default_factory=dict)
+    dead: dict[TopicPartition, list[Letter]] = field(default_factory=dict)
+    #: per partition: the offset reading this batch began from (the previous batch's end, or where the
+    #: partition was positioned) and the offset after its last message
+    start: dict[TopicPartition, int] = field(default_factory=dict)
+    next: dict[TopicPartition, int] = field(default_factory=dict)
     count: int = 0
     first_at: float = 0.0
 
-    def _seen(self, tp: TopicPartition, offset: int) -> None:
+    def _seen(self, tp: TopicPartition, offset: int, start: int) -> None:
         if self.count == 0:
             self.first_at = time.monotonic()
         self.count += 1
-        self.last[tp] = max(offset, self.last.get(tp, -1))
-        self.first[tp] = min(offset, self.first.get(tp, offset))
+        self.start.setdefault(tp, start)
+        self.next[tp] = max(offset + 1, self.next.get(tp, 0))
 
-    def add_row(self, tp: TopicPartition, row: Row) -> None:
-        self._seen(tp, row.offset)
+    def add_row(self, tp: TopicPartition, row: Row, start: int) -> None:
+        self._seen(tp, row.offset, start)
         self.rows.setdefault(tp, []).append(row)
 
-    def add_dead(self, tp: TopicPartition, offset: int, letter: tuple[bytes | None, bytes, list]) -> None:
-        self._seen(tp, offset)
+    def add_dead(self, tp: TopicPartition, offset: int, letter: Letter, start: int) -> None:
+        self._seen(tp, offset, start)
         self.dead.setdefault(tp, []).append(letter)
 
-    def drop(self, tps) -> dict[TopicPartition, tuple[int, int]]:
-        """Forget the messages of partitions we no longer own.
-        Returns {partition: (messages dropped, first offset dropped)}."""
-        out = {}
+    def drop(self, tps) -> int:
+        """Forget the messages of these partitions; returns how many."""
+        n = 0
         for tp in list(tps):
-            n = len(self.rows.pop(tp, [])) + len(self.dead.pop(tp, []))
-            self.last.pop(tp, None)
-            first = self.first.pop(tp, None)
-            if n:
-                out[tp] = (n, first)
-            self.count -= n
-        return out
+            n += len(self.rows.pop(tp, [])) + len(self.dead.pop(tp, []))
+            self.start.pop(tp, None)
+            self.next.pop(tp, None)
+        self.count -= n
+        return n
+
+    def claim(self, group: str, topic: str) -> OffsetClaim:
+        return OffsetClaim(group, topic, {tp.partition: (self.start[tp], self.next[tp]) for tp in self.start})
 
     def all_rows(self) -> list[Row]:
         return [r for rows in self.rows.values() for r in rows]
 
-    def all_dead(self) -> list[tuple[bytes | None, bytes, list]]:
+    def all_dead(self) -> list[Letter]:
         return [d for ds in self.dead.values() for d in ds]
 
     def n_dead(self) -> int:
         return sum(len(d) for d in self.dead.values())
 
-    def offsets(self) -> dict[TopicPartition, int]:
-        return {tp: off + 1 for tp, off in self.last.items()}
+
+@dataclass
+class Written:
+    """What the writer thread did with one batch."""
+
+    batch: Batch
+    result: WriteResult
+    dead_letters: int = 0
+    #: partitions whose stored offset was not where the batch started: {partition: stored next offset}
+    stale: dict[int, int | None] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 @dataclass
@@ -105,6 +127,7 @@ class Totals:
     updated: int = 0
     unchanged: int = 0
     dead_letters: int = 0
+    stale_batches: int = 0
     started: float = field(default_factory=time.monotonic)
 
     def add(self, res: WriteResult, dead: int) -> None:
@@ -120,8 +143,9 @@ class Totals:
 # the test-only crash hook
 # ---------------------------------------------------------------------------------------------
 class CrashHook:
-    """``DPE_TEST_CRASH_AT=after_poll|after_insert|after_db_commit|after_dlq_send`` with ``DPE_TEST_CRASH_AFTER_BATCHES=N``:
-    once N batches are fully done, SIGKILL ourselves at that point of the next batch.  TESTS ONLY."""
+    """``DPE_TEST_CRASH_AT=after_poll|after_insert|after_dlq_send|after_db_commit`` with
+    ``DPE_TEST_CRASH_AFTER_BATCHES=N``: once N batches are fully written, SIGKILL ourselves at that
+    point of the next batch.  TESTS ONLY."""
 
     def __init__(self, env) -> None:
         self.point = (env.get("DPE_TEST_CRASH_AT") or "").strip() or None
@@ -153,23 +177,24 @@ class Consumer:
         self.exit_when_idle_s = exit_when_idle_s
         self.shutdown_timeout_s = shutdown_timeout_s
         self.crash = crash or CrashHook({})
-        self.sink = sink or Sink(cfg.database_url, cfg.table)
+        self.sink = sink or Sink(cfg.database_url, cfg.table)  # the writer thread's connection
+        self.reader: Sink | None = None  # the main thread's connection (stored offsets)
         self.consumer = None
         self.producer = None
+        self.writer: WriterThread | None = None
         self.batch = Batch()
-        self.uncommitted: dict[TopicPartition, int] = {}  # written to the DB, offsets not committed yet
-        self.next_offset: dict[TopicPartition, int] = {}  # for the lag figure
-        self.carry: list = []  # (tp, message) polled while a batch was being written: for the next batch
-        # partitions revoked with unwritten messages: where to seek if the group gives them back to us
-        self.rewind: dict[TopicPartition, int] = {}
-        # partitions revoked with written but uncommitted offsets: to commit if they come back to us
-        self.revoked_uncommitted: dict[TopicPartition, int] = {}
+        self.written = 0  # batches written and collected (the crash hook counts these)
+        # where the next message of each positioned partition is read from; a partition assigned but
+        # not positioned from the database yet is in ``unsynced`` (its messages are not used)
+        self.read_pos: dict[TopicPartition, int] = {}
+        self.unsynced: set[TopicPartition] = set()
+        self.to_commit: dict[TopicPartition, int] = {}  # stored offsets of the assigned partitions, for Kafka
+        self.last_kafka_commit = 0.0
+        self.kafka_commit_due = False
         self.totals = Totals()
         self.metrics = metrics.ConsumerMetrics()  # served on /metrics by main() when METRICS_PORT is set
-        self.writing = False
         self.stop_at: float | None = None  # monotonic deadline once a stop signal arrived
         self.last_message_at = time.monotonic()
-        self.last_batch_at = time.monotonic()
         self.last_progress_at = time.monotonic()
         self.need_migrate = True
         self.joined = False  # the group assigned us partitions (possibly none) at least once
@@ -179,80 +204,72 @@ class Consumer:
     def stopping(self) -> bool:
         return self.stop_at is not None
 
+    @property
+    def in_flight(self) -> bool:
+        return self.writer is not None and self.writer.busy
+
     def request_stop(self, signum=None, _frame=None) -> None:
         name = signal.Signals(signum).name if signum else "stop"
         if self.stop_at is None:
             self.stop_at = time.monotonic() + self.shutdown_timeout_s
-            logs.event(log, "stopping", f"{name}: writing the current batch, committing, then exiting",
+            logs.event(log, "stopping", f"{name}: writing the current batch, then exiting",
                        signal=name, batch_rows=self.batch.count, grace_s=self.shutdown_timeout_s)
         else:
             self.stop_at = time.monotonic()  # a second signal: give up the wait now
             logs.event(log, "stopping", f"second {name}: exiting without waiting", logging.WARNING, signal=name)
 
-    def _check_deadline(self) -> None:
-        """Raise :class:`Abandon` once stopping and either the grace period is over or there is nothing
-        in flight to save (e.g. a signal while still waiting for the database at start)."""
+    def _check_deadline(self, *, idle_exits: bool = True) -> None:
+        """Raise :class:`Abandon` once stopping and either the grace period is over or (``idle_exits``)
+        there is nothing in flight to save (e.g. a signal while still waiting for the database at start)."""
         if self.stop_at is None:
             return
-        idle = not self.writing and self.batch.count == 0 and not self.uncommitted
+        idle = idle_exits and not self.in_flight and self.batch.count == 0
         if idle or time.monotonic() >= self.stop_at:
             raise Abandon()
 
-    # -- rebalance listener (runs on kafka-python's IO thread while our poll() waits) ------------
+    def _sleep(self, seconds: float) -> None:
+        """The writer thread's wait between attempts: cut short by the end of the grace period."""
+        end = time.monotonic() + seconds
+        while True:
+            self._check_deadline(idle_exits=False)
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.2))
+
+    # -- rebalance listener (kafka-python calls it while our poll() waits) ---------------------------
     def on_partitions_revoked(self, revoked) -> None:
         revoked = set(revoked)
-        gone = self.batch.drop(revoked)
-        rewind = {tp: first for tp, (_n, first) in gone.items()}
-        dropped = sum(n for n, _first in gone.values())
-        kept = []
-        for tp, m in self.carry:
-            if tp in revoked:
-                rewind[tp] = min(m.offset, rewind.get(tp, m.offset))
-                dropped += 1
-            else:
-                kept.append((tp, m))
-        self.carry = kept
-        # kafka-python keeps the fetch position of a partition that is assigned to us again: it must
-        # then go back to the first message we dropped, or those messages would be skipped
-        for tp, offset in rewind.items():
-            self.rewind[tp] = min(offset, self.rewind.get(tp, offset))
-        lost_commits = [tp for tp in revoked if tp in self.uncommitted]
-        for tp in lost_commits:
-            self.revoked_uncommitted[tp] = max(self.uncommitted.pop(tp), self.revoked_uncommitted.get(tp, 0))
+        dropped = self.batch.drop(revoked)
         for tp in revoked:
-            self.next_offset.pop(tp, None)
+            self.read_pos.pop(tp, None)
+            self.to_commit.pop(tp, None)
+        self.unsynced -= revoked
+        # a batch of these partitions being written goes on: the database's offsets decide, for it and
+        # for the next owner's first batch, which one is written
         if revoked:
             logs.event(log, "partitions_revoked",
-                       f"partitions revoked: {_tps(revoked)}; {dropped} uncommitted message(s) left to the next owner",
-                       partitions=_tps(revoked), dropped=dropped, uncommitted_dropped=len(lost_commits))
+                       f"partitions revoked: {_tps(revoked)}; {dropped} unwritten message(s) left to the next owner",
+                       partitions=_tps(revoked), dropped=dropped, writing=self.in_flight)
 
     def on_partitions_lost(self, lost) -> None:
-        """We were evicted from the group: kafka-python forgets the positions (they will come from the
-        committed offsets, which another member may have moved on), so nothing to seek or re-commit."""
         self.on_partitions_revoked(lost)
-        for tp in lost:
-            self.rewind.pop(tp, None)
-            self.revoked_uncommitted.pop(tp, None)
 
     def on_partitions_assigned(self, assigned) -> None:
         assigned = set(assigned)
         self.joined = True
-        for tp, offset in self.rewind.items():
-            if tp in assigned:
-                self.consumer.seek(tp, offset)  # re-read what we dropped at the revocation
-        for tp, offset in self.revoked_uncommitted.items():
-            if tp in assigned:  # ours again, and these rows are in the table: commit them
-                self.uncommitted[tp] = max(offset, self.uncommitted.get(tp, 0))
-        self.rewind, self.revoked_uncommitted = {}, {}
+        # positioned from the database by the main loop (_sync) before any of their messages is used
+        self.unsynced |= assigned
+        if assigned and self.consumer is not None:
+            self.consumer.pause(*assigned)
         self.last_message_at = time.monotonic()  # --exit-when-idle: give new partitions a full idle period
-        if self.writing and assigned and self.consumer is not None:
-            self.consumer.pause(*assigned)  # no new data while the current batch is being written
         logs.event(log, "partitions_assigned", f"partitions assigned: {_tps(assigned) or 'none'}",
                    partitions=_tps(assigned))
 
-    # -- waiting while something is down ------------------------------------------------------
+    # -- waiting while something is down or busy --------------------------------------------
     def _keepalive(self, seconds: float) -> None:
-        """Wait ``seconds`` while staying a live member of the group: poll with every partition paused."""
+        """Wait ``seconds`` while staying a live member of the group: poll with every partition paused
+        (rebalance callbacks run; the messages of a paused partition are not returned)."""
         end = time.monotonic() + seconds
         while True:
             self._check_deadline()
@@ -262,56 +279,75 @@ class Consumer:
             if self.consumer is None:
                 time.sleep(min(left, 0.5))
                 continue
-            assigned = self.consumer.assignment()
-            if assigned:
-                self.consumer.pause(*assigned)
-            try:
-                records = self.consumer.poll(timeout_ms=int(min(left, 1.0) * 1000) or 1, max_records=1)
-            except KafkaError as exc:
-                logs.event(log, "kafka_error", f"poll while waiting: {exc}", logging.WARNING, error=_short(exc))
-                time.sleep(min(left, 0.5))
-                continue
-            for tp, msgs in records.items():  # should not happen (all paused); never lose them
-                for m in msgs:
-                    if self.writing:
-                        self.carry.append((tp, m))  # not into the batch being written: into the next one
-                    else:
-                        self._add(tp, m)
+            self._poll_paused(min(left, 1.0))
+
+    def _poll_paused(self, seconds: float) -> None:
+        assigned = self.consumer.assignment()
+        if assigned:
+            self.consumer.pause(*assigned)
+        try:
+            records = self.consumer.poll(timeout_ms=int(seconds * 1000) or 1, max_records=1)
+        except KafkaError as exc:
+            logs.event(log, "kafka_error", f"poll while waiting: {exc}", logging.WARNING, error=_short(exc))
+            time.sleep(min(seconds, 0.5))
+            return
+        for tp, msgs in records.items():  # paused: should not happen; never use them out of place
+            self._rewind(tp, msgs[0].offset)
+
+    def _rewind(self, tp: TopicPartition, offset: int) -> None:
+        """Messages from ``offset`` on were fetched but not put in a batch: read them again."""
+        if tp in self.read_pos and self.read_pos[tp] >= offset:
+            self._seek(tp, self.read_pos[tp])
+
+    def _seek(self, tp: TopicPartition, offset: int) -> bool:
+        try:
+            self.consumer.seek(tp, offset)
+            return True
+        except Exception as exc:  # noqa: BLE001 - no longer assigned (a rebalance meanwhile)
+            logs.event(log, "seek_skipped", f"not positioning {_tps([tp])}: {_short(exc)}", logging.DEBUG)
+            return False
 
     def _backoff(self, attempt: int) -> float:
         return min(self.cfg.retry_max_backoff_s, 0.5 * (2 ** min(attempt, 20)))
 
-    # -- database ------------------------------------------------------------------------------
-    def _db_call(self, fn: Callable, what: str):
+    # -- database (main thread: migration, stored offsets) ---------------------------------
+    def _db_call(self, fn: Callable, what: str, sink: Sink | None = None, on_writer: bool = False,
+                 batch_rows: int | None = None):
+        """``fn()``, retried while the database is unavailable.  Between attempts the main thread keeps
+        the group alive (:meth:`_keepalive`); the writer thread (``on_writer``) sleeps."""
         import psycopg2
 
+        sink = sink or self.sink
+        wait = self._sleep if on_writer else self._keepalive
+        if batch_rows is None:
+            batch_rows = self.batch.count
         attempt = 0
         while True:
-            self._check_deadline()
+            self._check_deadline(idle_exits=not on_writer)
             try:
                 if self.need_migrate:
-                    self.sink.migrate()
+                    sink.migrate()
                     self.need_migrate = False
                 result = fn()
-                if attempt and self.sink.conn is not None:  # (a write with nothing left to write connects not)
+                if attempt:
                     logs.event(log, "db_recovered", f"database back after {attempt} failed attempt(s)",
                                what=what, attempts=attempt)
                 return result
             except DatabaseUnavailable as exc:
-                wait = self._backoff(attempt)
+                pause = self._backoff(attempt)
                 logs.event(log, "db_unavailable",
-                           f"database unavailable during {what}: {exc}; retrying in {wait:.1f}s (batch kept)",
-                           logging.WARNING, what=what, attempt=attempt + 1, retry_in=round(wait, 1),
-                           error=_short(exc), batch_rows=self.batch.count)
+                           f"database unavailable during {what}: {exc}; retrying in {pause:.1f}s (batch kept)",
+                           logging.WARNING, what=what, attempt=attempt + 1, retry_in=round(pause, 1),
+                           error=_short(exc), batch_rows=batch_rows)
             except psycopg2.Error as exc:
                 # not a connection problem (table dropped, permissions, …): migrate again and retry
-                wait = self._backoff(attempt)
+                pause = self._backoff(attempt)
                 self.need_migrate = True
-                logs.event(log, "db_error", f"database error during {what}: {_short(exc)}; retrying in {wait:.1f}s",
-                           logging.ERROR, what=what, attempt=attempt + 1, retry_in=round(wait, 1),
-                           error=_short(exc), batch_rows=self.batch.count)
+                logs.event(log, "db_error", f"database error during {what}: {_short(exc)}; retrying in {pause:.1f}s",
+                           logging.ERROR, what=what, attempt=attempt + 1, retry_in=round(pause, 1),
+                           error=_short(exc), batch_rows=batch_rows)
             attempt += 1
-            self._keepalive(wait)
+            wait(pause)
 
     # -- kafka setup ---------------------------------------------------------------------------
     def _kafka_call(self, fn: Callable, what: str):
@@ -325,12 +361,12 @@ class Consumer:
                                what=what, attempts=attempt)
                 return result
             except (KafkaError, OSError) as exc:
-                wait = self._backoff(attempt)
+                pause = self._backoff(attempt)
                 logs.event(log, "kafka_unavailable", f"Kafka unavailable during {what}: {_short(exc)}; "
-                           f"retrying in {wait:.1f}s", logging.WARNING, what=what, attempt=attempt + 1,
-                           retry_in=round(wait, 1), error=_short(exc))
+                           f"retrying in {pause:.1f}s", logging.WARNING, what=what, attempt=attempt + 1,
+                           retry_in=round(pause, 1), error=_short(exc))
             attempt += 1
-            self._keepalive(wait)
+            self._keepalive(pause)
 
     def _connect_kafka(self) -> None:
         k = self.cfg.kafka
@@ -346,9 +382,53 @@ class Consumer:
             self.producer = kc.make_dlq_producer(self.cfg.kafka)
         return kc.send_dead_letters(self.producer, self.cfg.kafka.dlq_topic, letters)
 
+    # -- positions -----------------------------------------------------------------------------
+    def _sync(self) -> None:
+        """Position the newly assigned partitions where the database says (then the group's Kafka
+        offset, then the beginning), once no batch is being written (it may move those offsets)."""
+        while self.in_flight:
+            self._collect(timeout=0.5)
+            if self.in_flight:
+                self._poll_paused(0.05)
+        todo = set(self.unsynced)
+        if not todo:
+            return
+        if self.reader is None:
+            self.reader = Sink(self.cfg.database_url, self.cfg.table)
+        stored = self._db_call(lambda: self.reader.stored_offsets(self.cfg.group, self.cfg.kafka.topic),
+                               "stored offsets read", sink=self.reader)
+        todo &= self.unsynced  # a rebalance while reading may have taken some away
+        unknown = [tp for tp in todo if tp.partition not in stored]
+        fallback: dict[TopicPartition, int] = {}
+        if unknown:
+            def kafka_positions():
+                committed = {tp: self.consumer.committed(tp) for tp in unknown}
+                missing = [tp for tp, off in committed.items() if off is None]
+                begin = self.consumer.beginning_offsets(missing) if missing else {}
+                return {tp: committed[tp] if committed[tp] is not None else begin[tp] for tp in unknown}
+            fallback = self._kafka_call(kafka_positions, "group offsets read")
+        todo &= self.unsynced
+        where = {}
+        for tp in todo:
+            offset = stored.get(tp.partition, fallback.get(tp))
+            if self._seek(tp, offset):
+                self.read_pos[tp] = offset
+                where[tp] = offset
+                if tp.partition in stored:  # the group's Kafka offset may be behind (advisory, async)
+                    self.to_commit[tp] = offset
+                    self.kafka_commit_due = True
+        self.unsynced -= todo
+        if where:
+            self.consumer.resume(*where)
+            logs.event(log, "positioned", "partitions positioned at the offsets stored with the rows: "
+                       + ", ".join(f"{tp.partition}@{o}" + ("" if tp.partition in stored else " (not in the database)")
+                                   for tp, o in sorted(where.items(), key=lambda i: i[0].partition)),
+                       partitions=_tps(todo))
+
     # -- messages ------------------------------------------------------------------------------
     def _add(self, tp: TopicPartition, msg) -> None:
-        self.next_offset[tp] = msg.offset + 1
+        start = self.read_pos[tp]
+        self.read_pos[tp] = msg.offset + 1
         try:
             row = parse_message(msg.value, msg.partition, msg.offset)
         except Invalid as bad:
@@ -358,16 +438,16 @@ class Consumer:
                 department=bad.department,
                 source={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
             )
-            self.batch.add_dead(tp, msg.offset, (msg.key, value, headers))
+            self.batch.add_dead(tp, msg.offset, (msg.key, value, headers), start)
             logs.event(log, "dead_letter", f"message refused: {bad.reason}", logging.WARNING, reason=bad.reason,
                        partition=msg.partition, offset=msg.offset)
             return
-        self.batch.add_row(tp, row)
+        self.batch.add_row(tp, row, start)
 
-    def _refused_to_dead(self, refused: list[tuple[Row, str]]) -> None:
+    def _refused_letters(self, refused: list[tuple[Row, str]]) -> list[Letter]:
         topic = self.cfg.kafka.topic
+        out = []
         for row, reason in refused:
-            tp = TopicPartition(topic, row.partition)
             payload = {"numero_dpe": row.numero_dpe,
                        "date_reception_dpe": row.date_reception_dpe.isoformat() if row.date_reception_dpe else None,
                        "code_postal_ban": row.code_postal_ban, "etiquette_dpe": row.etiquette_dpe,
@@ -376,131 +456,170 @@ class Consumer:
                                               letter_id=deadletter.consumer_id(topic, row.partition, row.offset),
                                               source={"topic": topic, "partition": row.partition,
                                                       "offset": row.offset})
-            self.batch.dead.setdefault(tp, []).append((row.numero_dpe.encode("utf-8"), value, headers))
+            out.append((row.numero_dpe.encode("utf-8"), value, headers))
             logs.event(log, "dead_letter", reason, logging.WARNING, reason=reason, partition=row.partition,
                        offset=row.offset)
+        return out
 
-    # -- one batch -----------------------------------------------------------------------------
-    def flush(self) -> None:
-        if self.batch.count == 0 and not self.uncommitted:
-            return
-        batch = self.batch
-        messages = batch.count
-        self.writing = True
-        t0 = time.monotonic()
-        n_dead = 0
-        try:
-            if self.consumer is not None and self.consumer.assignment():
-                self.consumer.pause(*self.consumer.assignment())
-            done = self.totals.batches
-            result = WriteResult()
-            if batch.rows:
-                def write():
-                    return self.sink.write(batch.all_rows(), before_commit=lambda: self.crash("after_insert", done))
-                result = self._db_call(write, "batch write")
-                if result.refused:
-                    self._refused_to_dead(result.refused)
-            if messages:
-                self.crash("after_db_commit", done)
-            n_dead = batch.n_dead()
-            if n_dead:
-                self._kafka_call(lambda: self._dlq_send(batch.all_dead()), "dead-letter send")
+    # -- one batch, on the writer thread ----------------------------------------------------------
+    def _write(self, batch: Batch) -> Written:
+        """Rows, dead letters and offsets of ``batch``; retried until done (or the grace period ends).
+        Partitions the database says were written already are left out (``Written.stale``)."""
+        started = time.monotonic()
+        done = self.written
+        topic = self.cfg.kafka.topic
+        stale: dict[int, int | None] = {}
+        sent = 0
+
+        def before_commit(result: WriteResult) -> None:
+            nonlocal sent
+            self.crash("after_insert", done)
+            letters = [d for tp, ds in batch.dead.items() if tp.partition not in stale for d in ds]
+            letters += self._refused_letters(result.refused)
+            if letters:
+                # acknowledged before the rows and offsets commit: a crash in between sends them again
+                # (same ids), never loses them
+                sent = self._dlq_send(letters)
                 self.crash("after_dlq_send", done)
-            for tp, off in batch.offsets().items():
-                self.uncommitted[tp] = max(off, self.uncommitted.get(tp, 0))
-            self._commit()
-        finally:
-            self.writing = False
-            if self.consumer is not None:
-                paused = self.consumer.paused()
-                if paused:
-                    self.consumer.resume(*paused)
-        now = time.monotonic()
-        rows = result.rows
-        if messages:
-            self.totals.add(result, n_dead)
-            self.metrics.batch(result.inserted, result.updated, result.unchanged, getattr(result, "deleted", 0),
-                               n_dead, result.seconds if batch.rows else None)
-            self.metrics.lag.set(self.lag_by_partition())
-            interval = max(now - self.last_batch_at, 1e-6)
-            logs.event(log, "batch",
-                       f"batch {self.totals.batches}: {rows} rows ({result.inserted} new, {result.updated} updated, "
-                       f"{result.unchanged} unchanged), {n_dead} dead letters",
-                       rows=rows, inserted=result.inserted, updated=result.updated, unchanged=result.unchanged,
-                       dead_letters=n_dead, partitions=len(batch.last), write_ms=round(result.seconds * 1000, 1),
-                       batch_ms=round((now - t0) * 1000, 1), lag=self.lag(), rate=f"{rows / interval:.0f}rows/s",
-                       total=self.totals.rows)
-        self.last_batch_at = now
-        self.batch = Batch()
-        carried, self.carry = self.carry, []
-        for tp, m in carried:
-            self._add(tp, m)
 
-    def _commit(self) -> None:
-        """Commit the written offsets; retry while the broker is away; give up (harmlessly: the next
-        owner replays) only when the group says we no longer own the partitions."""
-        attempt = 0
-        while self.uncommitted:
-            self._check_deadline()
-            offsets = {tp: OffsetAndMetadata(off, "", -1) for tp, off in self.uncommitted.items()}
+        while True:
+            claim = batch.claim(self.cfg.group, topic)
+            claim = OffsetClaim(claim.group, claim.topic, {p: r for p, r in claim.ranges.items() if p not in stale})
+            if not claim.ranges:
+                result = WriteResult()
+                break
+            rows = [r for tp, rs in batch.rows.items() if tp.partition not in stale for r in rs]
             try:
-                self.consumer.commit(offsets, timeout_ms=15000)
-                self.metrics.committed()
-                if attempt:
-                    logs.event(log, "kafka_recovered", f"offsets committed after {attempt} failed attempt(s)",
-                               what="offset commit", attempts=attempt)
-                for tp, off in list(self.uncommitted.items()):
-                    if offsets.get(tp) is not None and offsets[tp].offset == off:
-                        del self.uncommitted[tp]
-                return
-            except Exception as exc:  # noqa: BLE001 - every failure is either retried or harmless
-                if kc.is_ownership_error(exc):
-                    logs.event(log, "commit_failed",
-                               f"offset commit refused ({type(exc).__name__}): the group rebalanced; the next owner "
-                               f"replays these rows (the upsert makes that harmless)", logging.WARNING,
-                               error=_short(exc), partitions=_tps(offsets))
-                    for tp in offsets:
-                        # if the next assignment gives the partition straight back (its position kept),
-                        # these offsets are committed then; otherwise the next owner replays the rows
-                        off = self.uncommitted.pop(tp, None)
-                        if off is not None:
-                            self.revoked_uncommitted[tp] = max(off, self.revoked_uncommitted.get(tp, 0))
-                    return
-                if not isinstance(exc, (KafkaError, OSError)):
-                    raise
-                wait = self._backoff(attempt)
-                logs.event(log, "commit_failed", f"offset commit failed ({_short(exc)}); retrying in {wait:.1f}s",
-                           logging.WARNING, error=_short(exc), attempt=attempt + 1, retry_in=round(wait, 1))
-                attempt += 1
-                self._keepalive(wait)
+                result = self._db_call(lambda: self._write_or_kafka_retry(rows, claim, before_commit),
+                                       "batch write", on_writer=True,
+                                       batch_rows=batch.count)
+                break
+            except Stale as exc:
+                stale.update(exc.stored)
+        if claim.ranges:
+            self.crash("after_db_commit", done)
+        return Written(batch, result, sent, stale, time.monotonic() - started)
+
+    def _write_or_kafka_retry(self, rows, claim, before_commit) -> WriteResult:
+        """One attempt; a dead-letter send that fails rolls the transaction back and is retried like an
+        unavailable database."""
+        try:
+            return self.sink.write(rows, claim, before_commit=before_commit)
+        except (KafkaError, OSError) as exc:
+            raise DatabaseUnavailable(f"dead-letter send failed: {_short(exc)}") from exc
+
+    # -- batches, on the main thread --------------------------------------------------------------
+    def _submit(self) -> None:
+        """Hand the current batch to the writer thread (which must be free) and start a new one."""
+        batch, self.batch = self.batch, Batch()
+        if self.writer is None:
+            self.writer = WriterThread()
+        self.writer.submit(lambda: self._write(batch))
+
+    def _collect(self, timeout: float = 0.0) -> bool:
+        """Take the outcome of the batch written meanwhile, if any (waiting up to ``timeout``)."""
+        if self.writer is None:
+            return False
+        ok, w = self.writer.collect(timeout)
+        if not ok:
+            return False
+        self.written += 1
+        res, batch = w.result, w.batch
+        if w.stale:
+            self._after_stale(w)
+        assigned = self.consumer.assignment() if self.consumer is not None else set()
+        for tp, off in batch.next.items():
+            if tp.partition not in w.stale and tp in assigned:
+                self.to_commit[tp] = max(off, self.to_commit.get(tp, 0))
+                self.kafka_commit_due = True
+        kept_rows = sum(len(r) for tp, r in batch.rows.items() if tp.partition not in w.stale)
+        if kept_rows or w.dead_letters or len(w.stale) < len(batch.start):
+            self.totals.add(res, w.dead_letters)
+            self.metrics.batch(res.inserted, res.updated, res.unchanged, res.deleted, w.dead_letters,
+                               res.seconds if kept_rows else None)
+            self.metrics.committed()
+            logs.event(log, "batch",
+                       f"batch {self.totals.batches}: {res.rows} rows ({res.inserted} new, {res.updated} updated, "
+                       f"{res.unchanged} unchanged), {w.dead_letters} dead letters",
+                       logging.DEBUG, rows=res.rows, inserted=res.inserted, updated=res.updated,
+                       unchanged=res.unchanged, deleted=res.deleted, dead_letters=w.dead_letters,
+                       partitions=len(batch.start) - len(w.stale), write_ms=round(res.seconds * 1000, 1),
+                       batch_ms=round(w.seconds * 1000, 1), lag=self.lag(), total=self.totals.rows)
+        self._commit_kafka()
+        return True
+
+    def _after_stale(self, w: Written) -> None:
+        """Some partitions of the batch were written already (by us before a restart, or by another
+        member of the group): read them again from where the database says."""
+        self.totals.stale_batches += 1
+        for p, stored in w.stale.items():
+            tp = TopicPartition(self.cfg.kafka.topic, p)
+            if tp not in self.read_pos:
+                continue  # not ours any more
+            self.batch.drop([tp])  # what follows the stale messages is not where the database is either
+            if stored is None:
+                self.unsynced.add(tp)
+                self.consumer.pause(tp)
+                continue
+            if self._seek(tp, stored):
+                self.read_pos[tp] = stored
+        logs.event(log, "stale_batch", "the database's offsets are past this batch (it was written already, by a "
+                   "previous run or another member): re-reading from the stored offsets, nothing written twice",
+                   logging.WARNING, stored=",".join(f"{p}@{o}" for p, o in sorted(w.stale.items())))
+
+    def _commit_kafka(self, force: bool = False) -> None:
+        """The group's Kafka offsets follow the stored ones, asynchronously: for lag, Kafdrop and
+        ``dpe-ingest status``; the consumer itself positions from the database."""
+        if not self.kafka_commit_due or self.consumer is None:
+            return
+        now = time.monotonic()
+        if not force and now - self.last_kafka_commit < KAFKA_COMMIT_EVERY_S:
+            return
+        offsets = {tp: OffsetAndMetadata(off, "", -1) for tp, off in self.to_commit.items()}
+        self.last_kafka_commit = now
+        self.kafka_commit_due = False
+        try:
+            if force:
+                self.consumer.commit(offsets, timeout_ms=5000)
+            else:
+                self.consumer.commit_async(offsets, callback=_commit_done)
+        except Exception as exc:  # noqa: BLE001 - advisory: the database holds the truth
+            logs.event(log, "kafka_commit_failed", f"Kafka offset commit failed (advisory, the offsets are "
+                       f"stored with the rows): {_short(exc)}", logging.DEBUG if not force else logging.WARNING,
+                       error=_short(exc))
+
+    def _ready(self) -> bool:
+        """The batch should be written now (full, idle, or old)."""
+        if not self.batch.count:
+            return False
+        now = time.monotonic()
+        idle_s = self.cfg.batch_idle_ms / 1000.0
+        return (self.batch.count >= self.cfg.batch_size or now - self.last_message_at >= idle_s
+                or now - self.batch.first_at >= max(10 * idle_s, 5.0))
+
+    def _drain(self) -> None:
+        """Wait for the batch in flight (keeping the group alive)."""
+        while self.in_flight:
+            if not self._collect(timeout=0.5) and self.in_flight:
+                self._check_deadline()
+                self._poll_paused(0.01)
 
     # -- lag / progress ------------------------------------------------------------------------
-    def _position(self, tp: TopicPartition) -> int | None:
-        """Next offset we will read from ``tp`` (None if not known yet); never blocks."""
-        if tp in self.next_offset:
-            return self.next_offset[tp]
-        try:  # kafka-python's fetch position (set from the committed offset after an assignment)
-            state = self.consumer._subscription.assignment[tp]
-            return state.position.offset if state.position is not None else None
-        except Exception:  # noqa: BLE001 - private API: a figure for logs only
-            return None
-
     def lag(self) -> int | None:
         """Messages behind the last known end of the assigned partitions (None if unknown)."""
         per = self.lag_by_partition()
         return sum(per.values()) if per else None
 
     def lag_by_partition(self) -> dict[tuple[str, int], int] | None:
-        """{(topic, partition): messages behind the last known end} of the assigned partitions whose
-        end and position are known (None when not known at all)."""
+        """{(topic, partition): messages behind the last known end} of the positioned partitions
+        (None when not known at all)."""
         if self.consumer is None:
             return None
         out = {}
         try:
-            for tp in self.consumer.assignment():
+            for tp, pos in list(self.read_pos.items()):
                 hw = self.consumer.highwater(tp)
-                pos = self._position(tp)
-                if hw is not None and pos is not None:
+                if hw is not None:
                     out[(tp.topic, tp.partition)] = max(0, hw - pos)
         except Exception:  # noqa: BLE001
             return None
@@ -510,19 +629,24 @@ class Consumer:
         now = time.monotonic()
         if not force and now - self.last_progress_at < PROGRESS_EVERY_S:
             return
+        interval = max(now - self.last_progress_at, 1e-6)
         self.last_progress_at = now
         self.metrics.lag.set(self.lag_by_partition())
         t = self.totals
         elapsed = max(now - t.started, 1e-6)
+        recent = t.rows - getattr(self, "_rows_at_progress", 0)
+        self._rows_at_progress = t.rows
         assigned = self.consumer.assignment() if self.consumer is not None else set()
         logs.event(log, "progress", f"{t.rows} rows in {t.batches} batches, {t.dead_letters} dead letters",
                    batches=t.batches, rows=t.rows, inserted=t.inserted, updated=t.updated, unchanged=t.unchanged,
-                   dead_letters=t.dead_letters, lag=self.lag(), partitions=_tps(assigned) or None,
-                   rate=f"{t.rows / elapsed:.0f}rows/s", uptime=logs.human_duration(elapsed))
+                   dead_letters=t.dead_letters, stale_batches=t.stale_batches, lag=self.lag(),
+                   partitions=_tps(assigned) or None, rate=f"{recent / interval:.0f}rows/s",
+                   avg_rate=f"{t.rows / elapsed:.0f}rows/s", uptime=logs.human_duration(elapsed))
 
     def _idle_done(self) -> bool:
-        """True when --exit-when-idle applies: nothing in flight, nothing new for that long, no lag."""
-        if self.exit_when_idle_s is None or self.batch.count or self.uncommitted:
+        """True when --exit-when-idle applies: nothing in flight, nothing new for that long, and the
+        database's offsets reach the end of every assigned partition."""
+        if self.exit_when_idle_s is None or self.batch.count or self.in_flight or self.unsynced:
             return False
         if time.monotonic() - self.last_message_at < self.exit_when_idle_s:
             return False
@@ -531,21 +655,62 @@ class Consumer:
         assigned = self.consumer.assignment()
         if not assigned:
             return True  # the group gave us nothing to do (more consumers than partitions)
-        # the group's committed offsets (from the broker) must reach the end of every assigned partition
         try:
             ends = self.consumer.end_offsets(list(assigned), timeout_ms=10000)
-            committed = kafka_io.group_offsets(self.cfg.kafka.bootstrap_servers, self.cfg.group)
+            stored = self.reader.stored_offsets(self.cfg.group, self.cfg.kafka.topic) if self.reader else {}
         except Exception as exc:  # noqa: BLE001
             logs.event(log, "kafka_error", f"idle check: {_short(exc)}", logging.WARNING, error=_short(exc))
             self.last_message_at = time.monotonic()
             return False
-        behind = {tp: end - committed.get(tp, 0) for tp, end in ends.items() if end > committed.get(tp, 0)}
+        behind = {tp: end for tp, end in ends.items() if end > stored.get(tp.partition, self.read_pos.get(tp, 0))}
         if behind:
             self.last_message_at = time.monotonic()  # check again after another idle period
             return False
         return True
 
     # -- main loop -----------------------------------------------------------------------------
+    def _step(self) -> None:
+        """One turn of the main loop: collect, position, hand over, fetch."""
+        cfg = self.cfg
+        self._collect()
+        if self.unsynced:
+            self._sync()
+        if self._ready() and not self.in_flight:
+            self._submit()
+        room = cfg.batch_size - self.batch.count
+        if room <= 0:
+            # full, and the previous batch still being written: wait for it (the group stays alive)
+            if not self._collect(timeout=0.5) and self.in_flight:
+                self._poll_paused(0.01)
+            return
+        paused = self.consumer.paused()
+        if paused:
+            self.consumer.resume(*(set(paused) - self.unsynced))
+        if self.batch.count:
+            idle_s = cfg.batch_idle_ms / 1000.0
+            wait = min(self.last_message_at + idle_s, self.batch.first_at + max(10 * idle_s, 5.0)) - time.monotonic()
+        else:
+            wait = 1.0
+        if self.in_flight:
+            wait = min(wait, 0.05)  # come back soon to hand over the next batch
+        wait = max(0.0, min(wait, 1.0))
+        try:
+            records = self.consumer.poll(timeout_ms=int(wait * 1000), max_records=room)
+        except KafkaError as exc:
+            logs.event(log, "kafka_error", f"poll failed: {_short(exc)}", logging.WARNING, error=_short(exc))
+            time.sleep(1.0)
+            records = {}
+        if records:
+            n = sum(len(m) for m in records.values())
+            logs.event(log, "polled", "polled messages", logging.DEBUG, messages=n, batch=self.batch.count + n)
+            self.crash("after_poll", self.written)
+            self.last_message_at = time.monotonic()
+            for tp, msgs in records.items():
+                if tp not in self.read_pos or tp in self.unsynced:
+                    continue  # not positioned from the database yet: read again once it is
+                for m in msgs:
+                    self._add(tp, m)
+
     def run(self) -> int:
         cfg = self.cfg
         logs.event(log, "start", f"consumer starting: {cfg.kafka.topic} -> table {cfg.table}",
@@ -557,64 +722,38 @@ class Consumer:
             self._db_call(lambda: None, "migration")
             logs.event(log, "migrated", f"table {cfg.table} ready", table=cfg.table)
             self._connect_kafka()
-            idle_s = cfg.batch_idle_ms / 1000.0
-            max_age_s = max(10 * idle_s, 5.0)
             while not self.stopping:
-                now = time.monotonic()
-                if self.batch.count:
-                    wait = min(self.last_message_at + idle_s, self.batch.first_at + max_age_s) - now
-                else:
-                    wait = 1.0
-                wait = max(0.0, min(wait, 1.0))
-                want = max(1, cfg.batch_size - self.batch.count)
-                try:
-                    records = self.consumer.poll(timeout_ms=int(wait * 1000), max_records=want)
-                except KafkaError as exc:
-                    logs.event(log, "kafka_error", f"poll failed: {_short(exc)}", logging.WARNING, error=_short(exc))
-                    time.sleep(1.0)
-                    records = {}
-                if records:
-                    logs.event(log, "polled", "polled messages", logging.DEBUG,
-                               messages=sum(len(m) for m in records.values()),
-                               batch=self.batch.count + sum(len(m) for m in records.values()))
-                    self.crash("after_poll", self.totals.batches)
-                    self.last_message_at = time.monotonic()
-                    for tp, msgs in records.items():
-                        for m in msgs:
-                            self._add(tp, m)
-                now = time.monotonic()
-                if self.batch.count and (
-                    self.batch.count >= cfg.batch_size
-                    or now - self.last_message_at >= idle_s
-                    or now - self.batch.first_at >= max_age_s
-                ):
-                    self.flush()
-                elif self.uncommitted and not self.batch.count:
-                    self.flush()  # leftovers of an earlier commit that failed
+                self._step()
+                self._commit_kafka()
                 self._progress()
                 if self._idle_done():
                     reason = "idle"
-                    logs.event(log, "idle", f"topic idle for {self.exit_when_idle_s:.0f}s and fully committed: exiting",
+                    logs.event(log, "idle", f"topic idle for {self.exit_when_idle_s:.0f}s and fully written: exiting",
                                idle_s=self.exit_when_idle_s)
                     break
-            # graceful stop: write what we have, commit, leave the group
-            if self.batch.count or self.uncommitted:
-                self.flush()
+            # graceful stop: finish the batch in flight, write the one in memory, leave the group
+            self._drain()
+            if self.batch.count:
+                self._submit()
+                self._drain()
+            self._commit_kafka(force=True)
         except Abandon:
-            if self.batch.count or self.uncommitted:
-                logs.event(log, "abandoned", f"grace period over: {self.batch.count} message(s) left uncommitted "
-                           "(the next consumer replays them)", logging.WARNING, batch_rows=self.batch.count,
-                           uncommitted_partitions=len(self.uncommitted))
+            if self.batch.count or self.in_flight:
+                logs.event(log, "abandoned", f"grace period over: {self.batch.count} message(s) left unwritten "
+                           "(the next consumer reads them from the stored offsets)", logging.WARNING,
+                           batch_rows=self.batch.count, writing=self.in_flight)
         finally:
             self.close()
         self._progress(force=True)
         logs.event(log, "stop", f"consumer stopped ({reason}): {self.totals.rows} rows in {self.totals.batches} batches",
                    reason=reason, batches=self.totals.batches, rows=self.totals.rows, inserted=self.totals.inserted,
                    updated=self.totals.updated, unchanged=self.totals.unchanged,
-                   dead_letters=self.totals.dead_letters)
+                   dead_letters=self.totals.dead_letters, stale_batches=self.totals.stale_batches)
         return 0
 
     def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
         if self.consumer is not None:
             try:
                 self.consumer.close(autocommit=False, timeout_ms=5000)
@@ -625,7 +764,16 @@ class Consumer:
                 self.producer.close(timeout=5)
             except Exception:  # noqa: BLE001
                 pass
-        self.sink.close()
+        if not self.in_flight:
+            self.sink.close()  # (a write still running on an abandoned batch keeps its connection)
+        if self.reader is not None:
+            self.reader.close()
+
+
+def _commit_done(offsets, response) -> None:
+    if isinstance(response, Exception):
+        logs.event(log, "kafka_commit_failed", f"Kafka offset commit failed (advisory, the offsets are stored with "
+                   f"the rows): {_short(response)}", logging.DEBUG, error=_short(response))
 
 
 class _Listener(ConsumerRebalanceListener):

@@ -1,17 +1,19 @@
-"""The PostgreSQL side of the consumer: message validation, migration, batch upsert.
+"""The PostgreSQL side of the consumer: message validation, migration, batch upsert with its offsets.
 
 - :func:`parse_message` turns one Kafka message (raw bytes) into a :class:`Row` or raises
   :class:`Invalid` with a reason (the consumer sends those to the dead-letter topic, never to the DB).
-- :class:`Sink` owns one database connection: :meth:`Sink.migrate` creates the table idempotently
-  (serialised with an advisory lock, so two consumers starting together are safe) and
-  :meth:`Sink.write` upserts one batch in one transaction: ``COPY`` into a session temporary staging
-  table, then ``INSERT … SELECT … ON CONFLICT (numero_dpe) DO UPDATE … WHERE <row differs> RETURNING
-  (xmax = 0)`` (``method="copy"``, measured the faster), or a single ``execute_values`` statement
-  (``method="values"``).
+- :class:`Sink` owns one database connection: :meth:`Sink.migrate` creates the table and the
+  ``dpe_ingest_offsets`` table idempotently (serialised with an advisory lock, so two consumers
+  starting together are safe) and :meth:`Sink.write` upserts one batch in one transaction together
+  with the batch's Kafka offsets (:class:`OffsetClaim`): one statement ships the whole batch as a
+  JSON array (``json_to_recordset``), moves each partition's stored offset from where the batch
+  started to where it ends -- only if the database still says the batch's start -- and upserts the
+  rows (``ON CONFLICT (numero_dpe) DO UPDATE … WHERE <row differs>``).
 
-The upsert is idempotent: writing the same message twice leaves the table as after writing it once
-(the second time the row is counted ``unchanged`` and not even touched).  This is what makes the
-consumer's "offset commit after DB commit" protocol exactly-once in effect.
+The offsets in the table are the truth the consumer seeks to; a batch whose start is not the stored
+offset (already written, by us before a crash or by another member of the group) raises
+:class:`Stale` and writes nothing.  The upsert stays a second line of defence: writing the same
+message twice leaves the table as after writing it once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+import orjson
+
 from .config import BASE_FIELDS
 
 #: Columns filled from the message (``extra`` holds every other field of the JSON object).
@@ -31,6 +35,10 @@ DATA_COLUMNS: tuple[str, ...] = BASE_FIELDS + ("departement",)
 DELETED_FLAG = "_deleted"
 #: numero_dpe longer than this is refused (a btree index entry must stay well under 2.7 kB).
 MAX_KEY_CHARS = 200
+#: where each consumer group's next offset per partition is kept, in step with the rows
+OFFSETS_TABLE = "dpe_ingest_offsets"
+#: beyond this, orjson may have read an integer of more than 64 bits as a float: the slow path decides
+_BIG = 9.2e18
 
 
 class Invalid(ValueError):
@@ -98,10 +106,27 @@ def _text(value: Any) -> str | None:
     return json.dumps(value, ensure_ascii=False)
 
 
-def parse_message(value: bytes | None, partition: int, offset: int) -> Row:
-    """Validate one message value; return its row or raise :class:`Invalid`."""
-    if value is None:
-        raise Invalid("empty message (null value / tombstone)")
+def _decode(value: bytes) -> Any:
+    """The JSON document of a message, or :class:`Invalid` saying why not.
+
+    orjson reads the common message, a flat object.  What it refuses, and what it may read differently
+    from the standard library (an escaped NUL, integers beyond 64 bits, which it makes floats) or what
+    needs a deep check (nesting), goes through the standard library and :func:`_check_value`, whose
+    reasons the dead letters carry."""
+    if b"\\u0000" not in value:
+        try:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            pass  # the standard library says why, below
+        else:
+            if type(doc) is dict:
+                # orjson already refused lone surrogates, NaN and infinities
+                for v in doc.values():
+                    t = type(v)
+                    if (t is float and not -_BIG < v < _BIG) or t is dict or t is list:
+                        break
+                else:
+                    return doc
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError:
@@ -112,17 +137,26 @@ def parse_message(value: bytes | None, partition: int, offset: int) -> Row:
         raise Invalid("JSON nested too deeply", raw=value) from None
     except ValueError as exc:
         raise Invalid(f"value is not JSON: {exc}", raw=value) from None
+    if isinstance(doc, dict):
+        try:
+            _check_value(doc, "value")
+        except Invalid as exc:
+            # the payload itself cannot be re-encoded faithfully: keep the raw bytes (and the department,
+            # when it is a clean string, so that the dead letter is counted where it belongs)
+            dep = doc.get("departement")
+            if not isinstance(dep, str) or "\x00" in dep or len(dep) > 10:
+                dep = None
+            raise Invalid(exc.reason, raw=value, department=dep) from None
+    return doc
+
+
+def parse_message(value: bytes | None, partition: int, offset: int) -> Row:
+    """Validate one message value; return its row or raise :class:`Invalid`."""
+    if value is None:
+        raise Invalid("empty message (null value / tombstone)")
+    doc = _decode(value)
     if not isinstance(doc, dict):
         raise Invalid(f"value is a JSON {type(doc).__name__}, not an object", payload=doc)
-    try:
-        _check_value(doc, "value")
-    except Invalid as exc:
-        # the payload itself cannot be re-encoded faithfully: keep the raw bytes (and the department,
-        # when it is a clean string, so that the dead letter is counted where it belongs)
-        dep = doc.get("departement")
-        if not isinstance(dep, str) or "\x00" in dep or len(dep) > 10:
-            dep = None
-        raise Invalid(exc.reason, raw=value, department=dep) from None
     numero = doc.get("numero_dpe")
     if numero is None:
         raise Invalid("missing numero_dpe", payload=doc)
@@ -192,6 +226,25 @@ class DatabaseUnavailable(RuntimeError):
     """The database cannot be reached or the connection broke: retry later with the same batch."""
 
 
+@dataclass(frozen=True)
+class OffsetClaim:
+    """A batch's place in the topic: for each partition, the offset its reading started from (where
+    the previous batch ended, or where the consumer was positioned) and the next offset after it."""
+
+    group: str
+    topic: str
+    ranges: dict[int, tuple[int, int]]  # partition -> (start, next)
+
+
+class Stale(Exception):
+    """The database's offsets are not where the batch starts, for these partitions: it was written
+    already (before a crash, or by another member of the group).  Nothing was written."""
+
+    def __init__(self, stored: dict[int, int | None]):
+        super().__init__(f"batch not at the stored offsets: {stored}")
+        self.stored = stored  # partition -> stored next offset (None: no row)
+
+
 def _psycopg2():
     try:
         import psycopg2  # noqa: F401
@@ -202,27 +255,27 @@ def _psycopg2():
     return psycopg2
 
 
+_COLUMNS = ("numero_dpe", "date_reception_dpe", "code_postal_ban", "etiquette_dpe", "departement", "extra",
+            "kafka_partition", "kafka_offset")
+_TYPES = ("text", "date", "text", "text", "text", "jsonb", "integer", "bigint")
+#: compared to decide whether a row changed (the Kafka position alone is not a change)
+_DATA = ("date_reception_dpe", "code_postal_ban", "etiquette_dpe", "departement", "extra")
+
+
 class Sink:
-    """One connection to PostgreSQL, the table migration and the batch upsert."""
+    """One connection to PostgreSQL, the migrations and the batch upsert with its offsets."""
 
     def __init__(self, database_url: str, table: str = "dpe_data", *, connect_timeout_s: int = 10,
-                 statement_timeout_ms: int = 60000, method: str = "copy"):
-        if method not in ("values", "copy"):
-            raise ValueError("method must be 'values' or 'copy'")
+                 statement_timeout_ms: int = 60000):
         self.database_url = database_url
         self.table = table
         self.connect_timeout_s = connect_timeout_s
         self.statement_timeout_ms = statement_timeout_ms
-        self.method = method
         self.conn = None
         self._pg = _psycopg2()
-        sql = self._pg.sql
-        self._t = sql.Identifier(table)
-        self._upsert_values = self._upsert_sql(sql.SQL("VALUES %s"))
-        self._upsert_copy = self._upsert_sql(
-            sql.SQL("SELECT numero_dpe, date_reception_dpe, code_postal_ban, etiquette_dpe, departement, extra,"
-                    " kafka_partition, kafka_offset FROM {}").format(sql.Identifier(f"_dpe_stage_{table}"))
-        )
+        self._t = self._pg.sql.Identifier(table)
+        self._o = self._pg.sql.Identifier(OFFSETS_TABLE)
+        self._sql = self._statements()
 
     # -- connection ------------------------------------------------------------------------
     def connect(self) -> None:
@@ -241,12 +294,6 @@ class Sink:
             )
             with conn.cursor() as cur:
                 cur.execute("SET statement_timeout = %s", (self.statement_timeout_ms,))
-                if self.method == "copy":
-                    cur.execute(pg.sql.SQL(
-                        "CREATE TEMP TABLE IF NOT EXISTS {} (numero_dpe text, date_reception_dpe date,"
-                        " code_postal_ban text, etiquette_dpe text, departement text, extra jsonb,"
-                        " kafka_partition integer, kafka_offset bigint) ON COMMIT DELETE ROWS"
-                    ).format(pg.sql.Identifier(f"_dpe_stage_{self.table}")))
             conn.commit()
         except (pg.OperationalError, pg.InterfaceError) as exc:
             raise DatabaseUnavailable(_one_line(exc)) from exc
@@ -296,10 +343,20 @@ class Sink:
             stmts.append(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} " + typ.replace("{}", "{{}}"))
                          .format(t, sql.Identifier(col)))
         stmts.append(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (departement)").format(idx, t))
+        # every consumer group's position in every topic, written in the same transaction as the rows
+        stmts.append(sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} ("
+            " consumer_group text NOT NULL,"
+            " topic text NOT NULL,"
+            " partition integer NOT NULL,"
+            " next_offset bigint NOT NULL,"
+            " updated_at timestamptz NOT NULL DEFAULT now(),"
+            " PRIMARY KEY (consumer_group, topic, partition))"
+        ).format(self._o))
         return stmts
 
     def migrate(self) -> None:
-        """Create the table if needed.  Safe when several consumers start at the same moment:
+        """Create the tables if needed.  Safe when several consumers start at the same moment:
         the DDL runs under a transaction-scoped advisory lock keyed on the table name."""
         pg = self._pg
         conn = self._ensure()
@@ -317,86 +374,154 @@ class Sink:
             conn.rollback()
             raise
 
+    # -- offsets ---------------------------------------------------------------------------
+    def stored_offsets(self, group: str, topic: str) -> dict[int, int]:
+        """{partition: next offset} the database holds for ``group`` in ``topic``."""
+        pg = self._pg
+        conn = self._ensure()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(pg.sql.SQL("SELECT partition, next_offset FROM {} WHERE consumer_group = %s"
+                                       " AND topic = %s").format(self._o), (group, topic))
+                out = {int(p): int(o) for p, o in cur.fetchall()}
+            conn.rollback()
+            return out
+        except (pg.OperationalError, pg.InterfaceError) as exc:
+            self.close()
+            raise DatabaseUnavailable(_one_line(exc)) from exc
+
     # -- batch upsert ----------------------------------------------------------------------
-    def _upsert_sql(self, source):
+    def _statements(self) -> dict:
         sql = self._pg.sql
-        cols = ("numero_dpe", "date_reception_dpe", "code_postal_ban", "etiquette_dpe", "departement", "extra",
-                "kafka_partition", "kafka_offset")
-        data = ("date_reception_dpe", "code_postal_ban", "etiquette_dpe", "departement", "extra")
-        return sql.SQL(
-            "INSERT INTO {t} AS d ({cols}) {source} "
+        t, o = self._t, self._o
+        recordset = sql.SQL("json_to_recordset(%(rows)s::json) AS x({})").format(
+            sql.SQL(", ").join(sql.SQL("{} " + typ).format(sql.Identifier(c)) for c, typ in zip(_COLUMNS, _TYPES)))
+        upsert = sql.SQL(
+            "INSERT INTO {t} AS d ({cols}) SELECT {cols} FROM {recordset} {cond}"
             "ON CONFLICT (numero_dpe) DO UPDATE SET {sets}, kafka_partition = EXCLUDED.kafka_partition,"
             " kafka_offset = EXCLUDED.kafka_offset, updated_at = now() "
             "WHERE ({old}) IS DISTINCT FROM ({new}) "
             "RETURNING (xmax = 0) AS inserted"
-        ).format(
-            t=self._t,
-            cols=sql.SQL(", ").join(map(sql.Identifier, cols)),
-            source=source,
-            sets=sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in data),
-            old=sql.SQL(", ").join(sql.SQL("d.{}").format(sql.Identifier(c)) for c in data),
-            new=sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in data),
         )
+        parts = dict(
+            t=t, recordset=recordset,
+            cols=sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)),
+            sets=sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in _DATA),
+            old=sql.SQL(", ").join(sql.SQL("d.{}").format(sql.Identifier(c)) for c in _DATA),
+            new=sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in _DATA),
+        )
+        # lock the group's offset rows in partition order (two members never deadlock), creating the
+        # missing ones at the batch's start, then move each one only if it still says the batch's start
+        lock = sql.SQL(
+            "INSERT INTO {o} (consumer_group, topic, partition, next_offset)"
+            " SELECT %(g)s, %(t)s, p, s FROM unnest(%(p)s::integer[], %(s)s::bigint[]) AS x(p, s) ORDER BY p"
+            " ON CONFLICT DO NOTHING; "
+            "SELECT partition FROM {o} WHERE consumer_group = %(g)s AND topic = %(t)s AND partition = ANY(%(p)s)"
+            " ORDER BY partition FOR UPDATE; "
+        ).format(o=o)
+        fence = sql.SQL(
+            "UPDATE {o} AS o SET next_offset = x.n, updated_at = now()"
+            " FROM unnest(%(p)s::integer[], %(s)s::bigint[], %(n)s::bigint[]) AS x(p, s, n)"
+            " WHERE o.consumer_group = %(g)s AND o.topic = %(t)s AND o.partition = x.p AND o.next_offset = x.s"
+            " RETURNING o.partition"
+        ).format(o=o)
+        return {
+            # rows and offsets in one statement: the rows go in only if every partition's offset moved
+            "claim_upsert": lock + sql.SQL(
+                "WITH fence AS ({fence}), up AS ({upsert}) "
+                "SELECT (SELECT count(*) FROM fence), count(*) FILTER (WHERE inserted), count(*) FROM up"
+            ).format(fence=fence, upsert=upsert.format(cond=sql.SQL(
+                "WHERE (SELECT count(*) FROM fence) = %(np)s "), **parts)),
+            "claim": lock + sql.SQL("WITH fence AS ({fence}) SELECT count(*) FROM fence").format(fence=fence),
+            "upsert": sql.SQL("WITH up AS ({upsert}) SELECT NULL, count(*) FILTER (WHERE inserted), count(*) FROM up")
+            .format(upsert=upsert.format(cond=sql.SQL(""), **parts)),
+            "delete": sql.SQL("DELETE FROM {} WHERE numero_dpe = ANY(%(gone)s)").format(t),
+            "stored": sql.SQL("SELECT partition, next_offset FROM {} WHERE consumer_group = %(g)s AND topic = %(t)s"
+                              " AND partition = ANY(%(p)s)").format(o),
+        }
 
     @staticmethod
-    def _values(row: Row) -> tuple:
-        return (row.numero_dpe, row.date_reception_dpe, row.code_postal_ban, row.etiquette_dpe, row.departement,
-                json.dumps(row.extra, ensure_ascii=False), row.partition, row.offset)
+    def _claim_params(claim: OffsetClaim) -> dict:
+        parts = sorted(claim.ranges)
+        return {"g": claim.group, "t": claim.topic, "p": parts, "s": [claim.ranges[p][0] for p in parts],
+                "n": [claim.ranges[p][1] for p in parts], "np": len(parts)}
 
-    _TEMPLATE = "(%s, %s::date, %s, %s, %s, %s::jsonb, %s::integer, %s::bigint)"
+    @staticmethod
+    def _rows_json(rows: Sequence[Row]) -> str:
+        docs = [{"numero_dpe": r.numero_dpe, "date_reception_dpe": r.date_reception_dpe,
+                 "code_postal_ban": r.code_postal_ban, "etiquette_dpe": r.etiquette_dpe,
+                 "departement": r.departement, "extra": r.extra, "kafka_partition": r.partition,
+                 "kafka_offset": r.offset} for r in rows]
+        try:
+            return orjson.dumps(docs).decode("utf-8")
+        except orjson.JSONEncodeError:  # an integer beyond 64 bits (read by the standard library)
+            return json.dumps(docs, ensure_ascii=False, default=dt.date.isoformat)
 
-    def _execute_batch(self, cur, rows: Sequence[Row]) -> list[bool]:
-        if self.method == "values":
-            res = self._pg.extras.execute_values(
-                cur, self._upsert_values, [self._values(r) for r in rows], template=self._TEMPLATE,
-                page_size=max(1, len(rows)), fetch=True,
-            )
-            return [bool(r[0]) for r in res]
-        # COPY into the session's temporary staging table (created at connect, emptied at each
-        # commit), then one INSERT … SELECT … ON CONFLICT
-        sql = self._pg.sql
-        stage = sql.Identifier(f"_dpe_stage_{self.table}")
-        import io
+    def _upsert(self, cur, rows: Sequence[Row], claim: OffsetClaim | None) -> tuple[int, int]:
+        """(inserted, updated) of one statement; raises :class:`Stale` when the claim does not hold."""
+        params = {"rows": self._rows_json(rows)}
+        if claim is not None:
+            params.update(self._claim_params(claim))
+            cur.execute(self._sql["claim_upsert"], params)
+        else:
+            cur.execute(self._sql["upsert"], params)
+        moved, inserted, touched = cur.fetchone()
+        if claim is not None and moved != len(claim.ranges):
+            self._raise_stale(cur, claim)
+        return int(inserted), int(touched) - int(inserted)
 
-        buf = io.StringIO()
-        for r in rows:
-            buf.write("\t".join(_copy_field(v) for v in self._values(r)) + "\n")
-        buf.seek(0)
-        cur.copy_expert(sql.SQL("COPY {} FROM STDIN").format(stage), buf)
-        cur.execute(self._upsert_copy)
-        return [bool(r[0]) for r in cur.fetchall()]
+    def _claim(self, cur, claim: OffsetClaim) -> None:
+        cur.execute(self._sql["claim"], self._claim_params(claim))
+        if cur.fetchone()[0] != len(claim.ranges):
+            self._raise_stale(cur, claim)
 
-    def write(self, rows: Sequence[Row], before_commit: Callable[[], None] | None = None) -> WriteResult:
-        """Upsert a batch in one transaction.  ``rows`` may repeat a numero_dpe (the last one wins).
+    def _raise_stale(self, cur, claim: OffsetClaim) -> None:
+        cur.connection.rollback()  # nothing of this batch stays; what the others committed is visible
+        cur.execute(self._sql["stored"], self._claim_params(claim))
+        stored = {int(p): int(o) for p, o in cur.fetchall()}
+        raise Stale({p: stored.get(p) for p, (start, _next) in claim.ranges.items() if stored.get(p) != start})
 
-        Raises :class:`DatabaseUnavailable` on connection problems (nothing was committed, or the
-        commit outcome is unknown: either way writing the same batch again is correct).  Rows the
-        database refuses as data errors are isolated one by one and returned in ``refused``.
+    def write(self, rows: Sequence[Row], claim: OffsetClaim | None = None,
+              before_commit: Callable[["WriteResult"], None] | None = None) -> WriteResult:
+        """Upsert a batch, and move its offsets (``claim``), in one transaction.  ``rows`` may repeat a
+        numero_dpe (the last one wins).
+
+        Raises :class:`Stale` (nothing written) when the database's offsets are not where the batch
+        starts, :class:`DatabaseUnavailable` on connection problems (nothing was committed, or the
+        commit outcome is unknown: either way writing the same batch again is correct, the claim
+        makes it a no-op if it was).  Rows the database refuses as data errors are isolated one by one
+        and returned in ``refused``; ``before_commit`` sees the result before the commit.
         """
         pg = self._pg
         started = time.monotonic()
         unique = dedupe(rows)  # the last message of a key wins: an upsert after a deletion, or the reverse
         result = WriteResult()
-        if not unique:
+        if not unique and claim is None:
             return result
         gone = [r.numero_dpe for r in unique if r.deleted]
         unique = [r for r in unique if not r.deleted]
         conn = self._ensure()
         try:
             with conn.cursor() as cur:
-                flags: list[bool] = []
+                counts = (0, 0)
                 if unique:
                     try:
-                        flags = self._execute_batch(cur, unique)
+                        counts = self._upsert(cur, unique, claim)
                     except (pg.DataError, pg.IntegrityError) as exc:
                         # one bad row must not block the partition: find it, keep the others
                         conn.rollback()
-                        flags = self._write_one_by_one(cur, unique, result, exc)
+                        if claim is not None:
+                            self._claim(cur, claim)
+                        counts = self._write_one_by_one(cur, unique, result, exc)
+                elif claim is not None:
+                    self._claim(cur, claim)
                 if gone:
-                    cur.execute(pg.sql.SQL("DELETE FROM {} WHERE numero_dpe = ANY(%s)").format(self._t), (gone,))
+                    cur.execute(self._sql["delete"], {"gone": gone})
                     result.deleted = cur.rowcount
+                result.inserted, result.updated = counts
+                result.unchanged = len(unique) - len(result.refused) - sum(counts)
                 if before_commit is not None:
-                    before_commit()
+                    before_commit(result)
             conn.commit()
         except (pg.OperationalError, pg.InterfaceError) as exc:
             self.close()
@@ -407,19 +532,17 @@ class Sink:
             except Exception:
                 self.close()
             raise
-        result.inserted = sum(1 for f in flags if f)
-        result.updated = len(flags) - result.inserted
-        result.unchanged = len(unique) - len(result.refused) - len(flags)
         result.seconds = time.monotonic() - started
         return result
 
-    def _write_one_by_one(self, cur, rows: Sequence[Row], result: WriteResult, first_error) -> list[bool]:
+    def _write_one_by_one(self, cur, rows: Sequence[Row], result: WriteResult, first_error) -> tuple[int, int]:
         pg = self._pg
-        flags: list[bool] = []
+        inserted = updated = 0
         for row in rows:
             cur.execute("SAVEPOINT dpe_row")
             try:
-                flags.extend(self._execute_batch(cur, [row]))
+                i, u = self._upsert(cur, [row], None)
+                inserted, updated = inserted + i, updated + u
                 cur.execute("RELEASE SAVEPOINT dpe_row")
             except (pg.DataError, pg.IntegrityError) as exc:
                 cur.execute("ROLLBACK TO SAVEPOINT dpe_row")
@@ -427,7 +550,7 @@ class Sink:
         if not result.refused:
             # the batch failed but no single row does: not a data problem after all
             raise first_error
-        return flags
+        return inserted, updated
 
     # -- reading (status, tests) -----------------------------------------------------------
     def count(self) -> int:
@@ -458,13 +581,6 @@ def department_keys(database_url: str, table: str, departement: str | None) -> s
             return {r[0] for r in cur}
     finally:
         conn.close()
-
-
-def _copy_field(v: Any) -> str:
-    if v is None:
-        return "\\N"
-    s = v.isoformat() if isinstance(v, dt.date) else str(v)
-    return s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def _one_line(exc: BaseException) -> str:
