@@ -222,3 +222,111 @@ def test_shared_budget_file_sets_and_updates_the_producers_share(tmp_path):
     assert own.rps == 0.25  # the lower of its own cap and its share
     missing = ademe.RateLimiter(0, budget_file=str(tmp_path / "nope.json"))
     assert missing.rps == 0.0 and missing.interval == 0.0
+
+
+# ------------------------------------------------------------------------------- the lean send path
+def test_etiquette_of_another_type_is_refused_not_a_crash():
+    for label in (["D"], {"x": 1}, 4):
+        assert validate_row({**GOOD, "etiquette_dpe": label}).startswith("unparsable etiquette_dpe")
+
+
+def test_message_bytes_are_json_dumps_less_its_spaces():
+    import json
+
+    from dpe_ingest.producer import encode_message
+
+    for msg in ({**GOOD, "departement": "69"}, {**GOOD, "departement": None, "code_postal_ban": None},
+                {**GOOD, "numero_dpe": "é\u00a0\"\\\n\u2028😀\x00", "departement": "2A"}):
+        got = encode_message(msg)
+        assert json.loads(got) == msg
+        assert got == json.dumps(msg, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    # extra fields of other types: the standard library, as before (orjson would write NaN as null,
+    # and refuses integers beyond 64 bits)
+    for extra in (float("nan"), 2**70, 1.5, [1, "a"], {"k": True}):
+        msg = {**GOOD, "departement": "69", "extra": extra}
+        assert encode_message(msg) == json.dumps(msg, ensure_ascii=False).encode("utf-8")
+    with pytest.raises(UnicodeEncodeError):  # a lone surrogate: the producer makes it a dead letter
+        encode_message({**GOOD, "numero_dpe": "X\ud800", "departement": "69"})
+
+
+def test_a_row_with_a_lone_surrogate_gets_a_dead_letter(monkeypatch):
+    from dpe_ingest import deadletter
+    from dpe_ingest.config import ProducerConfig
+    from dpe_ingest.producer import Producer, Progress, SendTracker
+
+    cfg = ProducerConfig.from_env({"DEPARTMENT": "69", "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
+    sent = []
+
+    class FakeKafka:
+        def send(self, topic, key=None, value=None, headers=None):
+            sent.append((topic, key, value, headers))
+            return object()
+
+    prod = Producer(cfg)
+    page = ademe.Page(rows=[GOOD, {**GOOD, "numero_dpe": "2169E0123457Z", "code_postal_ban": "69\ud8000"},
+                            {**GOOD, "numero_dpe": "Z\udc00"}], total=3, next_url=None, url="http://api/lines")
+    page.prepared = prod._encode_page(page)
+    prog = Progress("69", 0.0, rows_at_start=0)
+    prod._send_page(FakeKafka(), SendTracker(), page, 1, None, prog)
+    assert (prog.rows, prog.dead) == (1, 2)
+    assert [t for t, *_ in sent] == [cfg.kafka.topic, cfg.kafka.dlq_topic, cfg.kafka.dlq_topic]
+    letter = deadletter.parse(sent[1][2])
+    assert letter["reason"].startswith("unparsable code_postal_ban")
+    letter = deadletter.parse(sent[2][2])  # valid UTF-8, the surrogate escaped
+    assert letter["reason"].startswith("a value is not valid Unicode") and letter["payload"]["numero_dpe"] == "Z\udc00"
+    assert sent[2][1] == b"Z\\udc00"
+
+
+def test_api_bodies_read_like_json_loads_whatever_orjson_would_do():
+    import json
+
+    bodies = [
+        b'{"total": 2, "results": [{"numero_dpe": "A", "n": 1.5, "s": "\\u00e9\\u0000"}], "next": null}',
+        b'{"results": [{"n": 123456789012345678901234, "m": -9223372036854775809}]}',  # orjson: floats
+        b'{"results": [{"n": NaN, "i": Infinity}]}',  # orjson refuses
+        b'{"results": [{"s": "\\ud800"}]}',  # a lone surrogate: orjson refuses
+        b'{"results": [{"n": 1e400}]}',
+    ]
+    for body in bodies:
+        got, want = ademe._loads(body), json.loads(body)
+        assert repr(got) == repr(want)
+        assert type(got["results"][0].get("n", 0)) is type(want["results"][0].get("n", 0))
+    with pytest.raises(ademe._TruncatedBody):
+        ademe._loads(b'{"results": [{"a": 1}')
+
+
+def test_key_hash_partitioner_is_kafkas_default_partitioning():
+    import os
+    import random
+
+    from kafka.partitioner.default import DefaultPartitioner
+    from kafka.partitioner.default import murmur2 as kafka_murmur2
+
+    from dpe_ingest.kafka_io import KeyHashPartitioner, murmur2
+
+    rng = random.Random(7)
+    for _ in range(20000):
+        data = os.urandom(rng.randrange(0, 40))
+        assert murmur2(data) == kafka_murmur2(data)
+
+    class Cluster:
+        def __init__(self, parts):
+            self.parts = parts
+
+        def topics(self):
+            return {"t"}
+
+        def partitions_for_topic(self, topic):
+            return set(self.parts)
+
+        def available_partitions_for_topic(self, topic):
+            return set(self.parts)
+
+    ours, theirs = KeyHashPartitioner(), DefaultPartitioner()
+    for parts in ([0, 1, 2, 3, 4, 5], [0], [0, 1, 2], list(range(12))):
+        cluster = Cluster(parts)
+        for i in range(3000):
+            key = f"{rng.randrange(10**6)}E{i:07d}{rng.choice('ABXZ')}".encode()
+            assert ours.partition("t", None, key, None, None, cluster) == \
+                theirs.partition("t", None, key, None, None, cluster)
+        assert ours.partition("t", None, None, None, None, cluster) in parts

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
 
+import orjson
 import requests
 
 from . import departments, logs
@@ -74,6 +75,7 @@ class Page:
     next_url: str | None
     url: str
     attempts: int = 1
+    prepared: Any = None  # what ``pages(prepare=…)`` made of the rows, in the fetching thread
 
     @property
     def has_next(self) -> bool:
@@ -328,10 +330,7 @@ class AdemeClient:
 
     @staticmethod
     def _parse(resp: requests.Response) -> Page:
-        try:
-            body = json.loads(resp.content)
-        except ValueError as exc:  # a body cut short with a 200 and no Content-Length
-            raise _TruncatedBody(f"response body is not complete JSON ({len(resp.content)} bytes)") from exc
+        body = _loads(resp.content)
         if not isinstance(body, dict) or not isinstance(body.get("results"), list):
             raise _TruncatedBody("response JSON has no 'results' list")
         total = body.get("total")
@@ -368,18 +367,26 @@ class AdemeClient:
             params["after"] = after
         return params
 
-    def pages(self, params: dict[str, Any]) -> Iterator[Page]:
+    def pages(self, params: dict[str, Any], prepare: Callable[[Page], Any] | None = None) -> Iterator[Page]:
         """Every page of a query, following ``next`` until the API runs dry.
 
         The next page is fetched in a background thread while the caller handles the current one;
-        closing the iterator early waits for that one fetch to end.
+        closing the iterator early waits for that one fetch to end.  ``prepare(page)``, when given, runs
+        in that thread too, right after the fetch, and its result is ``page.prepared``: work on the rows
+        done while the caller waits for Kafka.
         """
+        def fetch(url: str, query: dict[str, Any] | None) -> Page:
+            page = self.fetch(url, query)
+            if prepare is not None:
+                page.prepared = prepare(page)
+            return page
+
         with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
-            pending = pool.submit(self.fetch, self.lines_url, params)
+            pending = pool.submit(fetch, self.lines_url, params)
             while True:
                 page = pending.result()
                 if page.has_next:
-                    pending = pool.submit(self.fetch, page.next_url)
+                    pending = pool.submit(fetch, page.next_url, None)
                 yield page
                 if not page.has_next:
                     return
@@ -406,11 +413,30 @@ def cursor_line(after: str | None) -> int | None:
         return None
 
 
-def _json_object(resp: requests.Response) -> dict:
+# every digit made "0", every other byte " ": 19 zeros in a row are a number of 19 digits or more, perhaps an
+# integer beyond 64 bits (a regular expression takes 8x longer than orjson's whole decode of a page)
+_DIGITS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+_LONG_NUMBER = b"0" * 19
+
+
+def _loads(content: bytes) -> Any:
+    """The JSON document of a response body, exactly what ``json.loads`` reads, mostly by orjson (a page
+    of 500 rows: 0.2 ms and 0.2 ms for the digits check, against 0.6 ms).  The standard library reads what orjson refuses (NaN, infinities, lone
+    surrogates: a row with one gets its dead letter, as before) or would read differently (integers
+    beyond 64 bits, which orjson makes floats).  Raises _TruncatedBody when it is not JSON at all."""
+    if _LONG_NUMBER not in content.translate(_DIGITS):
+        try:
+            return orjson.loads(content)
+        except orjson.JSONDecodeError:
+            pass  # the standard library decides, below
     try:
-        body = json.loads(resp.content)
-    except ValueError as exc:
-        raise _TruncatedBody(f"response body is not complete JSON ({len(resp.content)} bytes)") from exc
+        return json.loads(content)
+    except ValueError as exc:  # a body cut short with a 200 and no Content-Length
+        raise _TruncatedBody(f"response body is not complete JSON ({len(content)} bytes)") from exc
+
+
+def _json_object(resp: requests.Response) -> dict:
+    body = _loads(resp.content)
     if not isinstance(body, dict):
         raise _TruncatedBody("response JSON is not an object")
     return body

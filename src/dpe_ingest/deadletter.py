@@ -55,7 +55,10 @@ def build(
         "source": source,
         "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
     }
-    value = json.dumps(doc, ensure_ascii=False, default=str).encode("utf-8")
+    try:
+        value = json.dumps(doc, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (JSON's \u escapes can carry one): escaped, valid UTF-8
+        value = json.dumps(doc, ensure_ascii=True, default=str).encode("ascii")
     headers = [("dlq.reason", reason.encode("utf-8")[:1000]), ("dlq.stage", stage.encode("ascii")),
                ("dlq.id", letter_id.encode("utf-8"))]
     return value, headers

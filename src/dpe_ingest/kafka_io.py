@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -18,6 +20,7 @@ from typing import Any, Iterable
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.partitioner.abc import Partitioner
 
 from . import logs
 from .config import KafkaSettings
@@ -86,6 +89,60 @@ def pipeline_topics(settings: KafkaSettings, checkpoint_topic: str) -> list[Topi
     ]
 
 
+_M32 = 0xFFFFFFFF
+_WORDS: dict[int, struct.Struct] = {}  # number of 4-byte words -> its little-endian Struct
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (Java ``Utils.murmur2``), the same value as kafka-python's, about 3x faster:
+    the 4-byte words are unpacked at once instead of byte by byte."""
+    length = len(data)
+    m = 0x5BD1E995
+    h = 0x9747B28C ^ length
+    n4 = length >> 2
+    words = _WORDS.get(n4)
+    if words is None:
+        words = _WORDS[n4] = struct.Struct(f"<{n4}I")
+    for k in words.unpack_from(data):
+        k = (k * m) & _M32
+        k ^= k >> 24
+        h = (((h * m) & _M32) ^ ((k * m) & _M32))
+    extra = length & 3
+    if extra:
+        tail = length & ~3
+        if extra >= 3:
+            h ^= data[tail + 2] << 16
+        if extra >= 2:
+            h ^= data[tail + 1] << 8
+        h = ((h ^ data[tail]) * m) & _M32
+    h ^= h >> 13
+    h = (h * m) & _M32
+    return h ^ (h >> 15)
+
+
+class KeyHashPartitioner(Partitioner):
+    """kafka-python's DefaultPartitioner, same partition for every key (murmur2 of the key, positive,
+    modulo the number of partitions: Java's default too), without its per-record costs: the sorted
+    partition list is kept while the topic's partitions stay the same, and murmur2 is :func:`murmur2`.
+    A record without a key goes to a random available partition, as with DefaultPartitioner."""
+
+    def __init__(self) -> None:
+        self._sorted: dict[str, tuple[set, list[int]]] = {}
+
+    def partition(self, topic, key, serialized_key, value, serialized_value, cluster):
+        parts = cluster.partitions_for_topic(topic)
+        if not parts:
+            raise ValueError(f"Topic {topic} not found in ClusterMetadata")
+        if serialized_key is None:
+            available = cluster.available_partitions_for_topic(topic)
+            return random.choice(sorted(available or parts))
+        cached = self._sorted.get(topic)
+        if cached is None or cached[0] != parts:
+            cached = self._sorted[topic] = (parts, sorted(parts))
+        ordered = cached[1]
+        return ordered[(murmur2(serialized_key) & 0x7FFFFFFF) % len(ordered)]
+
+
 def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
     """An idempotent, acks=all producer that pipelines: ``send`` never waits for the broker."""
     config: dict[str, Any] = dict(
@@ -96,10 +153,14 @@ def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
         max_in_flight_requests_per_connection=5,
         linger_ms=20,
         batch_size=256 * 1024,
+        # a page's batches are 5x smaller for the same throughput (measured: docs/producer.md, Profile);
+        # lz4 is the `lz4` package (a dependency), decompressed by every Kafka client
+        compression_type="lz4",
         retries=2**31 - 1,
         delivery_timeout_ms=180000,
         request_timeout_ms=30000,
         max_block_ms=180000,
+        partitioner=KeyHashPartitioner(),
     )
     config.update(overrides)
     return KafkaProducer(**config)
