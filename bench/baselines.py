@@ -9,6 +9,9 @@ timed part only; set-up such as loading rows into memory is not timed).
   on the Kafka side.
 - ``copy``: a direct COPY of the same rows into an indexed table with no Kafka: the limit on the
   PostgreSQL side.
+- ``sink-batches``: dpe-ingest's own sink writing the same rows, parsed, from memory in transactions of
+  100 with their offsets (what the consumer's writer thread does per batch), no Kafka: the limit of
+  durable 100-row transactions on this PostgreSQL.
 - ``course-producer``: the course's producer style: one blocking ``send(...).get()`` per row.
 - ``api-raw``: walking the API cursor with no Kafka: the limit on the API side (the stand-in's raw page rate).
 """
@@ -180,8 +183,29 @@ def course_producer(a) -> dict:
     return {"rows": n, "seconds": seconds}
 
 
+def sink_batches(a) -> dict:
+    from dpe_ingest.sink import OffsetClaim, Sink, parse_message
+
+    consumer = _consumer(a.bootstrap, a.topic, None, enable_auto_commit=False, consumer_timeout_ms=3000)
+    rows = []
+    for msg in consumer:  # read and parse the same messages first: not timed
+        rows.append(parse_message(msg.value, 0, len(rows)))
+        if len(rows) >= a.max_rows:
+            break
+    consumer.close()
+    sink = Sink(a.database_url, a.table)
+    sink.migrate()
+    t0 = time.perf_counter()
+    for i in range(0, len(rows), a.batch_size):
+        batch = rows[i:i + a.batch_size]
+        sink.write(batch, OffsetClaim(a.table, a.topic, {0: (i, i + len(batch))}))
+    seconds = time.perf_counter() - t0
+    sink.close()
+    return {"rows": len(rows), "seconds": seconds}
+
+
 BASELINES = {"course-consumer": course_consumer, "executemany-100": executemany_100, "kafka-read": kafka_read,
-             "copy": copy, "api-raw": api_raw, "course-producer": course_producer}
+             "copy": copy, "api-raw": api_raw, "course-producer": course_producer, "sink-batches": sink_batches}
 
 
 def main() -> int:
@@ -195,6 +219,7 @@ def main() -> int:
     p.add_argument("--api-url")
     p.add_argument("--department", default="69")
     p.add_argument("--max-rows", type=int, default=10**9)
+    p.add_argument("--batch-size", type=int, default=100)
     a = p.parse_args()
     print(json.dumps(BASELINES[a.name](a)))
     return 0

@@ -148,8 +148,8 @@ class Runner:
         return r
 
     # -- programs
-    def produce(self, dep: str, topic: str, api_url: str) -> Proc:
-        env = {**self.env, "DEPARTMENT": dep, "ADEME_API_URL": api_url, "KAFKA_TOPIC": topic,
+    def produce(self, dep: str, topic: str, api_url: str, code: dict[str, str] | None = None) -> Proc:
+        env = {**self.env, **(code or {}), "DEPARTMENT": dep, "ADEME_API_URL": api_url, "KAFKA_TOPIC": topic,
                "KAFKA_DLQ_TOPIC": topic + "-dlq", "PRODUCER_CHECKPOINT_TOPIC": topic + "-ckpt",
                "KAFKA_TOPIC_PARTITIONS": "6", "LOG_LEVEL": "WARNING"}
         return Proc([PY, "-m", "dpe_ingest", "produce"], env, self.log(f"produce-{dep}"))
@@ -168,17 +168,29 @@ class Runner:
     def _wait_rows(self, proc: Proc, table: str, expected: int, timeout: float = 3600,
                    also: tuple[Proc, ...] = ()) -> float:
         deadline = time.monotonic() + timeout
+        proc.first_row = None  # (seconds from start, rows) when the first rows were seen in the table
         while True:
             for p in (proc, *also):
                 p.sample()
             n = db_count(self.env["DATABASE_URL"], table)
+            if n and proc.first_row is None:
+                proc.first_row = (time.perf_counter() - proc.t0, n)
             if n >= expected:
                 return time.perf_counter() - proc.t0
             if proc.p.poll() is not None:
                 raise RuntimeError(f"consumer exited {proc.p.returncode} with {n}/{expected} rows: {proc.log}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{n}/{expected} rows after {timeout}s")
-            time.sleep(0.05)
+            time.sleep(0.02)
+
+    @staticmethod
+    def from_first_row(proc: Proc, seconds: float, rows: int) -> dict:
+        """The same run timed like the limits (from the first message to the last): from the first rows
+        seen in the table to the last, start-up (process, group join, first batch) left out."""
+        t_first, n_first = proc.first_row
+        steady = seconds - t_first
+        return {"seconds_from_first_row": round(steady, 3),
+                "rows_per_s_from_first_row": round((rows - n_first) / steady, 1) if steady > 0 else None}
 
     def baseline(self, name: str, **kw) -> tuple[dict, Proc]:
         args = [PY, str(HERE / "baselines.py"), name]
@@ -316,6 +328,40 @@ def analytics_section(r: "Runner", env: dict[str, str], api: str, rows: int) -> 
     running["ratio_to"] = ratios(running, {"consumer_alone": best_alone})
 
 
+def before_tree(rev: str, work: Path) -> Path | None:
+    """A checkout of ``rev`` (e.g. the code before this issue) whose ``src`` the end-to-end run can use."""
+    tree = work / f"before-{rev}"
+    try:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(tree), rev],
+                       check=True, capture_output=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"  (no end-to-end comparison with {rev}: {exc})", flush=True)
+        return None
+    return tree
+
+
+def end_to_end(r: "Runner", env: dict[str, str], api: str, n: int, name: str, tree: Path | None) -> dict:
+    """Three producers and one consumer from start to every row stored (``tree``: another checkout's code)."""
+    topic = r.name("e2e")
+    table = r.name("e2e")
+    code = {"PYTHONPATH": str(tree / "src")} if tree is not None else {}
+    t0 = time.perf_counter()
+    env_c = {**env, **code, "KAFKA_TOPIC": topic, "KAFKA_DLQ_TOPIC": topic + "-dlq", "DB_TABLE": table,
+             "CONSUMER_GROUP": r.name("g"), "LOG_LEVEL": "WARNING", "KAFKA_TOPIC_PARTITIONS": "6"}
+    producers = []
+    for d in ("69", "01", "38"):
+        p = r.produce(d, topic, api, code)
+        producers.append(p)
+    consumer = Proc([PY, "-m", "dpe_ingest", "consume"], env_c, r.log("consume-e2e"))
+    consumer.t0 = t0
+    seconds = r._wait_rows(consumer, table, 3 * n, also=tuple(producers))
+    for p in producers:
+        p.wait().check("producer")
+    consumer.p.send_signal(signal.SIGTERM)
+    consumer.wait(120).check("consumer")
+    return r.record(name, 3 * n, seconds, max([consumer.peak_rss_mb] + [p.peak_rss_mb for p in producers]))
+
+
 def ratios(r: dict, others: dict[str, dict]) -> dict:
     return {k: round(r["rows_per_s"] / o["rows_per_s"], 2) for k, o in others.items() if o.get("rows_per_s")}
 
@@ -380,9 +426,12 @@ def run(args) -> dict:
         res, p = r.baseline("copy", bootstrap=env["KAFKA_BOOTSTRAP_SERVERS"], topic=topic,
                             database_url=env["DATABASE_URL"], table=r.name("copy"))
         copy = r.record("consumer.limit.copy_no_kafka", res["rows"], res["seconds"], p.peak_rss_mb)
+        res, p = r.baseline("sink-batches", bootstrap=env["KAFKA_BOOTSTRAP_SERVERS"], topic=topic,
+                            database_url=env["DATABASE_URL"], table=r.name("sink"))
+        sink_only = r.record("consumer.limit.sink_batches_100_no_kafka", res["rows"], res["seconds"], p.peak_rss_mb)
         ours_table = r.name("t")
         seconds, p = r.consume_until(topic, N, ours_table)
-        ours_c = r.record("consumer.dpe_ingest", N, seconds, p.peak_rss_mb)
+        ours_c = r.record("consumer.dpe_ingest", N, seconds, p.peak_rss_mb, **r.from_first_row(p, seconds, N))
         res, p = r.baseline("course-consumer", bootstrap=env["KAFKA_BOOTSTRAP_SERVERS"], topic=topic,
                             group=r.name("g"), database_url=env["DATABASE_URL"], table=r.name("course"),
                             max_rows=args.baseline_rows)
@@ -392,29 +441,32 @@ def run(args) -> dict:
                             group=r.name("g"), database_url=env["DATABASE_URL"], table=r.name("em"))
         em = r.record("consumer.baseline.executemany_batch_100", res["rows"], res["seconds"], p.peak_rss_mb)
         ours_c["ratio_to"] = ratios(ours_c, {"course_insert_commit_per_row": course_c,
-                                             "executemany_batch_100": em, "kafka_read_no_db": kread,
-                                             "copy_no_kafka": copy})
+                                             "executemany_batch_100": em, "copy_no_kafka": copy})
+        # the limits are timed from their first message: so is this ratio (start-up left out; the one
+        # including it is kept beside)
+        steady = {"rows_per_s": ours_c["rows_per_s_from_first_row"]}
+        ours_c["ratio_to"].update({
+            "kafka_read_no_db": ratios(steady, {"x": kread})["x"],
+            "kafka_read_no_db_start_up_included": ratios(ours_c, {"x": kread})["x"],
+            "sink_batches_100_no_kafka": ratios(steady, {"x": sink_only})["x"]})
         if "connect" in sections:  # the peer, on an enveloped copy of the same topic
             print(CONNECT_TITLE.format(N=N), flush=True)
             connect_section(r, api, N, ours=ours_c, topic=topic, ours_table=ours_table)
 
         # ---------------------------------------------------------------- end to end
         print(f"\nend to end: departments 69, 01, 38 x {N} rows, from start to all rows stored", flush=True)
-        topic = r.name("e2e")
-        table = r.name("e2e")
-        t0 = time.perf_counter()
-        env_c = {**env, "KAFKA_TOPIC": topic, "KAFKA_DLQ_TOPIC": topic + "-dlq", "DB_TABLE": table,
-                 "CONSUMER_GROUP": r.name("g"), "LOG_LEVEL": "WARNING", "KAFKA_TOPIC_PARTITIONS": "6"}
-        producers = [r.produce(d, topic, api) for d in ("69", "01", "38")]
-        consumer = Proc([PY, "-m", "dpe_ingest", "consume"], env_c, r.log("consume-e2e"))
-        consumer.t0 = t0
-        seconds = r._wait_rows(consumer, table, 3 * N, also=tuple(producers))
-        for p in producers:
-            p.wait().check("producer")
-        consumer.p.send_signal(signal.SIGTERM)
-        consumer.wait(120).check("consumer")
-        r.record("end_to_end.3_departments", 3 * N, seconds,
-                 max([consumer.peak_rss_mb] + [p.peak_rss_mb for p in producers]))
+        before = before_tree(args.before, work) if args.before else None
+        runs = [("end_to_end.3_departments", None)]
+        if before is not None:  # the code before issue 13, same machine, same run, run first
+            runs.insert(0, (f"end_to_end.3_departments.before_{args.before}", before))
+        e2e = {}
+        for name, tree in runs:
+            e2e[name] = end_to_end(r, env, api, N, name, tree)
+        if before is not None:
+            ours_e, old_e = e2e["end_to_end.3_departments"], e2e[runs[0][0]]
+            ours_e["ratio_to"] = ratios(ours_e, {f"before_{args.before}": old_e})
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)],
+                           capture_output=True, timeout=120)
 
         # ---------------------------------------------------------------- scale
         print(f"\nscale: one department of {', '.join(map(str, sizes))} rows: time per row and peak memory",
@@ -428,6 +480,10 @@ def run(args) -> dict:
             seconds, c = r.consume_until(topic, size)
             rc = r.record(f"scale.consumer.{size}", size, seconds, c.peak_rss_mb)
             rc["us_per_row"] = round(1e6 * seconds / size, 1)
+            for rec, what in ((rp, "producer"), (rc, "consumer")):
+                ref = next((x for x in r.results if x["name"] == f"scale.{what}.100000"), None)
+                if ref is not None and size > 100000 and ref["peak_rss_mb"] and rec["peak_rss_mb"]:
+                    rec["ratio_to"] = {"peak_rss_of_100000": round(rec["peak_rss_mb"] / ref["peak_rss_mb"], 2)}
     except _Done:
         pass
     finally:
@@ -481,6 +537,8 @@ def print_table(doc: dict) -> None:
         rat = "  ".join(f"{v:g}x {k}" for k, v in (r.get("ratio_to") or {}).items())
         if r.get("api_requests") is not None:
             rat = f"{r['api_requests']} API requests  " + rat
+        if r.get("rows_per_s_from_first_row") is not None:
+            rat = f"{r['rows_per_s_from_first_row']:.0f} rows/s from its first row  " + rat
         if r.get("seconds_from_worker_start") is not None:
             rat = (f"{r['seconds_from_worker_start']:.2f} s from worker start, {r['seconds_from_task_running']:.2f} s "
                    "from task RUNNING  " + rat)
@@ -497,6 +555,9 @@ def main() -> int:
     p.add_argument("--sections", default="main,refresh,analytics,connect",
                    help="what to measure: main (producer, consumer, end to end, scale), refresh, analytics, "
                         "connect (the Kafka Connect + Debezium JDBC sink peer, beside our consumer)")
+    p.add_argument("--before", default="e274184", metavar="REV",
+                   help="also run the end-to-end measurement with this commit's code (default: the commit "
+                        "before issue 13's changes; '' for none)")
     p.add_argument("--out", default=str(HERE / "results.json"))
     args = p.parse_args()
     doc = run(args)

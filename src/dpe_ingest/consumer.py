@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -47,6 +48,9 @@ CRASH_POINTS = ("after_poll", "after_insert", "after_dlq_send", "after_db_commit
 PROGRESS_EVERY_S = 10.0
 #: the Kafka group offsets (advisory) are committed at most this often, and at exit
 KAFKA_COMMIT_EVERY_S = 1.0
+#: messages taken from kafka-python per poll (each poll is a round trip to its network thread); the
+#: ones beyond the current batch wait in memory, in order, for the next one
+POLL_RECORDS = 500
 
 Letter = tuple[bytes | None, bytes, list]
 
@@ -183,6 +187,8 @@ class Consumer:
         self.producer = None
         self.writer: WriterThread | None = None
         self.batch = Batch()
+        self.pending: deque = deque()  # (tp, message) polled, not in a batch yet
+        self.in_flight_messages = 0  # messages of the batch handed to the writer thread
         self.written = 0  # batches written and collected (the crash hook counts these)
         # where the next message of each positioned partition is read from; a partition assigned but
         # not positioned from the database yet is in ``unsynced`` (its messages are not used)
@@ -240,7 +246,7 @@ class Consumer:
     # -- rebalance listener (kafka-python calls it while our poll() waits) ---------------------------
     def on_partitions_revoked(self, revoked) -> None:
         revoked = set(revoked)
-        dropped = self.batch.drop(revoked)
+        dropped = self.batch.drop(revoked) + self._drop_pending(revoked)
         for tp in revoked:
             self.read_pos.pop(tp, None)
             self.to_commit.pop(tp, None)
@@ -251,6 +257,12 @@ class Consumer:
             logs.event(log, "partitions_revoked",
                        f"partitions revoked: {_tps(revoked)}; {dropped} unwritten message(s) left to the next owner",
                        partitions=_tps(revoked), dropped=dropped, writing=self.in_flight)
+
+    def _drop_pending(self, tps) -> int:
+        before = len(self.pending)
+        if before:
+            self.pending = deque(item for item in self.pending if item[0] not in tps)
+        return before - len(self.pending)
 
     def on_partitions_lost(self, lost) -> None:
         self.on_partitions_revoked(lost)
@@ -512,6 +524,7 @@ class Consumer:
     def _submit(self) -> None:
         """Hand the current batch to the writer thread (which must be free) and start a new one."""
         batch, self.batch = self.batch, Batch()
+        self.in_flight_messages = batch.count
         if self.writer is None:
             self.writer = WriterThread()
         self.writer.submit(lambda: self._write(batch))
@@ -520,9 +533,10 @@ class Consumer:
         """Take the outcome of the batch written meanwhile, if any (waiting up to ``timeout``)."""
         if self.writer is None:
             return False
-        ok, w = self.writer.collect(timeout)
+        ok, w = self.writer.collect(timeout)  # (re-raises the writer's Abandon: in_flight_messages stays)
         if not ok:
             return False
+        self.in_flight_messages = 0
         self.written += 1
         res, batch = w.result, w.batch
         if w.stale:
@@ -538,6 +552,7 @@ class Consumer:
             self.metrics.batch(res.inserted, res.updated, res.unchanged, res.deleted, w.dead_letters,
                                res.seconds if kept_rows else None)
             self.metrics.committed()
+        if (kept_rows or w.dead_letters) and log.isEnabledFor(logging.DEBUG):
             logs.event(log, "batch",
                        f"batch {self.totals.batches}: {res.rows} rows ({res.inserted} new, {res.updated} updated, "
                        f"{res.unchanged} unchanged), {w.dead_letters} dead letters",
@@ -557,6 +572,7 @@ class Consumer:
             if tp not in self.read_pos:
                 continue  # not ours any more
             self.batch.drop([tp])  # what follows the stale messages is not where the database is either
+            self._drop_pending([tp])
             if stored is None:
                 self.unsynced.add(tp)
                 self.consumer.pause(tp)
@@ -646,7 +662,7 @@ class Consumer:
     def _idle_done(self) -> bool:
         """True when --exit-when-idle applies: nothing in flight, nothing new for that long, and the
         database's offsets reach the end of every assigned partition."""
-        if self.exit_when_idle_s is None or self.batch.count or self.in_flight or self.unsynced:
+        if self.exit_when_idle_s is None or self.batch.count or self.pending or self.in_flight or self.unsynced:
             return False
         if time.monotonic() - self.last_message_at < self.exit_when_idle_s:
             return False
@@ -683,6 +699,9 @@ class Consumer:
             if not self._collect(timeout=0.5) and self.in_flight:
                 self._poll_paused(0.01)
             return
+        if self.pending:
+            self._take(room)
+            return
         paused = self.consumer.paused()
         if paused:
             self.consumer.resume(*(set(paused) - self.unsynced))
@@ -695,21 +714,32 @@ class Consumer:
             wait = min(wait, 0.05)  # come back soon to hand over the next batch
         wait = max(0.0, min(wait, 1.0))
         try:
-            records = self.consumer.poll(timeout_ms=int(wait * 1000), max_records=room)
+            records = self.consumer.poll(timeout_ms=int(wait * 1000), max_records=max(room, POLL_RECORDS))
         except KafkaError as exc:
             logs.event(log, "kafka_error", f"poll failed: {_short(exc)}", logging.WARNING, error=_short(exc))
             time.sleep(1.0)
             records = {}
         if records:
-            n = sum(len(m) for m in records.values())
-            logs.event(log, "polled", "polled messages", logging.DEBUG, messages=n, batch=self.batch.count + n)
-            self.crash("after_poll", self.written)
             self.last_message_at = time.monotonic()
+            n = 0
             for tp, msgs in records.items():
                 if tp not in self.read_pos or tp in self.unsynced:
                     continue  # not positioned from the database yet: read again once it is
-                for m in msgs:
-                    self._add(tp, m)
+                n += len(msgs)
+                self.pending.extend((tp, m) for m in msgs)
+            self._take(room)
+            if log.isEnabledFor(logging.DEBUG):
+                logs.event(log, "polled", "polled messages", logging.DEBUG, messages=n, batch=self.batch.count,
+                           pending=len(self.pending))
+
+    def _take(self, room: int) -> None:
+        """Move up to ``room`` polled messages into the batch, in order."""
+        pending = self.pending
+        for _ in range(min(room, len(pending))):
+            tp, m = pending.popleft()
+            self._add(tp, m)
+        if self.batch.count:
+            self.crash("after_poll", self.written)  # polled into a batch, nothing of it written
 
     def run(self) -> int:
         cfg = self.cfg
@@ -738,10 +768,11 @@ class Consumer:
                 self._drain()
             self._commit_kafka(force=True)
         except Abandon:
-            if self.batch.count or self.in_flight:
-                logs.event(log, "abandoned", f"grace period over: {self.batch.count} message(s) left unwritten "
+            unwritten = self.batch.count + self.in_flight_messages
+            if unwritten:
+                logs.event(log, "abandoned", f"grace period over: {unwritten} message(s) left unwritten "
                            "(the next consumer reads them from the stored offsets)", logging.WARNING,
-                           batch_rows=self.batch.count, writing=self.in_flight)
+                           batch_rows=unwritten, writing=self.in_flight)
         finally:
             self.close()
         self._progress(force=True)

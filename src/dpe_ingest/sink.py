@@ -31,6 +31,7 @@ from .config import BASE_FIELDS
 
 #: Columns filled from the message (``extra`` holds every other field of the JSON object).
 DATA_COLUMNS: tuple[str, ...] = BASE_FIELDS + ("departement",)
+_DATA_KEYS = frozenset(DATA_COLUMNS)
 #: a message with this flag set deletes its numero_dpe (rows deactivated in the API; the producer's refresh)
 DELETED_FLAG = "_deleted"
 #: numero_dpe longer than this is refused (a btree index entry must stay well under 2.7 kB).
@@ -54,7 +55,7 @@ class Invalid(ValueError):
         self.department = department  # for the dead letter: which department's count it belongs to
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Row:
     numero_dpe: str
     date_reception_dpe: dt.date | None
@@ -185,16 +186,16 @@ def parse_message(value: bytes | None, partition: int, offset: int) -> Row:
                 date = dt.date.fromisoformat(raw_date)
         except ValueError:
             raise Invalid(f"date_reception_dpe {raw_date!r} is not a date (YYYY-MM-DD)", payload=doc) from None
-    extra = {k: v for k, v in doc.items() if k not in DATA_COLUMNS}
+    cp, label, dep = doc.get("code_postal_ban"), doc.get("etiquette_dpe"), doc.get("departement")
     return Row(
-        numero_dpe=numero,
-        date_reception_dpe=date,
-        code_postal_ban=_text(doc.get("code_postal_ban")),
-        etiquette_dpe=_text(doc.get("etiquette_dpe")),
-        departement=_text(doc.get("departement")),
-        extra=extra,
-        partition=partition,
-        offset=offset,
+        numero,
+        date,
+        cp if cp is None or type(cp) is str else _text(cp),
+        label if label is None or type(label) is str else _text(label),
+        dep if dep is None or type(dep) is str else _text(dep),
+        {k: v for k, v in doc.items() if k not in _DATA_KEYS},
+        partition,
+        offset,
     )
 
 
