@@ -757,3 +757,60 @@ def test_a_partial_batch_is_written_after_batch_idle_ms(kafka_bootstrap, databas
     assert p.p.poll() is None  # still running: it was the idle timer, not an exit
     p.p.send_signal(signal.SIGTERM)
     assert p.wait() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# where a partition starts: the database's offsets, an earlier version's group offsets, the beginning
+# ---------------------------------------------------------------------------------------------
+def commit_group_offsets(bootstrap: str, group: str, topic: str, offsets: dict[int, int], metadata: str) -> None:
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        c.commit({TopicPartition(topic, p): OffsetAndMetadata(o, metadata, -1) for p, o in offsets.items()})
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("metadata, expect_from", [("", 40), ("dpe-ingest: mirror of dpe_ingest_offsets", 0)])
+def test_a_partition_unknown_to_the_database_starts_at_an_earlier_versions_offset_else_at_the_beginning(
+        metadata, expect_from, kafka_bootstrap, database_url, procs, tmp_path):
+    """An earlier version kept its positions in Kafka (its offsets carry no metadata): an upgrade goes on
+    from there.  Offsets that only mirror the database's, with the database's gone (dropped, or lost with
+    its rows), are not trusted: the partition is read from its beginning, nothing skipped."""
+    from dpe_ingest.consumer import KAFKA_MIRROR_METADATA
+
+    assert not metadata or metadata == KAFKA_MIRROR_METADATA
+    names = new_names("start")
+    topic, group = names["KAFKA_TOPIC"], names["CONSUMER_GROUP"]
+    create_topic(kafka_bootstrap, topic, 2)
+    sent = produce(kafka_bootstrap, topic, [doc(i, tag="S") for i in range(200)])
+    commit_group_offsets(kafka_bootstrap, group, topic, {0: 40, 1: 40}, metadata)
+    p = Proc(consumer_env(kafka_bootstrap, database_url, names), tmp_path, "--exit-when-idle", "4")
+    procs.append(p)
+    assert p.wait() == 0, p.text()[-4000:]
+    reconcile(database_url, names["DB_TABLE"], [s for s in sent if s.offset >= expect_from])
+    assert_fully_committed(kafka_bootstrap, group, sent, topic, database_url)
+    assert "not in the database yet: 0,1" in p.events("positioned")[0]["msg"]
+
+
+def test_at_info_the_log_does_not_grow_with_the_number_of_batches(kafka_bootstrap, database_url, procs, tmp_path):
+    """One line per event worth reading (start, assignment, progress every 10 s, stop), none per batch:
+    a million rows log a few hundred lines at most."""
+    names = new_names("quiet")
+    create_topic(kafka_bootstrap, names["KAFKA_TOPIC"], 3)
+    sent = produce(kafka_bootstrap, names["KAFKA_TOPIC"], [doc(i, tag="Q") for i in range(6000)])
+    env = consumer_env(kafka_bootstrap, database_url, names, LOG_LEVEL="INFO")
+    p = Proc(env, tmp_path, "--exit-when-idle", "3")
+    procs.append(p)
+    assert p.wait() == 0, p.text()[-4000:]
+    reconcile(database_url, names["DB_TABLE"], sent)
+    lines = p.text().splitlines()
+    events = [parse_logfmt(line).get("event") for line in lines]
+    assert not {"batch", "polled"} & set(events)
+    assert set(events) <= {"start", "migrated", "topics_created", "partitions_assigned", "positioned", "progress",
+                           "idle", "partitions_revoked", "stop"}, events
+    assert len(lines) <= 12 + events.count("progress"), lines  # 60 batches, a handful of lines
+    last = p.events("progress")[-1]
+    assert int(last["rows"]) == 6000 and last["rate"].endswith("rows/s") and int(last["batches"]) >= 60

@@ -48,6 +48,10 @@ CRASH_POINTS = ("after_poll", "after_insert", "after_dlq_send", "after_db_commit
 PROGRESS_EVERY_S = 10.0
 #: the Kafka group offsets (advisory) are committed at most this often, and at exit
 KAFKA_COMMIT_EVERY_S = 1.0
+#: the metadata of the group's Kafka offsets this consumer commits: they only mirror the database's
+#: offsets.  A committed offset WITHOUT it was written by a version that kept its positions in Kafka
+#: (the table already holds the rows before it): the one case where a Kafka offset positions a partition.
+KAFKA_MIRROR_METADATA = "dpe-ingest: mirror of dpe_ingest_offsets"
 #: messages taken from kafka-python per poll (each poll is a round trip to its network thread); the
 #: ones beyond the current batch wait in memory, in order, for the next one
 POLL_RECORDS = 500
@@ -414,10 +418,15 @@ class Consumer:
         fallback: dict[TopicPartition, int] = {}
         if unknown:
             def kafka_positions():
-                committed = {tp: self.consumer.committed(tp) for tp in unknown}
-                missing = [tp for tp, off in committed.items() if off is None]
-                begin = self.consumer.beginning_offsets(missing) if missing else {}
-                return {tp: committed[tp] if committed[tp] is not None else begin[tp] for tp in unknown}
+                # a partition the database does not know: from the group's Kafka offset only if an earlier
+                # version (positions kept in Kafka) committed it; a mirror of ours means the database lost
+                # or dropped the offsets (and the rows with them, same transactions): from the beginning
+                committed = {tp: self.consumer.committed(tp, metadata=True) for tp in unknown}
+                legacy = {tp: c.offset for tp, c in committed.items()
+                          if c is not None and c.offset >= 0 and c.metadata != KAFKA_MIRROR_METADATA}
+                rest = [tp for tp in unknown if tp not in legacy]
+                begin = self.consumer.beginning_offsets(rest) if rest else {}
+                return {**begin, **legacy}
             fallback = self._kafka_call(kafka_positions, "group offsets read")
         todo &= self.unsynced
         where = {}
@@ -432,9 +441,11 @@ class Consumer:
         self.unsynced -= todo
         if where:
             self.consumer.resume(*where)
+            new = sorted(tp.partition for tp in where if tp.partition not in stored)
             logs.event(log, "positioned", "partitions positioned at the offsets stored with the rows: "
-                       + ", ".join(f"{tp.partition}@{o}" + ("" if tp.partition in stored else " (not in the database)")
-                                   for tp, o in sorted(where.items(), key=lambda i: i[0].partition)),
+                       + ", ".join(f"{tp.partition}@{o}" for tp, o in sorted(where.items(), key=lambda i: i[0].partition))
+                       + (f" (not in the database yet: {','.join(map(str, new))}; from an earlier version's group "
+                          "offset, else the beginning)" if new else ""),
                        partitions=_tps(todo))
 
     # -- messages ------------------------------------------------------------------------------
@@ -591,7 +602,7 @@ class Consumer:
         now = time.monotonic()
         if not force and now - self.last_kafka_commit < KAFKA_COMMIT_EVERY_S:
             return
-        offsets = {tp: OffsetAndMetadata(off, "", -1) for tp, off in self.to_commit.items()}
+        offsets = {tp: OffsetAndMetadata(off, KAFKA_MIRROR_METADATA, -1) for tp, off in self.to_commit.items()}
         self.last_kafka_commit = now
         self.kafka_commit_due = False
         try:
