@@ -563,6 +563,7 @@ class Consumer:
             self.metrics.batch(res.inserted, res.updated, res.unchanged, res.deleted, w.dead_letters,
                                res.seconds if kept_rows else None)
             self.metrics.committed()
+            self.metrics.lag.set(self.lag_by_partition())
         if (kept_rows or w.dead_letters) and log.isEnabledFor(logging.DEBUG):
             logs.event(log, "batch",
                        f"batch {self.totals.batches}: {res.rows} rows ({res.inserted} new, {res.updated} updated, "

@@ -79,12 +79,12 @@ class ConsumerMetrics:
         self.batches = Counter("dpe_consumer_batches", "Batches written (one database transaction each)",
                                registry=r)
         self.write_seconds = Histogram("dpe_consumer_batch_write_seconds", "Seconds to write one batch into "
-                                       "PostgreSQL (COPY + upsert + commit)", buckets=WRITE_BUCKETS, registry=r)
+                                       "PostgreSQL (rows and offsets in one statement, then the commit)", buckets=WRITE_BUCKETS, registry=r)
         self.lag = _Lag("dpe_consumer", "the sink", r)
         self._last = _LastCommit()
         self.last_commit_ts = Gauge("dpe_consumer_last_commit_timestamp_seconds",
-                                    "Unix time of the last successful offset commit", registry=r)
-        g = Gauge("dpe_consumer_last_commit_age_seconds", "Seconds since the last successful offset commit "
+                                    "Unix time of the last batch committed (rows and offsets) to PostgreSQL", registry=r)
+        g = Gauge("dpe_consumer_last_commit_age_seconds", "Seconds since the last batch (rows and offsets) was committed "
                   "(NaN before the first)", registry=r)
         g.set_function(self._last.age)
 
