@@ -330,3 +330,14 @@ def test_key_hash_partitioner_is_kafkas_default_partitioning():
             assert ours.partition("t", None, key, None, None, cluster) == \
                 theirs.partition("t", None, key, None, None, cluster)
         assert ours.partition("t", None, None, None, None, cluster) in parts
+
+
+def test_the_topic_is_compressed_with_a_codec_every_client_reads_without_extras(monkeypatch):
+    """Students attach their own `pip install kafka-python` consumers to the topic: lz4/zstd would need
+    packages they do not have (UnsupportedCodecError); gzip needs none (docs/producer.md, Profile)."""
+    from dpe_ingest import kafka_io
+
+    seen = {}
+    monkeypatch.setattr(kafka_io, "KafkaProducer", lambda **cfg: seen.update(cfg) or object())
+    kafka_io.make_producer("127.0.0.1:1")
+    assert seen["compression_type"] in (None, "gzip")
