@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from pg import db_count
+
 from dpe_ingest.testbed.connect import (CONNECT_VERSION, DEBEZIUM_DEFAULT_BATCH_SIZE, DEBEZIUM_VERSION,
                                         ConnectStandalone, copy_enveloped, jdbc_sink_config)
 
@@ -23,17 +25,6 @@ PEER = "kafka_connect_debezium_jdbc"
 #: (label, batch.size, consumer.override.max.poll.records): None keeps the default (500 both)
 VARIANTS = (("batch_100", 100, 100), ("batch_default", None, None))
 STALL_S = 180.0  # no new row for this long: the peer is stuck, the bench fails
-
-
-def _count(database_url: str, table: str) -> int:
-    import psycopg2
-
-    try:
-        with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
-            cur.execute(f"SELECT count(*) FROM {table}")
-            return cur.fetchone()[0]
-    except psycopg2.errors.UndefinedTable:
-        return 0
 
 
 def table_digest(database_url: str, table: str) -> tuple[int, int, str | None]:
@@ -69,7 +60,7 @@ def run_peer(r: "Runner", topic: str, rows: int, label: str, batch_size: int | N
                 last_check = time.monotonic()
                 if worker.check(name) and t_running is None:  # raises when the connector or its task FAILED
                     t_running = time.perf_counter()
-            n = _count(database_url, table)
+            n = db_count(database_url, table)
             if n >= rows:
                 t_done = time.perf_counter()
                 break

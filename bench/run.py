@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from dpe_ingest.testbed import KAFKA_VERSION, LocalServers  # noqa: E402
 from dpe_ingest.testbed.connect import CONNECT_VERSION, DEBEZIUM_VERSION  # noqa: E402
 from kafka_connect import connect_section  # noqa: E402
+from pg import db_count  # noqa: E402
 
 PY = sys.executable
 
@@ -111,17 +112,6 @@ def wait_http(url: str, timeout: float = 30) -> None:
         except requests.RequestException:
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer")
-
-
-def db_count(database_url: str, table: str) -> int:
-    import psycopg2
-
-    try:
-        with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
-            cur.execute(f"SELECT count(*) FROM {table}")
-            return cur.fetchone()[0]
-    except psycopg2.errors.UndefinedTable:
-        return 0
 
 
 # ------------------------------------------------------------------------------------------- the runner

@@ -31,9 +31,9 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
-from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka import TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
@@ -520,13 +520,13 @@ class Analytics:
         if assigned and self.consumer is not None:
             self.consumer.pause(*assigned)  # until positioned from the database
         self.last_message_at = time.monotonic()
-        logs.event(log, "partitions_assigned", f"partitions assigned: {_tps(assigned) or 'none'}",
-                   partitions=_tps(assigned))
+        logs.event(log, "partitions_assigned", f"partitions assigned: {kc.partitions_text(assigned) or 'none'}",
+                   partitions=kc.partitions_text(assigned))
 
     def on_partitions_revoked(self, revoked) -> None:
         self.unsynced -= set(revoked)
         if revoked:
-            logs.event(log, "partitions_revoked", f"partitions revoked: {_tps(revoked)}", partitions=_tps(revoked))
+            logs.event(log, "partitions_revoked", f"partitions revoked: {kc.partitions_text(revoked)}", partitions=kc.partitions_text(revoked))
 
     # -- helpers ---------------------------------------------------------------------------------
     def _retrying(self, fn, what: str):
@@ -540,9 +540,9 @@ class Analytics:
             except self.store.pg.Error as exc:
                 self.store.close()
                 wait = min(self.cfg.retry_max_backoff_s, 0.5 * 2 ** min(attempt, 20))
-                logs.event(log, "db_unavailable", f"database error during {what}: {_short(exc)}; retrying in "
+                logs.event(log, "db_unavailable", f"database error during {what}: {logs.short_error(exc)}; retrying in "
                            f"{wait:.1f}s", logging.WARNING, what=what, attempt=attempt + 1, retry_in=round(wait, 1),
-                           error=_short(exc))
+                           error=logs.short_error(exc))
                 attempt += 1
                 self._keepalive(wait)
                 if self.stop:
@@ -691,7 +691,7 @@ class Analytics:
             self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}, timeout_ms=5000)
         except Exception as exc:  # noqa: BLE001 - the truth is in the database
             logs.event(log, "commit_failed", f"Kafka offset commit failed (harmless: the offsets are stored with "
-                       f"the counts): {_short(exc)}", logging.DEBUG, error=_short(exc))
+                       f"the counts): {logs.short_error(exc)}", logging.DEBUG, error=logs.short_error(exc))
 
     # -- the loop --------------------------------------------------------------------------------
     def _idle_done(self) -> bool:
@@ -706,7 +706,7 @@ class Analytics:
             ends = self.consumer.end_offsets(assigned, timeout_ms=10000)
             stored = self.store.offsets(self.cfg.kafka.topic)
         except Exception as exc:  # noqa: BLE001
-            logs.event(log, "idle_check_failed", f"idle check: {_short(exc)}", logging.WARNING)
+            logs.event(log, "idle_check_failed", f"idle check: {logs.short_error(exc)}", logging.WARNING)
             self.last_message_at = time.monotonic()
             return False
         behind = [tp for tp, end in ends.items() if end > max(stored.get(tp.partition, 0), 0)]
@@ -741,13 +741,13 @@ class Analytics:
             kc.ensure_topics(k)
             self.consumer = kc.make_consumer(k, cfg.group, self.max_records,
                                              client_id=f"dpe-ingest-analytics-{cfg.group}")
-            self.consumer.subscribe([k.topic], listener=_Listener(self))
+            self.consumer.subscribe([k.topic], listener=kc.RebalanceListener(self))
             while not self.stop:
                 self._sync()
                 try:
                     records = self.consumer.poll(timeout_ms=1000, max_records=self.max_records)
                 except KafkaError as exc:
-                    logs.event(log, "kafka_error", f"poll failed: {_short(exc)}", logging.WARNING, error=_short(exc))
+                    logs.event(log, "kafka_error", f"poll failed: {logs.short_error(exc)}", logging.WARNING, error=logs.short_error(exc))
                     time.sleep(1.0)
                     continue
                 if records:
@@ -762,7 +762,7 @@ class Analytics:
         except Exception as exc:  # noqa: BLE001
             if not self.stop:
                 raise
-            logs.event(log, "abandoned", f"stopped during a wait: {_short(exc)}", logging.WARNING)
+            logs.event(log, "abandoned", f"stopped during a wait: {logs.short_error(exc)}", logging.WARNING)
         finally:
             if self.consumer is not None:
                 try:
@@ -778,25 +778,6 @@ class Analytics:
         self._progress(force=True)
         logs.event(log, "stop", f"analytics stopped ({reason})", reason=reason, batches=self.batches)
         return 0
-
-
-class _Listener(ConsumerRebalanceListener):
-    def __init__(self, owner: Analytics):
-        self.owner = owner
-
-    def on_partitions_revoked(self, revoked):
-        self.owner.on_partitions_revoked(revoked)
-
-    def on_partitions_assigned(self, assigned):
-        self.owner.on_partitions_assigned(assigned)
-
-
-def _tps(tps: Iterable) -> str:
-    return ",".join(f"{tp.topic}:{tp.partition}" for tp in sorted(tps, key=lambda t: (t.topic, t.partition)))
-
-
-def _short(exc: BaseException) -> str:
-    return (" ".join(str(exc).split()) or type(exc).__name__)[:300]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -842,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rep = report(cfg)
         except Exception as exc:  # noqa: BLE001
-            print(f"dpe-ingest analytics: cannot read the analytics tables: {_short(exc)}", file=sys.stderr)
+            print(f"dpe-ingest analytics: cannot read the analytics tables: {logs.short_error(exc)}", file=sys.stderr)
             return 1
         if args.json:
             print(json.dumps(rep.to_json(), indent=2))

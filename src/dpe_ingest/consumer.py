@@ -32,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka import TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
@@ -259,8 +259,8 @@ class Consumer:
         # for the next owner's first batch, which one is written
         if revoked:
             logs.event(log, "partitions_revoked",
-                       f"partitions revoked: {_tps(revoked)}; {dropped} unwritten message(s) left to the next owner",
-                       partitions=_tps(revoked), dropped=dropped, writing=self.in_flight)
+                       f"partitions revoked: {kc.partitions_text(revoked)}; {dropped} unwritten message(s) left to the next owner",
+                       partitions=kc.partitions_text(revoked), dropped=dropped, writing=self.in_flight)
 
     def _drop_pending(self, tps) -> int:
         before = len(self.pending)
@@ -279,8 +279,8 @@ class Consumer:
         if assigned and self.consumer is not None:
             self.consumer.pause(*assigned)
         self.last_message_at = time.monotonic()  # --exit-when-idle: give new partitions a full idle period
-        logs.event(log, "partitions_assigned", f"partitions assigned: {_tps(assigned) or 'none'}",
-                   partitions=_tps(assigned))
+        logs.event(log, "partitions_assigned", f"partitions assigned: {kc.partitions_text(assigned) or 'none'}",
+                   partitions=kc.partitions_text(assigned))
 
     # -- waiting while something is down or busy --------------------------------------------
     def _keepalive(self, seconds: float) -> None:
@@ -304,7 +304,7 @@ class Consumer:
         try:
             records = self.consumer.poll(timeout_ms=int(seconds * 1000) or 1, max_records=1)
         except KafkaError as exc:
-            logs.event(log, "kafka_error", f"poll while waiting: {exc}", logging.WARNING, error=_short(exc))
+            logs.event(log, "kafka_error", f"poll while waiting: {exc}", logging.WARNING, error=logs.short_error(exc))
             time.sleep(min(seconds, 0.5))
             return
         for tp, msgs in records.items():  # paused: should not happen; never use them out of place
@@ -320,7 +320,7 @@ class Consumer:
             self.consumer.seek(tp, offset)
             return True
         except Exception as exc:  # noqa: BLE001 - no longer assigned (a rebalance meanwhile)
-            logs.event(log, "seek_skipped", f"not positioning {_tps([tp])}: {_short(exc)}", logging.DEBUG)
+            logs.event(log, "seek_skipped", f"not positioning {kc.partitions_text([tp])}: {logs.short_error(exc)}", logging.DEBUG)
             return False
 
     def _backoff(self, attempt: int) -> float:
@@ -354,14 +354,14 @@ class Consumer:
                 logs.event(log, "db_unavailable",
                            f"database unavailable during {what}: {exc}; retrying in {pause:.1f}s (batch kept)",
                            logging.WARNING, what=what, attempt=attempt + 1, retry_in=round(pause, 1),
-                           error=_short(exc), batch_rows=batch_rows)
+                           error=logs.short_error(exc), batch_rows=batch_rows)
             except psycopg2.Error as exc:
                 # not a connection problem (table dropped, permissions, …): migrate again and retry
                 pause = self._backoff(attempt)
                 self.need_migrate = True
-                logs.event(log, "db_error", f"database error during {what}: {_short(exc)}; retrying in {pause:.1f}s",
+                logs.event(log, "db_error", f"database error during {what}: {logs.short_error(exc)}; retrying in {pause:.1f}s",
                            logging.ERROR, what=what, attempt=attempt + 1, retry_in=round(pause, 1),
-                           error=_short(exc), batch_rows=batch_rows)
+                           error=logs.short_error(exc), batch_rows=batch_rows)
             attempt += 1
             wait(pause)
 
@@ -378,9 +378,9 @@ class Consumer:
                 return result
             except (KafkaError, OSError) as exc:
                 pause = self._backoff(attempt)
-                logs.event(log, "kafka_unavailable", f"Kafka unavailable during {what}: {_short(exc)}; "
+                logs.event(log, "kafka_unavailable", f"Kafka unavailable during {what}: {logs.short_error(exc)}; "
                            f"retrying in {pause:.1f}s", logging.WARNING, what=what, attempt=attempt + 1,
-                           retry_in=round(pause, 1), error=_short(exc))
+                           retry_in=round(pause, 1), error=logs.short_error(exc))
             attempt += 1
             self._keepalive(pause)
 
@@ -391,7 +391,7 @@ class Consumer:
             logs.event(log, "topics_created", f"created topics {','.join(created)}", topics=",".join(created))
         self.consumer = self._kafka_call(lambda: kc.make_consumer(k, self.cfg.group, self.cfg.batch_size),
                                          "consumer connect")
-        self.consumer.subscribe([k.topic], listener=_Listener(self))
+        self.consumer.subscribe([k.topic], listener=kc.RebalanceListener(self))
 
     def _dlq_send(self, letters) -> int:
         if self.producer is None:
@@ -446,7 +446,7 @@ class Consumer:
                        + ", ".join(f"{tp.partition}@{o}" for tp, o in sorted(where.items(), key=lambda i: i[0].partition))
                        + (f" (not in the database yet: {','.join(map(str, new))}; from an earlier version's group "
                           "offset, else the beginning)" if new else ""),
-                       partitions=_tps(todo))
+                       partitions=kc.partitions_text(todo))
 
     # -- messages ------------------------------------------------------------------------------
     def _add(self, tp: TopicPartition, msg) -> None:
@@ -529,7 +529,7 @@ class Consumer:
         try:
             return self.sink.write(rows, claim, before_commit=before_commit)
         except (KafkaError, OSError) as exc:
-            raise DatabaseUnavailable(f"dead-letter send failed: {_short(exc)}") from exc
+            raise DatabaseUnavailable(f"dead-letter send failed: {logs.short_error(exc)}") from exc
 
     # -- batches, on the main thread --------------------------------------------------------------
     def _submit(self) -> None:
@@ -613,8 +613,8 @@ class Consumer:
                 self.consumer.commit_async(offsets, callback=_commit_done)
         except Exception as exc:  # noqa: BLE001 - advisory: the database holds the truth
             logs.event(log, "kafka_commit_failed", f"Kafka offset commit failed (advisory, the offsets are "
-                       f"stored with the rows): {_short(exc)}", logging.DEBUG if not force else logging.WARNING,
-                       error=_short(exc))
+                       f"stored with the rows): {logs.short_error(exc)}", logging.DEBUG if not force else logging.WARNING,
+                       error=logs.short_error(exc))
 
     def _ready(self) -> bool:
         """The batch should be written now (full, idle, or old)."""
@@ -668,7 +668,7 @@ class Consumer:
         logs.event(log, "progress", f"{t.rows} rows in {t.batches} batches, {t.dead_letters} dead letters",
                    batches=t.batches, rows=t.rows, inserted=t.inserted, updated=t.updated, unchanged=t.unchanged,
                    dead_letters=t.dead_letters, stale_batches=t.stale_batches, lag=self.lag(),
-                   partitions=_tps(assigned) or None, rate=f"{recent / interval:.0f}rows/s",
+                   partitions=kc.partitions_text(assigned) or None, rate=f"{recent / interval:.0f}rows/s",
                    avg_rate=f"{t.rows / elapsed:.0f}rows/s", uptime=logs.human_duration(elapsed))
 
     def _idle_done(self) -> bool:
@@ -687,7 +687,7 @@ class Consumer:
             ends = self.consumer.end_offsets(list(assigned), timeout_ms=10000)
             stored = self.reader.stored_offsets(self.cfg.group, self.cfg.kafka.topic) if self.reader else {}
         except Exception as exc:  # noqa: BLE001
-            logs.event(log, "kafka_error", f"idle check: {_short(exc)}", logging.WARNING, error=_short(exc))
+            logs.event(log, "kafka_error", f"idle check: {logs.short_error(exc)}", logging.WARNING, error=logs.short_error(exc))
             self.last_message_at = time.monotonic()
             return False
         behind = {tp: end for tp, end in ends.items() if end > stored.get(tp.partition, self.read_pos.get(tp, 0))}
@@ -728,7 +728,7 @@ class Consumer:
         try:
             records = self.consumer.poll(timeout_ms=int(wait * 1000), max_records=max(room, POLL_RECORDS))
         except KafkaError as exc:
-            logs.event(log, "kafka_error", f"poll failed: {_short(exc)}", logging.WARNING, error=_short(exc))
+            logs.event(log, "kafka_error", f"poll failed: {logs.short_error(exc)}", logging.WARNING, error=logs.short_error(exc))
             time.sleep(1.0)
             records = {}
         if records:
@@ -801,7 +801,7 @@ class Consumer:
             try:
                 self.consumer.close(autocommit=False, timeout_ms=5000)
             except Exception as exc:  # noqa: BLE001
-                logs.event(log, "kafka_error", f"closing the consumer: {_short(exc)}", logging.WARNING)
+                logs.event(log, "kafka_error", f"closing the consumer: {logs.short_error(exc)}", logging.WARNING)
         if self.producer is not None:
             try:
                 self.producer.close(timeout=5)
@@ -816,32 +816,7 @@ class Consumer:
 def _commit_done(offsets, response) -> None:
     if isinstance(response, Exception):
         logs.event(log, "kafka_commit_failed", f"Kafka offset commit failed (advisory, the offsets are stored with "
-                   f"the rows): {_short(response)}", logging.DEBUG, error=_short(response))
-
-
-class _Listener(ConsumerRebalanceListener):
-    """Forwards kafka-python's rebalance callbacks to the :class:`Consumer`."""
-
-    def __init__(self, owner: Consumer):
-        self.owner = owner
-
-    def on_partitions_revoked(self, revoked):
-        self.owner.on_partitions_revoked(revoked)
-
-    def on_partitions_assigned(self, assigned):
-        self.owner.on_partitions_assigned(assigned)
-
-    def on_partitions_lost(self, lost):
-        self.owner.on_partitions_lost(lost)
-
-
-def _tps(tps) -> str:
-    return ",".join(f"{tp.topic}:{tp.partition}" for tp in sorted(tps, key=lambda t: (t.topic, t.partition)))
-
-
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:300]
+                   f"the rows): {logs.short_error(response)}", logging.DEBUG, error=logs.short_error(response))
 
 
 def _safe_url(url: str) -> str:

@@ -84,3 +84,9 @@ def human_duration(seconds: float | None) -> str:
     if m:
         return f"{m}m{s:02d}s"
     return f"{s}s"
+
+
+def short_error(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line for a log field: its text with the whitespace folded (its type's name
+    when it has no text), cut at ``limit`` characters."""
+    return (" ".join(str(exc).split()) or type(exc).__name__)[:limit]

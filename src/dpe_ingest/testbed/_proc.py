@@ -14,6 +14,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 _PR_SET_PDEATHSIG = 1
 
@@ -273,3 +274,44 @@ class LocalServer:
 
     def _exited(self) -> None:
         """Called once the process has ended (stop or kill)."""
+
+
+def fetch_with_maven(dest: Path, pom: str, what: str, required: Iterable[str], *,
+                     mvn_args: Sequence[str] = ("-DincludeScope=runtime",),
+                     unpack: Callable[[Path], None] | None = None, quiet: bool = False) -> Path:
+    """``dest``, filled once from Maven Central: ``mvn dependency:copy-dependencies`` of ``pom`` (written
+    beside ``dest``) into a temporary sibling, ``unpack(tmp)`` to rework it in place if given, then
+    renamed to ``dest`` with a ``.complete`` marker once every path of ``required`` is there.  One
+    process at a time (a lock beside ``dest``'s folder); the others wait and find it done."""
+    required = tuple(required)
+
+    def complete(d: Path) -> bool:
+        return (d / ".complete").is_file() and all((d / r).exists() for r in required)
+
+    if complete(dest):
+        return dest
+    home = dest.parent
+    with file_lock(home.with_name(home.name + ".lock"), what):
+        if complete(dest):
+            return dest
+        mvn = shutil.which("mvn")
+        if not mvn:
+            raise LaunchError(f"mvn (Apache Maven) is needed once for {what} from Maven Central: "
+                              "apt-get install -y maven (scripts/test does it)")
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "pom.xml").write_text(pom)
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not quiet:
+            print(f"testbed: {what} from Maven Central into {dest}", flush=True)
+        run([mvn, "-q", "-B", "-f", home / "pom.xml", "dependency:copy-dependencies", f"-DoutputDirectory={tmp}",
+             *mvn_args], f"{what} with Maven", timeout=1800, log_path=home / "mvn.log")
+        if unpack is not None:
+            unpack(tmp)
+        missing = [r for r in required if not (tmp / r).exists()]
+        if missing:
+            raise LaunchError(f"mvn finished but {tmp} has no {', '.join(missing)} (log: {home / 'mvn.log'})")
+        (tmp / ".complete").write_text(what + "\n")
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    return dest

@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
 import subprocess
 import tarfile
 import time
@@ -33,7 +32,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
 
-from ._proc import LaunchError, LocalServer, cache_dir, file_lock, free_port, port_open, run, spawn, tail, \
+from ._proc import LaunchError, LocalServer, cache_dir, fetch_with_maven, free_port, port_open, spawn, tail, \
     wait_port_free
 from .kafka import KAFKA_VERSION, LOG4J_VERSION, find_java
 
@@ -117,92 +116,36 @@ def debezium_home() -> Path:
     return cache_dir() / f"debezium-connector-jdbc-{DEBEZIUM_VERSION}"
 
 
-def _mvn() -> str:
-    mvn = shutil.which("mvn")
-    if not mvn:
-        raise LaunchError("mvn (Apache Maven) is needed once to fetch Kafka Connect and the Debezium JDBC sink "
-                          "from Maven Central: apt-get install -y maven (scripts/test does it)")
-    return mvn
-
-
-def _connect_complete(libs: Path) -> bool:
-    return (libs / ".complete").is_file() and (libs / f"connect-runtime-{CONNECT_VERSION}.jar").is_file()
-
-
 def ensure_connect_jars(quiet: bool = False) -> Path:
     """The directory of the Connect worker's jars, fetched from Maven Central with ``mvn`` when missing."""
-    home = connect_home()
-    libs = home / "libs"
-    if _connect_complete(libs):
-        return libs
-    with file_lock(home.with_name(home.name + ".lock"), f"fetching the Kafka Connect {CONNECT_VERSION} jars"):
-        if _connect_complete(libs):
-            return libs
-        mvn = _mvn()
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "pom.xml").write_text(_CONNECT_POM.format(v=CONNECT_VERSION, l=LOG4J_VERSION))
-        tmp = home / "libs.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not quiet:
-            print(f"testbed: fetching Kafka Connect {CONNECT_VERSION} jars from Maven Central into {libs}", flush=True)
-        run([mvn, "-q", "-B", "-f", home / "pom.xml", "dependency:copy-dependencies",
-             f"-DoutputDirectory={tmp}", "-DincludeScope=runtime"],
-            f"fetching Kafka Connect {CONNECT_VERSION} jars with Maven", timeout=1800, log_path=home / "mvn.log")
-        for jar in (f"connect-runtime-{CONNECT_VERSION}.jar", f"connect-json-{CONNECT_VERSION}.jar"):
-            if not (tmp / jar).is_file():
-                raise LaunchError(f"mvn finished but {tmp} has no {jar}")
-        (tmp / ".complete").write_text(CONNECT_VERSION + "\n")
-        shutil.rmtree(libs, ignore_errors=True)
-        tmp.rename(libs)
-    return libs
+    return fetch_with_maven(connect_home() / "libs", _CONNECT_POM.format(v=CONNECT_VERSION, l=LOG4J_VERSION),
+                            f"fetching Kafka Connect {CONNECT_VERSION} jars",
+                            [f"connect-runtime-{CONNECT_VERSION}.jar", f"connect-json-{CONNECT_VERSION}.jar"],
+                            quiet=quiet)
 
 
-def _plugin_complete(plugins: Path) -> bool:
-    return (plugins / ".complete").is_file() and \
-        (plugins / "debezium-connector-jdbc" / f"debezium-connector-jdbc-{DEBEZIUM_VERSION}.jar").is_file()
+def _unpack_plugin(tmp: Path) -> None:
+    """The plug-in archive Maven fetched into ``tmp`` becomes the plug-in's folder there."""
+    archive = tmp / f"debezium-connector-jdbc-{DEBEZIUM_VERSION}-plugin.tar.gz"
+    if not archive.is_file():
+        raise LaunchError(f"mvn finished but {tmp} has no {archive.name}")
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(tmp, filter="data")
+        else:  # pragma: no cover - Python < 3.11.4
+            for member in tar.getmembers():
+                if member.name.startswith(("/", "..")) or ".." in Path(member.name).parts:
+                    raise LaunchError(f"{archive} has an unsafe member {member.name!r}")
+            tar.extractall(tmp)
+    archive.unlink()
 
 
 def ensure_debezium_jdbc_plugin(quiet: bool = False) -> Path:
     """A ``plugin.path`` directory holding Debezium's JDBC sink (fetched with ``mvn`` and unpacked once)."""
-    home = debezium_home()
-    plugins = home / "plugins"
-    if _plugin_complete(plugins):
-        return plugins
-    with file_lock(home.with_name(home.name + ".lock"), f"fetching the Debezium JDBC sink {DEBEZIUM_VERSION}"):
-        if _plugin_complete(plugins):
-            return plugins
-        mvn = _mvn()
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "pom.xml").write_text(_DEBEZIUM_POM.format(v=DEBEZIUM_VERSION))
-        download = home / "download"
-        shutil.rmtree(download, ignore_errors=True)
-        if not quiet:
-            print(f"testbed: fetching the Debezium JDBC sink {DEBEZIUM_VERSION} plug-in from Maven Central into "
-                  f"{plugins}", flush=True)
-        run([mvn, "-q", "-B", "-f", home / "pom.xml", "dependency:copy-dependencies",
-             f"-DoutputDirectory={download}", "-DincludeTypes=tar.gz"],
-            f"fetching the Debezium JDBC sink {DEBEZIUM_VERSION} with Maven", timeout=1800, log_path=home / "mvn.log")
-        archive = download / f"debezium-connector-jdbc-{DEBEZIUM_VERSION}-plugin.tar.gz"
-        if not archive.is_file():
-            raise LaunchError(f"mvn finished but {download} has no {archive.name}")
-        tmp = home / "plugins.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        with tarfile.open(archive) as tar:
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(tmp, filter="data")
-            else:  # pragma: no cover - Python < 3.11.4
-                for member in tar.getmembers():
-                    if member.name.startswith(("/", "..")) or ".." in Path(member.name).parts:
-                        raise LaunchError(f"{archive} has an unsafe member {member.name!r}")
-                tar.extractall(tmp)
-        if not (tmp / "debezium-connector-jdbc" / f"debezium-connector-jdbc-{DEBEZIUM_VERSION}.jar").is_file():
-            raise LaunchError(f"{archive} has no debezium-connector-jdbc/debezium-connector-jdbc-{DEBEZIUM_VERSION}.jar")
-        (tmp / ".complete").write_text(DEBEZIUM_VERSION + "\n")
-        shutil.rmtree(plugins, ignore_errors=True)
-        tmp.rename(plugins)
-        shutil.rmtree(download, ignore_errors=True)
-    return plugins
+    return fetch_with_maven(debezium_home() / "plugins", _DEBEZIUM_POM.format(v=DEBEZIUM_VERSION),
+                            f"fetching the Debezium JDBC sink {DEBEZIUM_VERSION} plug-in",
+                            [f"debezium-connector-jdbc/debezium-connector-jdbc-{DEBEZIUM_VERSION}.jar"],
+                            mvn_args=["-DincludeTypes=tar.gz"], unpack=_unpack_plugin, quiet=quiet)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ._proc import (LaunchError, LocalServer, cache_dir, file_lock, free_port, port_open, run, spawn, tail,
+from ._proc import (LaunchError, LocalServer, cache_dir, fetch_with_maven, file_lock, free_port, port_open, run, spawn, tail,
                     wait_port_free)
 
 KAFKA_VERSION = "4.4.0"
@@ -127,38 +127,11 @@ def libs_dir() -> Path:
     return kafka_home() / "libs"
 
 
-def _libs_complete(libs: Path) -> bool:
-    return (libs / ".complete").is_file() and any(libs.glob(f"kafka_{SCALA_VERSION}-{KAFKA_VERSION}.jar"))
-
-
 def ensure_kafka_jars(quiet: bool = False) -> Path:
     """The directory of the broker's jars, fetched from Maven Central with ``mvn`` when missing."""
-    libs = libs_dir()
-    if _libs_complete(libs):
-        return libs
-    home = kafka_home()
-    with file_lock(home.with_name(home.name + ".lock"), f"fetching the Kafka {KAFKA_VERSION} jars"):
-        if _libs_complete(libs):
-            return libs
-        mvn = shutil.which("mvn")
-        if not mvn:
-            raise LaunchError("mvn (Apache Maven) is needed once to fetch the Kafka jars from Maven Central: "
-                             "apt-get install -y maven (scripts/test does it)")
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "pom.xml").write_text(_POM.format(v=KAFKA_VERSION, s=SCALA_VERSION, l=LOG4J_VERSION))
-        tmp = home / "libs.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not quiet:
-            print(f"testbed: fetching Apache Kafka {KAFKA_VERSION} jars from Maven Central into {libs}", flush=True)
-        run([mvn, "-q", "-B", "-f", home / "pom.xml", "dependency:copy-dependencies",
-             f"-DoutputDirectory={tmp}", "-DincludeScope=runtime"],
-            f"fetching Kafka {KAFKA_VERSION} jars with Maven", timeout=1800, log_path=home / "mvn.log")
-        if not (tmp / f"kafka_{SCALA_VERSION}-{KAFKA_VERSION}.jar").is_file():
-            raise LaunchError(f"mvn finished but {tmp} has no kafka_{SCALA_VERSION}-{KAFKA_VERSION}.jar")
-        (tmp / ".complete").write_text(KAFKA_VERSION + "\n")
-        shutil.rmtree(libs, ignore_errors=True)
-        tmp.rename(libs)
-    return libs
+    return fetch_with_maven(libs_dir(), _POM.format(v=KAFKA_VERSION, s=SCALA_VERSION, l=LOG4J_VERSION),
+                            f"fetching Apache Kafka {KAFKA_VERSION} jars",
+                            [f"kafka_{SCALA_VERSION}-{KAFKA_VERSION}.jar"], quiet=quiet)
 
 
 # ----------------------------------------------------------------------------------------------
