@@ -6,11 +6,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass
 
-from kafka import KafkaConsumer, TopicPartition
+from dpe_ingest.testbed.kafka import read_topic as testbed_read_topic
 
 
 @dataclass
@@ -26,28 +25,9 @@ class Record:
 
 
 def read_topic(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[Record]:
-    """Every record of ``topic`` from the beginning to its end offsets now."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
-    try:
-        deadline = time.monotonic() + timeout_s
-        parts = consumer.partitions_for_topic(topic)
-        while parts is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-            parts = consumer.partitions_for_topic(topic)
-        if parts is None:
-            return []
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        out: list[Record] = []
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            assert time.monotonic() < deadline, f"could not read {topic} to its end in {timeout_s}s"
-            for tp, recs in consumer.poll(timeout_ms=1000, max_records=10000).items():
-                out += [Record(r.partition, r.offset, r.key, r.value, list(r.headers or [])) for r in recs]
-        return out
-    finally:
-        consumer.close()
+    """Every record of ``topic`` from the beginning to its end offsets now ([] if there is no such topic)."""
+    records = testbed_read_topic(bootstrap, topic, timeout_s) or []
+    return [Record(r.partition, r.offset, r.key, r.value, list(r.headers or [])) for r in records]
 
 
 def duplicates(records: list[Record]) -> int:

@@ -311,9 +311,10 @@ class Consumer:
             self._rewind(tp, msgs[0].offset)
 
     def _rewind(self, tp: TopicPartition, offset: int) -> None:
-        """Messages from ``offset`` on were fetched but not put in a batch: read them again."""
-        if tp in self.read_pos and self.read_pos[tp] >= offset:
-            self._seek(tp, self.read_pos[tp])
+        """Messages from ``offset`` on were fetched and dropped (those before it are in a batch or waiting
+        for one): read them again."""
+        if tp in self.read_pos and tp not in self.unsynced:
+            self._seek(tp, offset)
 
     def _seek(self, tp: TopicPartition, offset: int) -> bool:
         try:

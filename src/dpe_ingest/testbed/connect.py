@@ -34,7 +34,7 @@ from typing import Any, Iterable
 
 from ._proc import LaunchError, LocalServer, cache_dir, fetch_with_maven, free_port, port_open, spawn, tail, \
     wait_port_free
-from .kafka import KAFKA_VERSION, LOG4J_VERSION, find_java
+from .kafka import KAFKA_VERSION, LOG4J_VERSION, find_java, read_topic
 
 CONNECT_VERSION = KAFKA_VERSION
 DEBEZIUM_VERSION = "3.6.0.Final"
@@ -426,39 +426,23 @@ def copy_enveloped(bootstrap: str, source: str, target: str, *, partitions: int 
                    timeout_s: float = 600.0) -> int:
     """Copy every record of topic ``source`` (our JSON rows) to ``target`` as enveloped records, same key
     and partition; returns how many.  ``target`` is created with the source's partition count."""
-    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    from kafka import KafkaProducer
     from kafka.admin import KafkaAdminClient, NewTopic
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
-    try:
-        deadline = time.monotonic() + timeout_s
-        parts = consumer.partitions_for_topic(source)
-        while parts is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-            parts = consumer.partitions_for_topic(source)
-        if not parts:
-            raise ValueError(f"topic {source} does not exist")
-        tps = [TopicPartition(source, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        records = []
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"could not read {source} to its end in {timeout_s:.0f}s")
-            for recs in consumer.poll(timeout_ms=1000, max_records=10000).values():
-                records += [(r.partition, r.key, json.loads(r.value)) for r in recs]
-    finally:
-        consumer.close()
+    read = read_topic(bootstrap, source, timeout_s)
+    if not read:
+        raise ValueError(f"topic {source} does not exist or is empty")
+    records = [(r.partition, r.key, json.loads(r.value)) for r in read]
+    n_parts = 1 + max(p for p, _, _ in records)
     schema = envelope_schema({k for _, _, d in records for k in d})
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
     try:
-        admin.create_topics([NewTopic(target, partitions or len(tps), 1)])
+        admin.create_topics([NewTopic(target, partitions or n_parts, 1)])
     finally:
         admin.close()
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=256 * 1024)
     try:
-        futures = [producer.send(target, key=key, value=envelope(d, schema), partition=p % (partitions or len(tps)))
+        futures = [producer.send(target, key=key, value=envelope(d, schema), partition=p % (partitions or n_parts))
                    for p, key, d in records]
         producer.flush(timeout=timeout_s)
         for f in futures:

@@ -175,7 +175,12 @@ log.retention.check.interval.ms=300000
 
 
 def new_cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A KRaft cluster id (base64url of a random UUID) that does not start with '-': as Kafka's own
+    ``Uuid.randomUuid()`` does, since ``kafka-storage format -t -xyz…`` reads it as an option (1 in 64)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 def _java_cmd(java: str, libs: Path, log4j: Path, heap: str) -> list[str]:
@@ -329,3 +334,33 @@ class KafkaBroker(LocalServer):
                 last = exc
                 time.sleep(0.2)
         raise self._fail(f"did not answer a kafka-python client in time (last error: {last!r})")
+
+
+def read_topic(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list | None:
+    """Every record (kafka-python's ConsumerRecord) of ``topic``, from the beginning of each partition to
+    its end offset now; None when the topic does not exist (within ``timeout_s``).  For tests and the
+    bench: it reads with no group and commits nothing."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    try:
+        deadline = time.monotonic() + timeout_s
+        parts = consumer.partitions_for_topic(topic)
+        while parts is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            parts = consumer.partitions_for_topic(topic)
+        if parts is None:
+            return None
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        out: list = []
+        while any(consumer.position(tp) < end[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {topic} to its end in {timeout_s:.0f}s")
+            for recs in consumer.poll(timeout_ms=1000, max_records=10000).values():
+                out += recs
+        return out
+    finally:
+        consumer.close()
