@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from dpe_ingest.testbed.cluster import KUBELET_ROOTS
+
 pytestmark = pytest.mark.cluster
 
 SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops")
@@ -47,9 +49,13 @@ def leftovers(workdir: Path, netns: str) -> list[str]:
     if netns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout:
         found.append(f"network namespace {netns}")
     prefix = str(workdir) + "/"
+    kubelet_root = KUBELET_ROOTS / netns  # (outside the work directory: its sockets need a short path)
     with open("/proc/self/mountinfo") as fh:
-        mounts = [line.split()[4] for line in fh if line.split()[4].startswith(prefix)]
+        mounts = [line.split()[4] for line in fh
+                  if line.split()[4].startswith((prefix, str(kubelet_root) + "/"))]
     found += [f"mount {m}" for m in mounts]
+    if kubelet_root.exists():
+        found.append(f"kubelet root {kubelet_root}")
     logs = Path("/var/log/containers")
     if logs.is_dir():
         found += [f"link {p}" for p in logs.iterdir() if p.is_symlink() and os.readlink(p).startswith(prefix)]

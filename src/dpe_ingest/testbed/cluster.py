@@ -67,6 +67,11 @@ CONTAINER_LOGS = Path("/var/log/containers")
 # one record per running cluster (its namespace, work directory, owner pid and the kernel settings to
 # restore): a cluster whose owner died without stop() (SIGKILL, a crash) is cleaned up by the next start
 REGISTRY = Path("/run/dpe-testbed")
+#: the kubelets' --root-dir, one per cluster (named after its namespace): outside the work directory
+#: because the kubelet makes Unix sockets in it (pod-resources/<10 digits>), whose paths must fit in
+#: 107 bytes, which a pytest work directory such as /tmp/pytest-of-root/pytest-122/test_…0/cluster
+#: does not leave room for
+KUBELET_ROOTS = Path("/var/lib/dpe-testbed")
 
 
 def _which(name: str, *extra: str) -> str | None:
@@ -315,7 +320,7 @@ class Cluster:
         t = time.monotonic()
         self._remember_sysctls()
         self._spawn("kubelet", [self.bin["kubelet"], f"--config={self.workdir / 'kubelet' / 'config.yaml'}",
-                                f"--kubeconfig={kc}", f"--root-dir={self.workdir / 'kubelet' / 'root'}",
+                                f"--kubeconfig={kc}", f"--root-dir={self.kubelet_root}",
                                 f"--hostname-override={NODE_NAME}", f"--node-ip={NODE_IP}", "--v=1"],
                     env=dict(os.environ, PATH=shim_path))
         self._spawn("kube-proxy", [self.bin["kube-proxy"], f"--config={self.workdir / 'kube-proxy.yaml'}"])
@@ -464,7 +469,8 @@ state = "{cd / 'state'}"
       Root = "{cd / 'runc'}"
 """)
         kubelet = w / "kubelet"
-        (kubelet / "root").mkdir(parents=True, exist_ok=True)
+        kubelet.mkdir(parents=True, exist_ok=True)
+        self.kubelet_root.mkdir(parents=True, exist_ok=True)
         (kubelet / "resolv.conf").write_text("")
         (kubelet / "config.yaml").write_text(json.dumps({
             "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
@@ -652,17 +658,27 @@ state = "{cd / 'state'}"
                 except OSError:
                     pass
 
+    @property
+    def kubelet_root(self) -> Path:
+        return KUBELET_ROOTS / self.netns
+
     def _unmount_all(self) -> None:
-        prefix = str(self.workdir) + "/"
+        roots = [str(self.workdir), str(self.kubelet_root)]
+
+        def ours(m: str) -> bool:
+            return any(m == r or m.startswith(r + "/") for r in roots)
+
         for _ in range(3):
-            mounts = [m for m in _mountpoints() if m.startswith(prefix) or m == str(self.workdir)]
+            mounts = [m for m in _mountpoints() if ours(m)]
             if not mounts:
-                return
+                break
             for m in sorted(mounts, key=lambda p: -p.count("/")):
                 subprocess.run(["umount", "-l", m], capture_output=True, stdin=subprocess.DEVNULL)
-        left = [m for m in _mountpoints() if m.startswith(prefix)]
+        left = [m for m in _mountpoints() if ours(m)]
         if left:
-            self.say(f"mounts left under the work directory: {left[:5]}")
+            self.say(f"mounts left under the work directory or the kubelet's: {left[:5]}")
+        else:
+            shutil.rmtree(self.kubelet_root, ignore_errors=True)
 
     def _remove_host_files(self) -> None:
         prefix = str(self.workdir) + "/"
