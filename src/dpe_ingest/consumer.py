@@ -206,6 +206,7 @@ class Consumer:
         self.stop_at: float | None = None  # monotonic deadline once a stop signal arrived
         self.last_message_at = time.monotonic()
         self.last_progress_at = time.monotonic()
+        self.rows_at_progress = 0  # totals.rows at the last progress line (its rate is since then)
         self.need_migrate = True
         self.joined = False  # the group assigned us partitions (possibly none) at least once
 
@@ -403,10 +404,7 @@ class Consumer:
     def _sync(self) -> None:
         """Position the newly assigned partitions where the database says (then the group's Kafka
         offset, then the beginning), once no batch is being written (it may move those offsets)."""
-        while self.in_flight:
-            self._collect(timeout=0.5)
-            if self.in_flight:
-                self._poll_paused(0.05)
+        self._drain()
         todo = set(self.unsynced)
         if not todo:
             return
@@ -488,7 +486,8 @@ class Consumer:
     # -- one batch, on the writer thread ----------------------------------------------------------
     def _write(self, batch: Batch) -> Written:
         """Rows, dead letters and offsets of ``batch``; retried until done (or the grace period ends).
-        Partitions the database says were written already are left out (``Written.stale``)."""
+        Partitions the database says were written already are dropped from ``batch`` (``Written.stale``
+        says which): what is left in it is what was written."""
         started = time.monotonic()
         done = self.written
         topic = self.cfg.kafka.topic
@@ -498,8 +497,7 @@ class Consumer:
         def before_commit(result: WriteResult) -> None:
             nonlocal sent
             self.crash("after_insert", done)
-            letters = [d for tp, ds in batch.dead.items() if tp.partition not in stale for d in ds]
-            letters += self._refused_letters(result.refused)
+            letters = batch.all_dead() + self._refused_letters(result.refused)
             if letters:
                 # acknowledged before the rows and offsets commit: a crash in between sends them again
                 # (same ids), never loses them
@@ -508,11 +506,10 @@ class Consumer:
 
         while True:
             claim = batch.claim(self.cfg.group, topic)
-            claim = OffsetClaim(claim.group, claim.topic, {p: r for p, r in claim.ranges.items() if p not in stale})
             if not claim.ranges:
                 result = WriteResult()
                 break
-            rows = [r for tp, rs in batch.rows.items() if tp.partition not in stale for r in rs]
+            rows = batch.all_rows()
             try:
                 result = self._db_call(lambda: self._write_or_kafka_retry(rows, claim, before_commit),
                                        "batch write", on_writer=True,
@@ -520,6 +517,7 @@ class Consumer:
                 break
             except Stale as exc:
                 stale.update(exc.stored)
+                batch.drop(TopicPartition(topic, p) for p in exc.stored)
         if claim.ranges:
             self.crash("after_db_commit", done)
         return Written(batch, result, sent, stale, time.monotonic() - started)
@@ -555,11 +553,11 @@ class Consumer:
             self._after_stale(w)
         assigned = self.consumer.assignment() if self.consumer is not None else set()
         for tp, off in batch.next.items():
-            if tp.partition not in w.stale and tp in assigned:
+            if tp in assigned:
                 self.to_commit[tp] = max(off, self.to_commit.get(tp, 0))
                 self.kafka_commit_due = True
-        kept_rows = sum(len(r) for tp, r in batch.rows.items() if tp.partition not in w.stale)
-        if kept_rows or w.dead_letters or len(w.stale) < len(batch.start):
+        kept_rows = sum(len(r) for r in batch.rows.values())
+        if batch.start:  # some partition of it was written
             self.totals.add(res, w.dead_letters)
             self.metrics.batch(res.inserted, res.updated, res.unchanged, res.deleted, w.dead_letters,
                                res.seconds if kept_rows else None)
@@ -571,7 +569,7 @@ class Consumer:
                        f"{res.unchanged} unchanged), {w.dead_letters} dead letters",
                        logging.DEBUG, rows=res.rows, inserted=res.inserted, updated=res.updated,
                        unchanged=res.unchanged, deleted=res.deleted, dead_letters=w.dead_letters,
-                       partitions=len(batch.start) - len(w.stale), write_ms=round(res.seconds * 1000, 1),
+                       partitions=len(batch.start), write_ms=round(res.seconds * 1000, 1),
                        batch_ms=round(w.seconds * 1000, 1), lag=self.lag(), total=self.totals.rows)
         self._commit_kafka()
         return True
@@ -617,14 +615,17 @@ class Consumer:
                        f"stored with the rows): {logs.short_error(exc)}", logging.DEBUG if not force else logging.WARNING,
                        error=logs.short_error(exc))
 
+    def _due_at(self) -> float:
+        """When the partial batch in memory is to be written: BATCH_IDLE_MS after the last message, or
+        once it is older than max(10 x BATCH_IDLE_MS, 5 s) (monotonic clock)."""
+        idle_s = self.cfg.batch_idle_ms / 1000.0
+        return min(self.last_message_at + idle_s, self.batch.first_at + max(10 * idle_s, 5.0))
+
     def _ready(self) -> bool:
         """The batch should be written now (full, idle, or old)."""
         if not self.batch.count:
             return False
-        now = time.monotonic()
-        idle_s = self.cfg.batch_idle_ms / 1000.0
-        return (self.batch.count >= self.cfg.batch_size or now - self.last_message_at >= idle_s
-                or now - self.batch.first_at >= max(10 * idle_s, 5.0))
+        return self.batch.count >= self.cfg.batch_size or time.monotonic() >= self._due_at()
 
     def _drain(self) -> None:
         """Wait for the batch in flight (keeping the group alive)."""
@@ -663,8 +664,7 @@ class Consumer:
         self.metrics.lag.set(self.lag_by_partition())
         t = self.totals
         elapsed = max(now - t.started, 1e-6)
-        recent = t.rows - getattr(self, "_rows_at_progress", 0)
-        self._rows_at_progress = t.rows
+        recent, self.rows_at_progress = t.rows - self.rows_at_progress, t.rows
         assigned = self.consumer.assignment() if self.consumer is not None else set()
         logs.event(log, "progress", f"{t.rows} rows in {t.batches} batches, {t.dead_letters} dead letters",
                    batches=t.batches, rows=t.rows, inserted=t.inserted, updated=t.updated, unchanged=t.unchanged,
@@ -718,11 +718,7 @@ class Consumer:
         paused = self.consumer.paused()
         if paused:
             self.consumer.resume(*(set(paused) - self.unsynced))
-        if self.batch.count:
-            idle_s = cfg.batch_idle_ms / 1000.0
-            wait = min(self.last_message_at + idle_s, self.batch.first_at + max(10 * idle_s, 5.0)) - time.monotonic()
-        else:
-            wait = 1.0
+        wait = self._due_at() - time.monotonic() if self.batch.count else 1.0
         if self.in_flight:
             wait = min(wait, 0.05)  # come back soon to hand over the next batch
         wait = max(0.0, min(wait, 1.0))

@@ -14,26 +14,6 @@ from .config import KafkaSettings
 
 log = logging.getLogger("dpe_ingest.consumer")
 
-#: errors of an offset commit meaning "this member no longer owns the partitions": the commit
-#: cannot succeed any more; the new owner replays from the last committed offset (harmless).
-OWNERSHIP_ERRORS: tuple[str, ...] = (
-    "CommitFailedError", "RebalanceInProgressError", "UnknownMemberIdError", "IllegalGenerationError",
-    "FencedInstanceIdError",
-)
-
-
-def is_ownership_error(exc: BaseException) -> bool:
-    return any(type(e).__name__ in OWNERSHIP_ERRORS for e in _chain(exc))
-
-
-def _chain(exc: BaseException | None):
-    seen = 0
-    while exc is not None and seen < 10:
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
-
-
 class RebalanceListener(ConsumerRebalanceListener):
     """Hands kafka-python's rebalance callbacks to ``owner``'s methods of the same names (a member
     evicted from the group, "partitions lost", is told its partitions were revoked unless ``owner``
@@ -124,5 +104,5 @@ def ensure_topics(settings: KafkaSettings, timeout_ms: int = 15000) -> list[str]
         admin.close()
 
 
-__all__ = ["KafkaError", "RebalanceListener", "partitions_text", "make_consumer", "make_dlq_producer", "send_dead_letters", "ensure_topics",
-           "is_ownership_error"]
+__all__ = ["KafkaError", "RebalanceListener", "partitions_text", "make_consumer", "make_dlq_producer",
+           "send_dead_letters", "ensure_topics"]
