@@ -7,7 +7,9 @@ agree).  Each entry: variable name, default, meaning.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -76,27 +78,86 @@ def _get(env: Mapping[str, str], name: str) -> str | None:
     return value.strip()
 
 
+#: a whole number as people write it: ASCII digits, an optional sign (int() also reads "1_000" and other
+#: scripts' digits, and raises a ValueError of its own beyond 4300 digits)
+_WHOLE = re.compile(r"[+-]?[0-9]+", re.ASCII)
+#: a decimal number in ASCII (float() also reads other scripts' digits, "1_0", "nan" and "infinity")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+#: the longest wait any setting may ask for (a week): time.sleep and Event.wait overflow far beyond
+MAX_WAIT_S = 7 * 24 * 3600.0
+
+
+def _shown(raw: str | None) -> str:
+    """The value in an error message, cut short when it is long."""
+    return repr(raw) if raw is None or len(raw) <= 80 else repr(raw[:80]) + f"… ({len(raw)} characters)"
+
+
 def _int(env: Mapping[str, str], name: str, lo: int, hi: int | None = None) -> int:
     raw = _get(env, name)
-    try:
-        value = int(str(raw))
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    if raw is None or not _WHOLE.fullmatch(raw):
+        raise ConfigError(f"{name}={_shown(raw)} is not a whole number")
+    bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+    if len(raw.lstrip("+-").lstrip("0")) > 18:
+        raise ConfigError(f"{name}={_shown(raw)} is out of range ({bound})")
+    value = int(raw)
     if value < lo or (hi is not None and value > hi):
-        bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
         raise ConfigError(f"{name}={value} is out of range ({bound})")
     return value
 
 
-def _float(env: Mapping[str, str], name: str, lo: float) -> float:
+def _float(env: Mapping[str, str], name: str, lo: float, hi: float = MAX_WAIT_S) -> float:
+    """A finite decimal within lo..hi (``nan`` passed every range check, ``inf`` waited forever)."""
     raw = _get(env, name)
-    try:
-        value = float(str(raw))
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if value < lo:
-        raise ConfigError(f"{name}={value} must be >= {lo}")
+    if raw is None or not _DECIMAL.fullmatch(raw):
+        raise ConfigError(f"{name}={_shown(raw)} is not a finite number")
+    value = float(raw)
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}={_shown(raw)} is out of range ({lo:g}..{hi:g})")
     return value
+
+
+def _rate(env: Mapping[str, str], name: str) -> float:
+    """Requests per second, 0 = no cap; a positive rate waits 1/rate between requests, at most a week."""
+    value = _float(env, name, 0.0, 10000.0)
+    if 0.0 < value < 1.0 / MAX_WAIT_S:
+        raise ConfigError(f"{name}={value:g} is out of range (0, or {1.0 / MAX_WAIT_S:.3g}..10000: one request a "
+                          "week at the least)")
+    return value
+
+
+#: PostgreSQL's longest identifier (NAMEDATALEN - 1 bytes): a longer name is silently truncated
+PG_IDENTIFIER_MAX = 63
+#: what the sink appends to DB_TABLE (its index), and analytics to ANALYTICS_TABLE_PREFIX (tables, index)
+DB_TABLE_SUFFIXES = ("_departement_idx",)
+ANALYTICS_TABLE_SUFFIXES = ("_keys", "_labels", "_months", "_skipped", "_offsets", "_keys_dep_date")
+_PG_NAME = re.compile(r"[a-z_][a-z0-9_]*", re.ASCII)
+
+
+def _pg_name(env: Mapping[str, str], name: str, suffixes: tuple[str, ...]) -> str:
+    """A lower-case SQL identifier that stays whole with every suffix the code appends.
+
+    Only those: the code quotes the names it creates (``"DpeData"``) but looks them up with
+    ``to_regclass(text)``, which folds to lower case; a mixed-case name would be created and never
+    found again (a refresh would then delete nothing)."""
+    raw = str(_get(env, name))
+    longest = PG_IDENTIFIER_MAX - max(len(s) for s in suffixes)
+    if not _PG_NAME.fullmatch(raw) or len(raw) > longest:
+        raise ConfigError(f"{name}={_shown(raw)}: a lower-case identifier is expected (a-z, 0-9 and _, not "
+                          f"starting with a digit), at most {longest} characters (PostgreSQL's {PG_IDENTIFIER_MAX} "
+                          f"with {max(suffixes, key=len)})")
+    return raw
+
+
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}", re.ASCII)
+
+
+def _topic(env: Mapping[str, str], name: str) -> str:
+    """A Kafka topic name: ASCII letters, digits, '.', '_' and '-', at most 249 (Kafka's own rule)."""
+    raw = str(_get(env, name))
+    if not _TOPIC.fullmatch(raw) or raw in (".", ".."):
+        raise ConfigError(f"{name}={_shown(raw)} is not a Kafka topic name (ASCII letters, digits, '.', '_' "
+                          "and '-', at most 249)")
+    return raw
 
 
 def _bool(env: Mapping[str, str], name: str) -> bool:
@@ -125,6 +186,19 @@ def _list(env: Mapping[str, str], name: str) -> list[str]:
     return [p.strip() for p in raw.split(",") if p.strip()]
 
 
+def _http_url(url: str) -> bool:
+    """An http(s) URL with a host, that urllib (and so requests) can split."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number or beyond 65535
+    except ValueError:
+        return False
+    return (parts.scheme in ("http", "https") and bool(parts.hostname) and url.isprintable()
+            and not any(c.isspace() for c in url))
+
+
 @dataclass(frozen=True)
 class KafkaSettings:
     bootstrap_servers: str
@@ -137,12 +211,15 @@ class KafkaSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> "KafkaSettings":
         env = os.environ if env is None else env
         servers = _get(env, "KAFKA_BOOTSTRAP_SERVERS") or ""
-        if not all(":" in s for s in servers.split(",")):
-            raise ConfigError(f"KAFKA_BOOTSTRAP_SERVERS={servers!r}: expected host:port[,host:port…]")
+        for server in servers.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not host.isascii() or not _WHOLE.fullmatch(port) or not 0 < int(port[:6]) < 65536:
+                raise ConfigError(f"KAFKA_BOOTSTRAP_SERVERS={_shown(servers)}: expected host:port[,host:port…] "
+                                  "(port 1..65535)")
         return cls(
             bootstrap_servers=servers,
-            topic=str(_get(env, "KAFKA_TOPIC")),
-            dlq_topic=str(_get(env, "KAFKA_DLQ_TOPIC")),
+            topic=_topic(env, "KAFKA_TOPIC"),
+            dlq_topic=_topic(env, "KAFKA_DLQ_TOPIC"),
             partitions=_int(env, "KAFKA_TOPIC_PARTITIONS", 1, 10000),
             replication_factor=_int(env, "KAFKA_REPLICATION_FACTOR", 1, 100),
         )
@@ -191,8 +268,8 @@ class ProducerConfig:
         url = str(_get(env, "ADEME_API_URL")).rstrip("/")
         if url.endswith("/lines"):
             url = url[: -len("/lines")]
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"ADEME_API_URL={url!r} is not an http(s) URL")
+        if not _http_url(url):
+            raise ConfigError(f"ADEME_API_URL={_shown(url)} is not an http(s) URL")
         cfg = cls(
             department=dep,
             api_url=url,
@@ -200,11 +277,11 @@ class ProducerConfig:
             date_from=_date(env, "ADEME_DATE_FROM"),
             date_to=_date(env, "ADEME_DATE_TO"),
             extra_fields=tuple(_list(env, "ADEME_EXTRA_FIELDS")),
-            max_rps=_float(env, "ADEME_MAX_RPS", 0.0),
+            max_rps=_rate(env, "ADEME_MAX_RPS"),
             timeout_s=_float(env, "ADEME_TIMEOUT_S", 0.1),
             max_retries=_int(env, "ADEME_MAX_RETRIES", 0, 1000),
             retry_max_s=_float(env, "ADEME_RETRY_MAX_S", 0.0),
-            checkpoint_topic=str(_get(env, "PRODUCER_CHECKPOINT_TOPIC")),
+            checkpoint_topic=_topic(env, "PRODUCER_CHECKPOINT_TOPIC"),
             restart=_bool(env, "PRODUCER_RESTART"),
             kafka=KafkaSettings.from_env(env),
             kafka_wait_s=_float(env, "KAFKA_WAIT_S", 0.0),
@@ -232,9 +309,7 @@ class ConsumerConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "ConsumerConfig":
         env = dict(os.environ if env is None else env)
-        table = str(_get(env, "DB_TABLE"))
-        if not table.replace("_", "").isalnum() or table[0].isdigit():
-            raise ConfigError(f"DB_TABLE={table!r}: letters, digits and _ only, not starting with a digit")
+        table = _pg_name(env, "DB_TABLE", DB_TABLE_SUFFIXES)
         return cls(
             database_url=str(_get(env, "DATABASE_URL")),
             table=table,
@@ -261,13 +336,8 @@ class AnalyticsConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "AnalyticsConfig":
         env = dict(os.environ if env is None else env)
-        prefix = str(_get(env, "ANALYTICS_TABLE_PREFIX"))
-        if not prefix.replace("_", "").isalnum() or prefix[0].isdigit() or len(prefix) > 40:
-            raise ConfigError(f"ANALYTICS_TABLE_PREFIX={prefix!r}: letters, digits and _ only, not starting with "
-                              "a digit, at most 40 characters")
-        share = _float(env, "ANALYTICS_ALERT_SHARE", 0.0)
-        if share > 1.0:
-            raise ConfigError(f"ANALYTICS_ALERT_SHARE={share} must be between 0 and 1")
+        prefix = _pg_name(env, "ANALYTICS_TABLE_PREFIX", ANALYTICS_TABLE_SUFFIXES)
+        share = _float(env, "ANALYTICS_ALERT_SHARE", 0.0, 1.0)
         return cls(
             database_url=str(_get(env, "DATABASE_URL")),
             table_prefix=prefix,

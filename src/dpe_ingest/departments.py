@@ -27,7 +27,15 @@ class InvalidDepartment(ValueError):
 
     def __init__(self, raw: object):
         self.raw = raw
-        super().__init__(f"invalid department code {raw!r}: valid forms are {VALID_FORMS}")
+        super().__init__(f"invalid department code {_shown(raw)}: valid forms are {VALID_FORMS}")
+
+
+def _shown(raw: object) -> str:
+    """``repr(raw)``, short: an integer of 4300 digits or more has no repr (ValueError), a long text is cut."""
+    if isinstance(raw, int) and not isinstance(raw, bool) and abs(raw) >= 10**20:
+        return f"<an integer of about {int(abs(raw).bit_length() * 0.30103) + 1} digits>"
+    text = repr(raw)
+    return text if len(text) <= 80 else text[:80] + f"… ({len(text)} characters)"
 
 
 def normalize(raw: object) -> str:
@@ -39,8 +47,12 @@ def normalize(raw: object) -> str:
     if isinstance(raw, bool):
         raise InvalidDepartment(raw)
     if isinstance(raw, int):
+        if not 0 <= raw < 1000:  # every code is below 1000 (str() of 4300 digits raises ValueError)
+            raise InvalidDepartment(raw)
         text = str(raw)
     elif isinstance(raw, float) and raw.is_integer():
+        if not 0 <= raw < 1000:
+            raise InvalidDepartment(raw)
         text = str(int(raw))
     elif isinstance(raw, str):
         text = raw.strip().upper()
