@@ -85,7 +85,8 @@ def test_dedupe_keeps_the_last_version_of_each_numero():
     rows = [Row("A", None, "1", None, None, {}, 0, 1), Row("B", None, "1", None, None, {}, 0, 2),
             Row("A", None, "2", None, None, {}, 0, 3)]
     out = dedupe(rows)
-    assert [(r.numero_dpe, r.code_postal_ban, r.offset) for r in out] == [("B", "1", 2), ("A", "2", 3)]
+    assert [(r.numero_dpe, r.code_postal_ban, r.offset) for r in out.upserts] == [("B", "1", 2), ("A", "2", 3)]
+    assert out.deletions == []
 
 
 def test_batch_claims_from_where_reading_began_to_after_its_last_message():

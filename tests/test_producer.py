@@ -322,3 +322,58 @@ def test_recreated_dataset_detected_by_its_restarted_line_numbers(kafka_bootstra
     again = run(command("produce"), env)
     assert again.returncode == 0 and events(again.stderr, "dataset_recreated"), again.stderr[-3000:]
     assert "largest _i" in events(again.stderr, "dataset_recreated")[0]["msg"]
+
+
+class _RecreateAt:
+    """Live changes that re-create the dataset once, at the n-th request to /lines."""
+
+    def __init__(self, n: int):
+        self.n, self.seen, self.done = n, 0, False
+
+    def on_request(self, ds: Dataset) -> None:
+        self.seen += 1
+        if self.seen == self.n:
+            ds.recreate()
+            self.done = True
+
+
+@pytest.mark.parametrize("kept_created_at", [False, True], ids=["new-createdAt", "same-createdAt"])
+def test_a_dataset_recreated_during_a_pass_restarts_it_instead_of_ending_short(kafka_bootstrap, standin, topics,
+                                                                               kept_created_at):
+    """Issue 20: the old cursor finds nothing in the re-created dataset; the pass must not end `done` short."""
+    ds = Dataset({"38": 3_000}, default_rows=0, virtual=True, seed=14)
+    created = ds.created_at
+    change = _RecreateAt(5)  # a few pages into the 6-page pass (start-up requests count too)
+
+    class Keep(_RecreateAt):
+        def on_request(self, d):
+            super().on_request(d)
+            if self.done:
+                d.created_at = created  # a re-creation that kept its createdAt: the line numbers tell
+
+    srv = standin(ds, changes=Keep(5) if kept_created_at else change)
+    env = env_for(kafka_bootstrap, srv, topics, "38")
+    res = run(command("produce"), env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    recreated = events(res.stderr, "dataset_recreated")
+    assert len(recreated) == 1 and "during the pass" in recreated[0]["msg"], res.stderr[-3000:]
+    done = events(res.stderr, "done")
+    assert len(done) == 1 and done[0]["rows"] == "3000", done
+    records = read_topic(kafka_bootstrap, topics["KAFKA_TOPIC"])
+    assert messages_by_department(records)["38"] == expected(ds, "38")
+    # the checkpoint is the new dataset's: the next run has nothing to do
+    again = run(command("produce"), env)
+    assert again.returncode == 0 and events(again.stderr, "already_done"), again.stderr[-3000:]
+
+
+def test_a_pass_short_of_deactivated_rows_ends_normally_and_says_so(kafka_bootstrap, standin, topics):
+    """Rows deactivated while the pass runs make it read fewer than the announced total: not a re-creation."""
+    from dpe_ingest.standin.data import LiveChanges
+
+    ds = Dataset({"38": 3_000}, default_rows=0, seed=15)
+    srv = standin(ds, changes=LiveChanges(["38"], every=2, deactivations=20, seed=3, stop_after=2))
+    res = run(command("produce"), env_for(kafka_bootstrap, srv, topics, "38"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not events(res.stderr, "dataset_recreated") and events(res.stderr, "short_pass"), res.stderr[-3000:]
+    records = read_topic(kafka_bootstrap, topics["KAFKA_TOPIC"])
+    assert set(messages_by_department(records)["38"]) >= set(ds.current_rows("38"))

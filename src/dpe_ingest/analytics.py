@@ -40,6 +40,7 @@ from kafka.structs import OffsetAndMetadata
 from . import logs, metrics
 from . import kafka_consumer as kc
 from .config import AnalyticsConfig, ConfigError, metrics_port
+from .messages import DELETED_FLAG, Deletion, settle
 from .sink import Invalid, parse_message
 
 log = logging.getLogger("dpe_ingest.analytics")
@@ -48,7 +49,6 @@ LABELS = ("A", "B", "C", "D", "E", "F", "G")
 UNKNOWN = "unknown"
 NO_DEPARTMENT = "none"  # rows without a department (departement NULL in dpe_data)
 #: the producer's refresh marks a certificate deactivated in the API with this flag (the sink deletes it)
-DELETED_FLAG = "_deleted"
 SKIP_REASONS = ("not_json", "no_numero_dpe", "invalid")
 REFRESH_COUNTS_S = 2.0
 CRASH_POINTS = ("before_db_commit", "after_db_commit")
@@ -127,6 +127,18 @@ def classify(value: bytes | None, partition: int = 0, offset: int = 0) -> Fact |
         return Fact(row.numero_dpe, row.departement or NO_DEPARTMENT, UNKNOWN, UNKNOWN, None, deleted=True)
     return Fact(row.numero_dpe, row.departement if row.departement is not None else NO_DEPARTMENT,
                 label_of(row.etiquette_dpe), month_of(row.date_reception_dpe), row.date_reception_dpe)
+
+
+def _fact_key(f: Fact) -> str:
+    return f.key
+
+
+def _fact_department(f: Fact) -> str:
+    return f.department
+
+
+def _fact_deleted(f: Fact) -> bool:
+    return f.deleted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,9 +241,11 @@ class Store:
                 stale = {p: stored[p] for p in parts if stored[p] >= 0 and stored[p] != starts[p]}
                 if stale:
                     raise Stale(stale)
-                last: dict[str, Fact] = {}
-                for f in facts:  # in offset order per partition: the last version of a key wins
-                    last[f.key] = f
+                # in offset order per partition: one action per key, as applying the facts in order would
+                # leave it (a deletion only removes a certificate still of its department)
+                settled = settle(facts, _fact_key, _fact_department, _fact_deleted)
+                last: dict[str, Fact | Deletion] = {f.key: f for f in settled.upserts}
+                last.update((d.key, d) for d in settled.deletions)
                 keys = sorted(last)
                 old: dict[str, tuple] = {}
                 if keys:
@@ -250,8 +264,8 @@ class Store:
 
                 for k in keys:
                     f, before = last[k], old.get(k)
-                    if f.deleted:
-                        if before is None:
+                    if isinstance(f, Deletion):
+                        if before is None or not f.applies_to(before[0]):
                             res.unchanged += 1
                             continue
                         move(before, -1)

@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from . import deadletter, departments, logs
+from . import deadletter, departments, logs, messages
 from .ademe import (MOD_FIELD, AdemeClient, ApiAuthError, ApiInterrupted, ApiRequestError, ApiUnavailable,
                     build_qs, cursor_line)
 from .config import CONTRACT, ConfigError, ProducerConfig
@@ -41,9 +41,10 @@ log = logging.getLogger("dpe_ingest.producer")
 EXIT_OK, EXIT_GAVE_UP, EXIT_CONFIG, EXIT_REFUSED, EXIT_TERMINATED = 0, 1, 2, 3, 143
 CHECKPOINT_VERSION = 2  # 2: + "dataset" (identity) and "hwm_i" (largest _i reached)
 LABELS = frozenset("ABCDEFG")
-_POSTCODE = re.compile(r"^\d{5}$")
+_POSTCODE = re.compile(r"[0-9]{5}", re.ASCII)  # fullmatch: "$" also matched before a final newline
+#: a pass restarted this many times because the dataset was re-created under it gives up (exit 1)
+MAX_PASS_RESTARTS = 3
 KEY_PAGE_SIZE = 10000  # key-only pages of a refresh (select=numero_dpe): data-fair's largest size
-DELETED_FLAG = "_deleted"  # sink.DELETED_FLAG (the producer image has no psycopg2 to import sink)
 
 
 def validate_row(row: Any) -> str | None:
@@ -60,7 +61,7 @@ def validate_row(row: Any) -> str | None:
     if label is not None and not (isinstance(label, str) and label in LABELS):
         return f"unparsable etiquette_dpe {label!r} (expected A..G)"
     postcode = row.get("code_postal_ban")
-    if postcode is not None and not (isinstance(postcode, str) and _POSTCODE.match(postcode)):
+    if postcode is not None and not (isinstance(postcode, str) and _POSTCODE.fullmatch(postcode)):
         return f"unparsable code_postal_ban {postcode!r} (expected 5 digits)"
     return None
 
@@ -167,19 +168,24 @@ class Producer:
         row and mark the department done.  Two checks: the dataset's identity (id, createdAt) stored
         with the checkpoint, and the largest ``_i`` the dataset has now against the largest one the
         checkpoint reached (one cheap request, sort=-_i size=1)."""
-        stored = ckpt.get("dataset")
-        why = None
-        if isinstance(stored, dict) and stored != self.identity:
-            why = f"its identity changed ({json.dumps(stored)} -> {json.dumps(self.identity)})"
-        elif ckpt.get("hwm_i") is not None:
-            now_max = self.client.max_line()
-            if now_max is None or now_max < ckpt["hwm_i"]:
-                why = f"its largest _i is {now_max}, below the {ckpt['hwm_i']} this department had reached"
+        why = self._recreated_since(ckpt.get("dataset"), ckpt.get("hwm_i"), self.meta)
         if why is None:
             return ckpt
         logs.event(log, "dataset_recreated", f"the dataset was re-created ({why}): the checkpoint no longer "
                    f"applies, fetching department {self.cfg.department} in full again", logging.WARNING,
                    checkpoint_rows=ckpt.get("rows"), checkpoint_done=ckpt.get("done"), **self.ctx)
+        return None
+
+    def _recreated_since(self, identity: Any, hwm: int | None, meta_now: dict) -> str | None:
+        """Why the dataset described by ``meta_now`` is not the one whose identity (id, createdAt) was
+        ``identity`` and whose lines reached ``_i`` = ``hwm``; None when it is the same."""
+        now = {"id": meta_now.get("id"), "createdAt": meta_now.get("createdAt")}
+        if isinstance(identity, dict) and identity != now:
+            return f"its identity changed ({json.dumps(identity)} -> {json.dumps(now)})"
+        if hwm is not None:
+            now_max = self.client.max_line()
+            if now_max is None or now_max < hwm:
+                return f"its largest _i is {now_max}, below the {hwm} this department had reached"
         return None
 
     def run(self) -> int:
@@ -237,7 +243,47 @@ class Producer:
                        "Set PRODUCER_RESTART=true to fetch it again.", rows=ckpt.get("rows"),
                        dead=ckpt.get("dead"), **ctx)
             return EXIT_OK
-        prog = Progress(cfg.department, time.monotonic(), rows_at_start=0)
+        restarts = 0
+        while True:
+            prog = Progress(cfg.department, time.monotonic(), rows_at_start=0)
+            outcome = self._pass(producer, store, ckpt, prog)
+            if outcome != "recreated":
+                break
+            # the dataset was re-created while this pass read it: its cursor now points past the new
+            # dataset's end and the pass ended short; what was sent stays correct (upserts by key)
+            restarts += 1
+            if restarts > MAX_PASS_RESTARTS:
+                raise ApiUnavailable(f"the dataset was re-created {restarts} times during department "
+                                     f"{cfg.department}'s pass; giving up (the next run starts over)")
+            ckpt = None
+        if outcome == "stopped":
+            return EXIT_TERMINATED
+        if self.refresh:  # a first pass (or a resumed one) of a refresh: bring the table in sync now
+            return self._refresh(producer, store, store.load(cfg.department) or {}, t0)
+        seconds = time.monotonic() - t0
+        c = self.client
+        rate = c.requests_made / seconds if seconds > 0 else 0.0
+        logs.event(log, "done", f"department {cfg.department} done: {prog.rows} rows sent, {prog.dead} dead "
+                   f"letters, {prog.pages} pages in {seconds:.1f}s (API total {prog.total}); "
+                   f"{c.requests_made} API requests at {rate:.2f}/s, {c.throttled} answered 429 "
+                   f"({c.throttled_s:.0f}s waited)",
+                   rows=prog.rows, dead=prog.dead, pages=prog.pages, total=prog.total,
+                   seconds=round(seconds, 1), api_requests=c.requests_made, api_rps=round(rate, 3),
+                   api_retries=c.retries_made, api_throttled=c.throttled, api_throttled_s=round(c.throttled_s, 1),
+                   **ctx)
+        # a Job is too short-lived to be scraped: the summary also goes to a Pushgateway when one is set
+        # (imported here: prometheus_client costs a tenth of a second at every start otherwise)
+        from . import metrics
+
+        metrics.push_producer_summary(os.environ.get("METRICS_PUSHGATEWAY_URL"), cfg.department, prog.rows,
+                                      prog.dead, seconds, ok=True)
+        return EXIT_OK
+
+    def _pass(self, producer, store, ckpt: dict | None, prog: Progress) -> str:
+        """Read the department's pages into Kafka from the checkpoint (or the first page): "done",
+        "stopped" (a signal; checkpoint saved) or "recreated" (the dataset was re-created during the
+        pass: nothing marks the department done, the caller starts over)."""
+        cfg, ctx = self.cfg, self.ctx
         after = None
         page_no = 0
         hwm = ckpt.get("hwm_i") if ckpt else None
@@ -270,6 +316,8 @@ class Producer:
                 prog.total = page.total
             self._send_page(producer, tracker, page, page_no, fetched_with, prog)
             tracker.flush(producer, timeout_s=180)
+            if not page.has_next and self._ended_short(page, page_no, prog, hwm):
+                return "recreated"
             line = cursor_line(page.after)
             if line is not None and (hwm is None or line > hwm):
                 hwm = line
@@ -285,27 +333,29 @@ class Producer:
             if page.has_next and self.stop.is_set():
                 logs.event(log, "stopped", f"stopped by signal after page {page_no}; checkpoint saved, "
                            "the next run resumes here", logging.WARNING, page=page_no, rows=prog.rows, **ctx)
-                return EXIT_TERMINATED
-        if self.refresh:  # a first pass (or a resumed one) of a refresh: bring the table in sync now
-            return self._refresh(producer, store, store.load(cfg.department) or {}, t0)
-        seconds = time.monotonic() - t0
-        c = self.client
-        rate = c.requests_made / seconds if seconds > 0 else 0.0
-        logs.event(log, "done", f"department {cfg.department} done: {prog.rows} rows sent, {prog.dead} dead "
-                   f"letters, {prog.pages} pages in {seconds:.1f}s (API total {prog.total}); "
-                   f"{c.requests_made} API requests at {rate:.2f}/s, {c.throttled} answered 429 "
-                   f"({c.throttled_s:.0f}s waited)",
-                   rows=prog.rows, dead=prog.dead, pages=prog.pages, total=prog.total,
-                   seconds=round(seconds, 1), api_requests=c.requests_made, api_rps=round(rate, 3),
-                   api_retries=c.retries_made, api_throttled=c.throttled, api_throttled_s=round(c.throttled_s, 1),
-                   **ctx)
-        # a Job is too short-lived to be scraped: the summary also goes to a Pushgateway when one is set
-        # (imported here: prometheus_client costs a tenth of a second at every start otherwise)
-        from . import metrics
+                return "stopped"
+        return "done"
 
-        metrics.push_producer_summary(os.environ.get("METRICS_PUSHGATEWAY_URL"), cfg.department, prog.rows,
-                                      prog.dead, seconds, ok=True)
-        return EXIT_OK
+    def _ended_short(self, page, page_no: int, prog: Progress, hwm: int | None) -> bool:
+        """At the last page of a pass that looks short (fewer rows than the API's total, or an empty
+        page where a ``next`` link led): whether the dataset was re-created meanwhile.  A short pass
+        of the same dataset is rows deactivated while it ran, and ends normally."""
+        short = (prog.total is not None and prog.rows + prog.dead < prog.total) or (page_no > 1 and not page.rows)
+        if not short:
+            return False
+        meta = self.client.dataset_info()
+        why = self._recreated_since(self.identity, hwm, meta)
+        if why is None:
+            logs.event(log, "short_pass", f"department {self.cfg.department}: the pass read {prog.rows + prog.dead} "
+                       f"rows of the {prog.total} announced; the dataset is the same (rows deactivated while it "
+                       "ran)", rows=prog.rows, dead=prog.dead, total=prog.total, **self.ctx)
+            return False
+        logs.event(log, "dataset_recreated", f"the dataset was re-created during the pass ({why}) after "
+                   f"{prog.rows + prog.dead} of {prog.total} rows: reading department {self.cfg.department} "
+                   "again from the first page", logging.WARNING, rows=prog.rows, dead=prog.dead, total=prog.total,
+                   page=page_no, **self.ctx)
+        self.meta, self.identity = meta, {"id": meta.get("id"), "createdAt": meta.get("createdAt")}
+        return True
 
     # -------------------------------------------------------------------------------------------- refresh
     def _api_mark(self) -> str | None:
@@ -386,7 +436,7 @@ class Producer:
                 theirs.update(r["numero_dpe"] for r in page.rows if isinstance(r, dict) and r.get("numero_dpe"))
             dep_value = departments.stored_department(cfg.department)
             for numero in sorted(mine - theirs):
-                doc = {"numero_dpe": numero, "departement": dep_value, DELETED_FLAG: True}
+                doc = messages.deletion(numero, dep_value)
                 tracker.add(producer.send(cfg.kafka.topic, key=numero.encode("utf-8"),
                                           value=json.dumps(doc, ensure_ascii=False).encode("utf-8")))
                 deleted += 1
@@ -420,6 +470,8 @@ class Producer:
                 return msg["numero_dpe"], encode_message(msg)
             except UnicodeEncodeError as exc:
                 reason = f"a value is not valid Unicode text ({exc.reason}: {exc.object[exc.start:exc.end]!r})"
+            except (ValueError, RecursionError) as exc:  # an integer beyond 4300 digits, lists nested ~1000 deep
+                reason = f"a value cannot be written as JSON ({type(exc).__name__}: {str(exc)[:200]})"
         return None, reason
 
     def _encode_page(self, page) -> list[tuple[str | None, Any]]:

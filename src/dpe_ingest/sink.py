@@ -28,12 +28,11 @@ from typing import Any, Callable, Iterable, Sequence
 import orjson
 
 from .config import BASE_FIELDS
+from .messages import DELETED_FLAG, settle
 
 #: Columns filled from the message (``extra`` holds every other field of the JSON object).
 DATA_COLUMNS: tuple[str, ...] = BASE_FIELDS + ("departement",)
 _DATA_KEYS = frozenset(DATA_COLUMNS)
-#: a message with this flag set deletes its numero_dpe (rows deactivated in the API; the producer's refresh)
-DELETED_FLAG = "_deleted"
 #: numero_dpe longer than this is refused (a btree index entry must stay well under 2.7 kB).
 MAX_KEY_CHARS = 200
 #: where each consumer group's next offset per partition is kept, in step with the rows
@@ -199,13 +198,23 @@ def parse_message(value: bytes | None, partition: int, offset: int) -> Row:
     )
 
 
-def dedupe(rows: Iterable[Row]) -> list[Row]:
-    """One row per numero_dpe, the last one winning (ON CONFLICT cannot touch a row twice)."""
-    last: dict[str, Row] = {}
-    for row in rows:
-        last.pop(row.numero_dpe, None)  # keep the order of the last occurrences
-        last[row.numero_dpe] = row
-    return list(last.values())
+def dedupe(rows: Iterable[Row]):
+    """One action per numero_dpe (ON CONFLICT cannot touch a row twice): the rows to upsert and the
+    deletions (:class:`dpe_ingest.messages.Deletion`), as applying ``rows`` one by one would leave the
+    table (:func:`dpe_ingest.messages.settle`: a deletion removes a row only if it is of its department)."""
+    return settle(rows, _key, _department, _is_deletion)
+
+
+def _key(row: Row) -> str:
+    return row.numero_dpe
+
+
+def _department(row: Row) -> str | None:
+    return row.departement
+
+
+def _is_deletion(row: Row) -> bool:
+    return row.deleted
 
 
 @dataclass
@@ -436,7 +445,10 @@ class Sink:
             "claim": lock + sql.SQL("WITH fence AS ({fence}) SELECT count(*) FROM fence").format(fence=fence),
             "upsert": sql.SQL("WITH up AS ({upsert}) SELECT NULL, count(*) FILTER (WHERE inserted), count(*) FROM up")
             .format(upsert=upsert.format(cond=sql.SQL(""), **parts)),
-            "delete": sql.SQL("DELETE FROM {} WHERE numero_dpe = ANY(%(gone)s)").format(t),
+            # a deletion removes the row only while it is of the deleting department (it may have moved)
+            "delete": sql.SQL("DELETE FROM {} AS d USING unnest(%(k)s::text[], %(d)s::text[], %(any)s::boolean[])"
+                              " AS x(k, dep, any_dep) WHERE d.numero_dpe = x.k"
+                              " AND (x.any_dep OR d.departement IS NOT DISTINCT FROM x.dep)").format(t),
             "stored": sql.SQL("SELECT partition, next_offset FROM {} WHERE consumer_group = %(g)s AND topic = %(t)s"
                               " AND partition = ANY(%(p)s)").format(o),
         }
@@ -446,6 +458,17 @@ class Sink:
         parts = sorted(claim.ranges)
         return {"g": claim.group, "t": claim.topic, "p": parts, "s": [claim.ranges[p][0] for p in parts],
                 "n": [claim.ranges[p][1] for p in parts], "np": len(parts)}
+
+    @staticmethod
+    def _deletion_params(gone) -> dict:
+        """One (key, department, any department) triple per department a deletion applies to."""
+        k, d, any_dep = [], [], []
+        for g in gone:
+            for dep in (None,) if g.departments is None else sorted(g.departments, key=lambda x: (x is None, x)):
+                k.append(g.key)
+                d.append(dep)
+                any_dep.append(g.departments is None)
+        return {"k": k, "d": d, "any": any_dep}
 
     @staticmethod
     def _rows_json(rows: Sequence[Row]) -> str:
@@ -495,12 +518,11 @@ class Sink:
         """
         pg = self._pg
         started = time.monotonic()
-        unique = dedupe(rows)  # the last message of a key wins: an upsert after a deletion, or the reverse
+        settled = dedupe(rows)  # one action per key, as the messages applied in order would leave it
+        unique, gone = settled.upserts, settled.deletions
         result = WriteResult()
-        if not unique and claim is None:
+        if not unique and not gone and claim is None:
             return result
-        gone = [r.numero_dpe for r in unique if r.deleted]
-        unique = [r for r in unique if not r.deleted]
         conn = self._ensure()
         try:
             with conn.cursor() as cur:
@@ -517,7 +539,7 @@ class Sink:
                 elif claim is not None:
                     self._claim(cur, claim)
                 if gone:
-                    cur.execute(self._sql["delete"], {"gone": gone})
+                    cur.execute(self._sql["delete"], self._deletion_params(gone))
                     result.deleted = cur.rowcount
                 result.inserted, result.updated = counts
                 result.unchanged = len(unique) - len(result.refused) - sum(counts)
