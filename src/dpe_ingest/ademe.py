@@ -11,10 +11,13 @@ again, for as long as it takes (the Job's deadline is the bound), never counting
 compute-budget 429 ("Le temps de traitement cumulé…") means a lock-out of up to one window
 (``rate_window_s``, 60 s in data-fair): the client waits one window plus jitter, so it sends at most one
 request per lock-out.  A request-rate 429 backs off exponentially with jitter up to one window.  A
-Retry-After, when a proxy sends one, wins.
+Retry-After, when a proxy sends one, wins, up to the longer of ``retry_max_s`` and one window (a
+Retry-After of a day, or of an HTTP date in year 9999, is waited that long and asked again).
 
 Retries: 5xx, 408, timeouts, connection resets and cut or truncated bodies are retried with capped
-exponential backoff and jitter, bounded by a number of attempts and a total waiting time.  A 401 is a
+exponential backoff and jitter, bounded by a number of attempts and a total waiting time; so is a 200 that
+is no data-fair page (no ``results`` list, a ``total`` that is not a count, a ``next`` that is not an http(s)
+URL, JSON nested too deep to read) and a redirect to something that is not http(s).  A 401 is a
 wrong API key: ``ApiAuthError``, a configuration error.  Any other 4xx is a request we built wrong or a
 dataset that does not exist: retrying cannot help, so it raises ``ApiRequestError`` with the API's own
 message.  The API key goes in the ``x-apiKey`` header and is never logged.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -37,6 +41,7 @@ import orjson
 import requests
 
 from . import departments, logs
+from .config import http_url
 
 log = logging.getLogger("dpe_ingest.ademe")
 
@@ -116,6 +121,9 @@ def build_qs(department: str, date_from: str | None = None, date_to: str | None 
     return " AND ".join(parts)
 
 
+MAX_INTERVAL_S = 7 * 24 * 3600.0
+
+
 class RateLimiter:
     """At most ``rps`` calls per second (0 = unlimited), shared by threads.
 
@@ -127,7 +135,7 @@ class RateLimiter:
     def __init__(self, rps: float, clock: Callable[[], float] = time.monotonic, sleep=time.sleep,
                  budget_file: str | None = None, reload_s: float = 15.0, context: dict | None = None):
         self.own_rps = rps
-        self.interval = 1.0 / rps if rps > 0 else 0.0
+        self.interval = min(1.0 / rps, MAX_INTERVAL_S) if rps > 0 else 0.0
         self._next = 0.0
         self._lock = threading.Lock()
         self._clock, self._sleep = clock, sleep
@@ -155,12 +163,15 @@ class RateLimiter:
         try:
             doc = json.loads(text) if text else {}
             total, n = float(doc.get("maxTotalRps") or 0), int(doc.get("departments") or 1)
+            if not math.isfinite(total):
+                raise ValueError(total)
             shared = total / max(1, n) if total > 0 else 0.0
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, OverflowError, RecursionError):
             log.warning("ignoring unreadable API budget file %s", self.budget_file)
         rates = [r for r in (self.own_rps, shared) if r > 0]
         self.rps = min(rates) if rates else 0.0
-        self.interval = 1.0 / self.rps if self.rps > 0 else 0.0
+        # at most a week between two requests (time.sleep overflows far beyond)
+        self.interval = min(1.0 / self.rps, MAX_INTERVAL_S) if self.rps > 0 else 0.0
         logs.event(log, "api_budget", f"API request rate of this producer: {self.rps:.3f}/s "
                    f"(shared budget {text.strip() if text else 'none'})", rps=round(self.rps, 4),
                    **self.context)
@@ -179,31 +190,34 @@ class RateLimiter:
 
 
 def retry_after_seconds(value: str | None) -> float | None:
-    """Parse a Retry-After header: delta-seconds or an HTTP date."""
+    """Parse a Retry-After header: delta-seconds or an HTTP date; None when it is neither (``inf`` and
+    ``nan`` are not delta-seconds; a date beyond what a datetime holds is not a date)."""
     if not value:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError, IndexError):
         return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _error_detail(resp: requests.Response) -> str:
     text = resp.text.strip()
     try:
         body = resp.json()
-    except ValueError:
+        if isinstance(body, dict):
+            for key in ("message", "error", "detail"):
+                if body.get(key):
+                    return str(body[key])[:500]
+    except (ValueError, RecursionError):  # not JSON, nested too deep, an integer beyond 4300 digits
         return text[:500] or resp.reason
-    if isinstance(body, dict):
-        for key in ("message", "error", "detail"):
-            if body.get(key):
-                return str(body[key])[:500]
     return text[:500]
 
 
@@ -254,7 +268,9 @@ class AdemeClient:
         """How long to wait after a 429, and which limit it was."""
         retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
         if retry_after is not None:
-            return retry_after + self.rng.uniform(0.0, 1.0), "retry_after"
+            # the server's word, up to a bound: then ask again (a 429 is never a failure)
+            return min(retry_after, max(self.retry_max_s, self.rate_window_s)) + self.rng.uniform(0.0, 1.0), \
+                "retry_after"
         if resp.text.startswith(COMPUTE_BUDGET_429):
             # locked out until the budget is positive again: at most one window from the last debit
             return self.rate_window_s * self.rng.uniform(1.05, 1.3), "compute_budget"
@@ -304,7 +320,10 @@ class AdemeClient:
                 else:
                     raise ApiRequestError(resp.status_code, _safe_url(resp.url), _error_detail(resp))
             except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
-                    requests.exceptions.ContentDecodingError, _TruncatedBody) as exc:
+                    requests.exceptions.ContentDecodingError, _TruncatedBody,
+                    # a redirect to ftp:, javascript:, nowhere or in circles: not data-fair's own answer
+                    requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema,
+                    requests.exceptions.InvalidURL, requests.exceptions.TooManyRedirects) as exc:
                 problem = f"{type(exc).__name__}: {str(exc)[:200]}"
             if attempt > self.max_retries:
                 raise ApiUnavailable(f"gave up after {attempt} attempts ({waited:.0f}s of backoff): {problem}")
@@ -334,8 +353,12 @@ class AdemeClient:
         if not isinstance(body, dict) or not isinstance(body.get("results"), list):
             raise _TruncatedBody("response JSON has no 'results' list")
         total = body.get("total")
-        return Page(rows=body["results"], total=total if isinstance(total, int) else None,
-                    next_url=body.get("next") or None, url=resp.url)
+        if total is not None and (type(total) is not int or total < 0):
+            raise _TruncatedBody(f"response JSON has a 'total' that is not a count: {_short(total)}")
+        next_url = body.get("next") or None
+        if next_url is not None and not (type(next_url) is str and http_url(next_url)):
+            raise _TruncatedBody(f"response JSON has a 'next' that is not an http(s) URL: {_short(next_url)}")
+        return Page(rows=body["results"], total=total, next_url=next_url, url=resp.url)
 
     # -- the dataset itself -----------------------------------------------------------------------
     def get_json(self, url: str, params: dict[str, Any] | None = None) -> dict:
@@ -392,6 +415,15 @@ class AdemeClient:
                     return
 
 
+def _short(value: Any) -> str:
+    """A value of a response in a message: its repr, cut short (none for an integer of 4300 digits)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        return f"a {type(value).__name__}"
+    return text if len(text) <= 100 else text[:100] + "…"
+
+
 def _safe_url(url: str) -> str:
     """The URL without an apiKey query parameter (the key never goes to a log)."""
     parts = urlsplit(url)
@@ -433,6 +465,8 @@ def _loads(content: bytes) -> Any:
         return json.loads(content)
     except ValueError as exc:  # a body cut short with a 200 and no Content-Length
         raise _TruncatedBody(f"response body is not complete JSON ({len(content)} bytes)") from exc
+    except RecursionError:  # nested deeper than the standard library reads (orjson stops at 1024)
+        raise _TruncatedBody(f"response JSON is nested too deeply ({len(content)} bytes)") from None
 
 
 def _json_object(resp: requests.Response) -> dict:

@@ -7,7 +7,6 @@ agree).  Each entry: variable name, default, meaning.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -186,7 +185,7 @@ def _list(env: Mapping[str, str], name: str) -> list[str]:
     return [p.strip() for p in raw.split(",") if p.strip()]
 
 
-def _http_url(url: str) -> bool:
+def http_url(url: str) -> bool:
     """An http(s) URL with a host, that urllib (and so requests) can split."""
     from urllib.parse import urlsplit
 
@@ -268,7 +267,7 @@ class ProducerConfig:
         url = str(_get(env, "ADEME_API_URL")).rstrip("/")
         if url.endswith("/lines"):
             url = url[: -len("/lines")]
-        if not _http_url(url):
+        if not http_url(url):
             raise ConfigError(f"ADEME_API_URL={_shown(url)} is not an http(s) URL")
         cfg = cls(
             department=dep,

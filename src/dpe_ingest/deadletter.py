@@ -7,6 +7,8 @@ One message format for both sides, so a user reads one topic to see every refuse
   ``payload`` is the row as received when it was JSON, ``payload_b64`` the raw bytes when they were
   not valid UTF-8/JSON; ``source`` is ``{topic, partition, offset}`` (consumer) or ``{api_url, page,
   after, index}`` (producer).
+  ``payload`` is null when the row cannot be written as JSON at all (an integer beyond 4300 digits, values
+  nested about 1000 deep): the reason then ends with why.
 - headers: ``dlq.reason``, ``dlq.stage`` and ``dlq.id``, so Kafdrop shows why without decoding the value.
 
 Dead letters are at-least-once (a producer resumed from its checkpoint re-reads one page, a consumer
@@ -56,12 +58,21 @@ def build(
         "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
     }
     try:
-        value = json.dumps(doc, ensure_ascii=False, default=str).encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate (JSON's \u escapes can carry one): escaped, valid UTF-8
-        value = json.dumps(doc, ensure_ascii=True, default=str).encode("ascii")
-    headers = [("dlq.reason", reason.encode("utf-8")[:1000]), ("dlq.stage", stage.encode("ascii")),
-               ("dlq.id", letter_id.encode("utf-8"))]
+        value = _dumps(doc)
+    except (ValueError, RecursionError) as exc:  # the payload: an integer beyond 4300 digits, nesting ~1000 deep
+        doc["reason"] = reason = f"{reason} (payload not kept: {type(exc).__name__}: {str(exc)[:200]})"
+        doc["payload"] = None
+        value = _dumps(doc)
+    headers = [("dlq.reason", reason.encode("utf-8", "backslashreplace")[:1000]), ("dlq.stage", stage.encode("ascii")),
+               ("dlq.id", letter_id.encode("utf-8", "backslashreplace"))]
     return value, headers
+
+
+def _dumps(doc: dict) -> bytes:
+    try:
+        return json.dumps(doc, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (JSON's \u escapes can carry one): escaped, valid UTF-8
+        return json.dumps(doc, ensure_ascii=True, default=str).encode("ascii")
 
 
 def parse(value: bytes) -> dict:

@@ -159,9 +159,25 @@ def _day(value: str, param: str) -> int:
 
 
 def _int_param(raw: str, name: str) -> int:
-    if not re.fullmatch(r"\s*-?\d+\s*", raw or ""):
+    # ASCII digits (parseInt reads no other script's); beyond 18 digits the value is only "too large"
+    m = re.fullmatch(r"\s*(-?)([0-9]+)\s*", raw or "", re.ASCII)
+    if not m:
         raise bad(f'"{name}" parameter is malformed')
-    return int(raw)
+    digits = m.group(2).lstrip("0") or "0"
+    return int(m.group(1) + (digits if len(digits) <= 18 else "9" * 18))
+
+
+def _json_values(text: str) -> list:
+    """``JSON.parse("[" + text + "]")`` (ValueError as JSON.parse throws: NaN and Infinity are no JSON, an
+    integer beyond 4300 digits and nesting beyond Python's recursion are reported as malformed too)."""
+    try:
+        return json.loads(f"[{text}]", parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def parse(params: list[tuple[str, str]], virtual: bool = False) -> LinesQuery:
@@ -197,7 +213,7 @@ def parse(params: list[tuple[str, str]], virtual: bool = False) -> LinesQuery:
     q.size = size
     if seen.get("after"):
         try:
-            values = json.loads(f"[{seen['after']}]")
+            values = _json_values(seen["after"])
         except ValueError:
             raise bad('"after" parameter is malformed') from None
         n_sort = 2 if virtual else 1
@@ -266,7 +282,7 @@ def _filter_param(name: str, key: str, suffix: str, value: str) -> list[Box]:
     if key == DEPT_FIELD and suffix in ("_eq", "_neq", "_in", "_nin"):
         if suffix in ("_in", "_nin"):
             try:
-                values = json.loads(f"[{value}]") if value.startswith('"') else [v for v in value.split(",") if v]
+                values = _json_values(value) if value.startswith('"') else [v for v in value.split(",") if v]
             except ValueError:
                 raise bad(f'"{name}" parameter is malformed') from None
             if not values:
@@ -431,11 +447,14 @@ def parse_qs(text: str) -> list[Box]:
     """The rows a Lucene ``qs`` selects, as a union of boxes; 400 on bad syntax or unknown fields."""
     try:
         tree = _Parser(text.replace('\\"', "")).parse()
-    except _Syntax as exc:
+        _check_fields(tree)
+        return _boxes(tree)
+    except (_Syntax, RecursionError) as exc:
+        # nesting beyond Python's recursion: data-fair's parser (PEG.js) overflows its stack too, inside
+        # checkQuery's try (commons.ts), which answers 400 with the RangeError's message
+        why = "Maximum call stack size exceeded" if isinstance(exc, RecursionError) else exc
         raise bad(f'Impossible d\'effectuer cette recherche, la syntaxe du paramètre "qs" n\'est pas respectée : '
-                  f'requête = "{text}", erreur = "{exc}"') from None
-    _check_fields(tree)
-    return _boxes(tree)
+                  f'requête = "{text}", erreur = "{why}"') from None
 
 
 def _check_fields(node) -> None:
