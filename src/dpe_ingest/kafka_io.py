@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.partitioner.abc import Partitioner
 
 from . import logs
@@ -167,21 +167,55 @@ def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
     return KafkaProducer(**config)
 
 
+#: while the broker does not acknowledge, a line at least this often (and one when it does again)
+WAIT_LOG_S = 10.0
+_FLUSH_SLICE_S = 5.0
+
+
+def flush_logging(producer: KafkaProducer, timeout_s: float, what: str, bootstrap: str | None = None,
+                  context: dict | None = None) -> None:
+    """``producer.flush`` for at most ``timeout_s``, saying so while Kafka keeps us waiting: a warning
+    ``kafka_waiting`` naming the broker and the time waited at least every :data:`WAIT_LOG_S`, and one
+    ``kafka_recovered`` line once the sends are acknowledged.  Raises KafkaUnavailable past the timeout."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    last_line = started
+    waited_lines = 0
+    where = bootstrap or "the broker"
+    while True:
+        try:
+            producer.flush(timeout=max(0.001, min(_FLUSH_SLICE_S, deadline - time.monotonic())))
+            break
+        except KafkaTimeoutError as exc:
+            now = time.monotonic()
+            if now >= deadline:
+                raise KafkaUnavailable(f"Kafka at {where} did not acknowledge {what} in {timeout_s:.0f}s") from exc
+            if now - last_line >= WAIT_LOG_S - _FLUSH_SLICE_S / 2:
+                logs.event(log, "kafka_waiting", f"waiting {now - started:.0f}s for Kafka at {where} to acknowledge "
+                           f"{what} (gives up after {timeout_s:.0f}s)", logging.WARNING, bootstrap=bootstrap,
+                           waited_s=round(now - started, 1), timeout_s=timeout_s, **(context or {}))
+                last_line, waited_lines = now, waited_lines + 1
+        except KafkaError as exc:
+            raise KafkaUnavailable(f"flush failed: {exc}") from exc
+    if waited_lines:
+        logs.event(log, "kafka_recovered", f"Kafka at {where} acknowledged {what} after "
+                   f"{time.monotonic() - started:.0f}s", bootstrap=bootstrap,
+                   waited_s=round(time.monotonic() - started, 1), **(context or {}))
+
+
 class SendTracker:
     """Futures of the sends since the last flush, to check that each one really succeeded."""
 
-    def __init__(self) -> None:
+    def __init__(self, bootstrap: str | None = None, context: dict | None = None) -> None:
         self.futures: list = []
+        self.bootstrap, self.context = bootstrap, context
 
     def add(self, future) -> None:
         self.futures.append(future)
 
     def flush(self, producer: KafkaProducer, timeout_s: float) -> None:
         """Wait until every tracked send is acknowledged; raise KafkaUnavailable if any failed."""
-        try:
-            producer.flush(timeout=timeout_s)
-        except KafkaError as exc:
-            raise KafkaUnavailable(f"flush failed: {exc}") from exc
+        flush_logging(producer, timeout_s, f"{len(self.futures)} sends", self.bootstrap, self.context)
         failed = [f for f in self.futures if not f.is_done or f.failed()]
         self.futures = []
         if failed:
@@ -193,8 +227,8 @@ class SendTracker:
 class CheckpointStore:
     """Resume points of departments: the last value of key ``department`` in a compacted topic."""
 
-    def __init__(self, bootstrap: str, topic: str, producer: KafkaProducer):
-        self.bootstrap, self.topic, self.producer = bootstrap, topic, producer
+    def __init__(self, bootstrap: str, topic: str, producer: KafkaProducer, context: dict | None = None):
+        self.bootstrap, self.topic, self.producer, self.context = bootstrap, topic, producer, context
 
     def load(self, key: str, timeout_s: float = 60.0) -> dict | None:
         """Read the topic from the beginning to its current end; the last value of ``key`` wins."""
@@ -233,8 +267,8 @@ class CheckpointStore:
         """Write and wait for the broker's acknowledgement."""
         fut = self.producer.send(self.topic, key=key.encode("utf-8"),
                                  value=json.dumps(doc, sort_keys=True).encode("utf-8"))
+        flush_logging(self.producer, timeout_s, f"the checkpoint of {key}", self.bootstrap, self.context)
         try:
-            self.producer.flush(timeout=timeout_s)
             fut.get(timeout=0.1)
         except KafkaError as exc:
             raise KafkaUnavailable(f"checkpoint write failed: {exc}") from exc

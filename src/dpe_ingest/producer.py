@@ -217,7 +217,7 @@ class Producer:
 
     def _run(self, producer, t0: float) -> int:
         cfg, ctx = self.cfg, self.ctx
-        store = CheckpointStore(cfg.kafka.bootstrap_servers, cfg.checkpoint_topic, producer)
+        store = CheckpointStore(cfg.kafka.bootstrap_servers, cfg.checkpoint_topic, producer, context=ctx)
         key = cfg.department
         ckpt = store.load(key)
         fp = self.fingerprint()
@@ -307,7 +307,7 @@ class Producer:
 
         params = self.client.first_params(department=cfg.department, fields=cfg.fields, size=cfg.page_size,
                                           date_from=cfg.date_from, date_to=cfg.date_to, after=after)
-        tracker = SendTracker()
+        tracker = SendTracker(cfg.kafka.bootstrap_servers, ctx)
         fetched_with = after  # the cursor of the page at hand: what a resume re-reads it with
         # the next page is fetched, checked and encoded in another thread while this one goes to Kafka
         for page in self.client.pages(params, prepare=self._encode_page):
@@ -404,7 +404,7 @@ class Producer:
         # 3. the delta
         params = self.client.first_params(department=cfg.department, fields=cfg.fields, size=cfg.page_size,
                                           date_from=cfg.date_from, date_to=cfg.date_to, modified_from=old_mark)
-        tracker = SendTracker()
+        tracker = SendTracker(cfg.kafka.bootstrap_servers, ctx)
         prog = Progress(cfg.department, time.monotonic(), rows_at_start=0)
         seen: set[str] = set()
         inserted = updated = 0
