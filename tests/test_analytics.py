@@ -20,6 +20,8 @@ from kafka import KafkaProducer
 from dpe_ingest import analytics
 from dpe_ingest.analytics import Alerts, Report, classify
 from dpe_ingest.standin import Dataset, Faults
+import crashing
+import reconcile as rec
 from kafka_util import command, run, start
 
 SLOW = 300
@@ -77,10 +79,14 @@ def test_alerts_are_one_summary_per_department_and_interval(caplog):
     alerts = Alerts(share=0.3, interval_s=60)
     counts = {"69": {"A": 6, "F": 2, "G": 2}, "01": {"A": 9, "G": 1}}
     with caplog.at_level(logging.INFO, logger="dpe_ingest.analytics"):
+        assert not alerts.due(now=1000.0)
         alerts.add({"69": 3, "01": 1})
+        assert alerts.due(now=1000.0)  # the loop then reads fresh counts: a summary's figures are of one moment
         assert alerts.emit(counts, now=1000.0) == 2
         alerts.add({"69": 5})
+        assert not alerts.due(now=1030.0)
         assert alerts.emit(counts, now=1030.0) == 0  # within the interval: held back, not lost
+        assert alerts.due(now=1061.0)
         alerts.add({"69": 1})
         assert alerts.emit(counts, now=1061.0) == 1
     lines = [r for r in caplog.records if getattr(r, "event", None) == "fg_alert"]
@@ -183,14 +189,18 @@ def test_clean_run_of_three_departments_with_bad_messages(kafka_bootstrap, datab
     srv = standin_factory(ds)
     for dep in ("69", "01", "38"):
         run_ok(["produce"], {**env, "ADEME_API_URL": srv.url, "DEPARTMENT": dep, "ADEME_PAGE_SIZE": "500"})
+    odd = [{"numero_dpe": "ODD-LABEL-1", "date_reception_dpe": "2024-01-02", "etiquette_dpe": "Z", "departement": "69"},
+           {"numero_dpe": "NO-LABEL-1", "date_reception_dpe": "2024-01-03", "etiquette_dpe": None, "departement": "01"}]
     send(kafka_bootstrap, n["KAFKA_TOPIC"], [
         b"\x00\xffnot json", b"{not json either", b'{"foo": "no numero_dpe"}',
         {"numero_dpe": "BAD-DATE-1", "date_reception_dpe": "31/12/2024", "etiquette_dpe": "A", "departement": "69"},
-        {"numero_dpe": "ODD-LABEL-1", "date_reception_dpe": "2024-01-02", "etiquette_dpe": "Z", "departement": "69"},
-        {"numero_dpe": "NO-LABEL-1", "date_reception_dpe": "2024-01-03", "etiquette_dpe": None, "departement": "01"},
-    ])
+        *odd])
     sink_and_analytics(env, tmp_path)
     doc = assert_exact(env, database_url)
+    # both tables against the dataset's rows: the sink's row by row, the analytics' counts
+    want = {**rec.expected_rows(ds, ["69", "01", "38"]), **{d["numero_dpe"]: rec.stored_row(d) for d in odd}}
+    rec.assert_rows(want, rec.read_table(database_url, n["DB_TABLE"]))
+    rec.assert_counts(rec.expected_counts(want), rec.read_counts(database_url, n["ANALYTICS_TABLE_PREFIX"]))
     assert set(doc["departments"]) == {"69", "01", "38"}
     assert sum(v["rows"] for v in doc["departments"].values()) == 1500 + 1200 + 900 + 2
     assert doc["departments"]["69"]["labels"]["unknown"] >= 1 and doc["departments"]["01"]["labels"]["unknown"] >= 1
@@ -267,8 +277,7 @@ def test_five_sigkills_a_resumed_producer_and_a_refresh_keep_the_counts_exact(
     # COMMIT, or after COMMIT before the Kafka offsets, after a random number of batches
     kills = [(rng.choice(analytics.CRASH_POINTS), rng.randint(0, 12)) for _ in range(5)]
     for point, after in kills:
-        res = run(command("analytics", "--exit-when-idle", "30"),
-                  {**env, "DPE_TEST_CRASH_AT": point, "DPE_TEST_CRASH_AFTER_BATCHES": str(after)}, timeout=SLOW)
+        res = run(crashing.command("analytics", point, after, "--exit-when-idle", "30"), env, timeout=SLOW)
         assert res.returncode == -signal.SIGKILL, f"{point}/{after} did not crash:\n{res.stderr[-3000:]}"
         assert "event=test_crash" in res.stderr
     applied = sum(analytics_report(env)["offsets"].values())
@@ -283,6 +292,11 @@ def test_five_sigkills_a_resumed_producer_and_a_refresh_keep_the_counts_exact(
         final[d["numero_dpe"]] = d
     fg = sum(1 for d in final.values() if d["etiquette_dpe"] in ("F", "G"))
     assert sum(v["fg"] for v in doc["departments"].values()) == fg
+    # the analytics tables against the counts of the rows sent last, not only against the sink's table
+    want = {k: rec.stored_row(d) for k, d in final.items()}
+    assert len(want) == 7000  # every row of the dataset's two departments
+    rec.assert_counts(rec.expected_counts(want), rec.read_counts(database_url, n["ANALYTICS_TABLE_PREFIX"]))
+    rec.assert_rows(want, rec.read_table(database_url, n["DB_TABLE"]))
 
 
 @pytest.mark.kafka
@@ -333,5 +347,7 @@ def test_two_analytics_members_and_a_sigkilled_one_count_each_certificate_once(k
     run_ok(["consume", "--exit-when-idle", "3"], env)
     doc = assert_exact(env, database_url)
     assert sum(v["rows"] for v in doc["departments"].values()) == 6000
+    want = {d["numero_dpe"]: rec.stored_row(d) for d in docs}
+    rec.assert_counts(rec.expected_counts(want), rec.read_counts(database_url, n["ANALYTICS_TABLE_PREFIX"]))
     assert doc["departments"]["none"]["labels"]["unknown"] == sum(
         1 for i in range(6000) if i % 3 == 2 and i % 8 == 7)

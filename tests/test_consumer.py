@@ -27,7 +27,9 @@ from dpe_ingest import deadletter
 from dpe_ingest.kafka_io import group_offsets
 from dpe_ingest.status_sources import Collector
 
-from kafka_util import read_topic
+import crashing
+import reconcile as rec
+from kafka_util import command, read_topic, run
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
@@ -109,14 +111,16 @@ def wait_all_assigned(*members: "Proc") -> None:
 
 
 class Proc:
-    """``dpe-ingest consume`` as a subprocess, its stderr in a file."""
+    """``dpe-ingest consume`` as a subprocess, its stderr in a file; ``crash=(point, n)`` arms a crash
+    point (tests/crashing.py: SIGKILL at ``point`` once ``n`` batches are written)."""
 
-    def __init__(self, env: dict, tmp: Path, *args: str, name: str = "consumer"):
+    def __init__(self, env: dict, tmp: Path, *args: str, name: str = "consumer", crash: tuple[str, int] | None = None):
         self.log_path = tmp / f"{name}-{uuid.uuid4().hex[:6]}.log"
         self._log = open(self.log_path, "wb")
         full = {**os.environ, "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in env.items()}}
-        self.p = subprocess.Popen([sys.executable, "-m", "dpe_ingest", "consume", *args], env=full,
-                                  stdout=self._log, stderr=subprocess.STDOUT)
+        argv = crashing.command("consume", *crash, *args) if crash else \
+            [sys.executable, "-m", "dpe_ingest", "consume", *args]
+        self.p = subprocess.Popen(argv, env=full, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait(self, timeout: float = SLOW) -> int:
         try:
@@ -193,17 +197,9 @@ def consumer_env(bootstrap: str, database_url: str, names: dict, **extra) -> dic
     return env
 
 
-def table_rows(database_url: str, table: str) -> dict:
-    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
-        cur.execute(f'SELECT numero_dpe, date_reception_dpe, code_postal_ban, etiquette_dpe, departement, extra,'
-                    f' kafka_partition, kafka_offset FROM "{table}"')
-        rows = cur.fetchall()
-    conn.close()
-    out = {}
-    for r in rows:
-        assert r[0] not in out
-        out[r[0]] = r
-    return out
+def table_rows(database_url: str, table: str) -> dict[str, dict]:
+    """numero_dpe -> the row's stored columns and the Kafka position it was written from."""
+    return rec.read_table(database_url, table, rec.COLUMNS + ("kafka_partition", "kafka_offset"))
 
 
 def table_count(database_url: str, table: str) -> int:
@@ -217,25 +213,14 @@ def table_count(database_url: str, table: str) -> int:
         return -1
 
 
-def expected_row(s: Sent) -> tuple:
-    d = s.doc
-    base = ("numero_dpe", "date_reception_dpe", "code_postal_ban", "etiquette_dpe", "departement")
-    date = dt.date.fromisoformat(d["date_reception_dpe"]) if d.get("date_reception_dpe") else None
-    return (d["numero_dpe"], date, d.get("code_postal_ban"), d.get("etiquette_dpe"), d.get("departement"),
-            {k: v for k, v in d.items() if k not in base}, s.partition, s.offset)
+def expected_row(s: Sent) -> dict:
+    return {**rec.stored_row(s.doc), "kafka_partition": s.partition, "kafka_offset": s.offset}
 
 
 def reconcile(database_url: str, table: str, good: list[Sent]) -> None:
     """The table holds exactly one row per produced numero_dpe, equal to its (last) message."""
-    want = {}
-    for s in good:
-        want[s.doc["numero_dpe"]] = s
-    got = table_rows(database_url, table)
-    missing = set(want) - set(got)
-    extra = set(got) - set(want)
-    assert not missing and not extra, f"missing {len(missing)} e.g. {sorted(missing)[:5]}, extra {sorted(extra)[:5]}"
-    bad = [(k, got[k], expected_row(s)) for k, s in want.items() if got[k] != expected_row(s)]
-    assert not bad, f"{len(bad)} rows differ from their message, e.g. {bad[:3]}"
+    want = {s.doc["numero_dpe"]: expected_row(s) for s in good}
+    rec.assert_rows(want, table_rows(database_url, table))
 
 
 def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
@@ -336,12 +321,31 @@ def test_a_new_version_of_a_row_updates_it_and_a_replay_changes_nothing(kafka_bo
     assert p2.wait() == 0
     assert batch_totals(p2)["updated"] == 50 and batch_totals(p2)["unchanged"] == 250
     # rows that changed carry the offset of their new message; identical ones keep the first one
-    got = table_rows(database_url, names["DB_TABLE"])
-    assert len(got) == 300
-    for s1, s2 in zip(first, second):
-        want = expected_row(s2 if s2.doc["etiquette_dpe"] != s1.doc["etiquette_dpe"] else s1)
-        assert got[s1.doc["numero_dpe"]] == want
+    rec.assert_rows({s1.doc["numero_dpe"]: expected_row(s2 if s2.doc["etiquette_dpe"] != s1.doc["etiquette_dpe"] else s1)
+                     for s1, s2 in zip(first, second)}, table_rows(database_url, names["DB_TABLE"]))
     assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], first + second, names["KAFKA_TOPIC"], database_url)
+
+
+def test_the_crash_variables_in_a_pods_environment_kill_nothing(kafka_bootstrap, database_url, procs, tmp_path):
+    """``DPE_TEST_CRASH_AT`` / ``DPE_TEST_CRASH_AFTER_BATCHES`` in the environment of ``dpe-ingest
+    consume`` and ``dpe-ingest analytics`` (a pod's, or one ``dpe-ingest run`` passes on) arm nothing:
+    both drain the topic and exit 0 (tests arm a crash point through tests/crashing.py only)."""
+    names = new_names("nocrash")
+    tag = names["KAFKA_TOPIC"].split("-")[-1]
+    names.update(ANALYTICS_GROUP=f"nocrash-{tag}-an", ANALYTICS_TABLE_PREFIX=f"dpe_nocrash_{tag}_a")
+    create_topic(kafka_bootstrap, names["KAFKA_TOPIC"], 3)
+    sent = produce(kafka_bootstrap, names["KAFKA_TOPIC"], [doc(i, tag="N") for i in range(300)])
+    env = consumer_env(kafka_bootstrap, database_url, names)
+    sink = Proc({**env, "DPE_TEST_CRASH_AT": "after_poll", "DPE_TEST_CRASH_AFTER_BATCHES": 0}, tmp_path,
+                "--exit-when-idle", "3")
+    procs.append(sink)
+    counted = run(command("analytics", "--exit-when-idle", "3"),
+                  {**env, "DPE_TEST_CRASH_AT": "before_db_commit", "DPE_TEST_CRASH_AFTER_BATCHES": "0"})
+    assert counted.returncode == 0 and "test_crash" not in counted.stderr, counted.stderr[-3000:]
+    assert sink.wait() == 0 and sink.events("test_crash") == [], sink.text()[-3000:]
+    reconcile(database_url, names["DB_TABLE"], sent)
+    want = rec.expected_counts({s.doc["numero_dpe"]: rec.stored_row(s.doc) for s in sent})
+    rec.assert_counts(want, rec.read_counts(database_url, names["ANALYTICS_TABLE_PREFIX"]))
 
 
 @pytest.mark.slow
@@ -361,7 +365,7 @@ def test_sigkill_at_each_critical_point_loses_and_duplicates_nothing(point, kafk
     crashed = []
     hidden = 0  # rows of batches committed just before a crash, so never logged
     for n in (2, 3, 5):  # each run dies at a later batch of its own
-        p = Proc({**env, "DPE_TEST_CRASH_AT": point, "DPE_TEST_CRASH_AFTER_BATCHES": n}, tmp_path, name=f"crash{n}")
+        p = Proc(env, tmp_path, name=f"crash{n}", crash=(point, n))
         procs.append(p)
         assert p.wait() == -signal.SIGKILL, p.text()[-4000:]
         assert [e["point"] for e in p.events("test_crash")] == [point]
@@ -543,8 +547,7 @@ def test_a_consumer_killed_mid_run_is_replaced_by_the_other_member(kafka_bootstr
     env = consumer_env(kafka_bootstrap, database_url, names)
     # the victim dies inside its 3rd batch, right after its DB commit: rows and offsets in the table, the
     # group's Kafka offsets not committed yet
-    victim = Proc({**env, "DPE_TEST_CRASH_AT": "after_db_commit", "DPE_TEST_CRASH_AFTER_BATCHES": 2}, tmp_path,
-                  name="victim")
+    victim = Proc(env, tmp_path, name="victim", crash=("after_db_commit", 2))
     survivor = Proc(env, tmp_path, name="survivor")
     procs += [victim, survivor]
 
@@ -694,7 +697,7 @@ def test_dead_letters_resent_by_a_replay_keep_their_id_and_are_counted_once(kafk
     sent, good, bad = produce_with_poison(kafka_bootstrap, topic)
     env = consumer_env(kafka_bootstrap, database_url, names, BATCH_IDLE_MS=60000)
     # dies once the first batch's dead letters are acknowledged, before its offsets are committed
-    crashed = Proc({**env, "DPE_TEST_CRASH_AT": "after_dlq_send"}, tmp_path, name="crash")
+    crashed = Proc(env, tmp_path, name="crash", crash=("after_dlq_send", 0))
     procs.append(crashed)
     assert crashed.wait() == -signal.SIGKILL, crashed.text()[-4000:]
     assert [e["point"] for e in crashed.events("test_crash")] == ["after_dlq_send"]

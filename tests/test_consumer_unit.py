@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 
 import pytest
 from kafka import TopicPartition
 
-from dpe_ingest import consumer, deadletter
-from dpe_ingest.config import ConfigError
+import crashing
+from dpe_ingest import analytics, consumer, deadletter
 from dpe_ingest.sink import Invalid, Row, dedupe, parse_message
 
 
@@ -103,13 +104,42 @@ def test_batch_claims_from_where_reading_began_to_after_its_last_message():
     assert len(b.all_rows()) == 2
 
 
-def test_crash_hook_settings_are_checked():
-    with pytest.raises(ConfigError, match="DPE_TEST_CRASH_AT"):
-        consumer.CrashHook({"DPE_TEST_CRASH_AT": "sometimes"})
-    with pytest.raises(ConfigError, match="DPE_TEST_CRASH_AFTER_BATCHES"):
-        consumer.CrashHook({"DPE_TEST_CRASH_AT": "after_poll", "DPE_TEST_CRASH_AFTER_BATCHES": "x"})
-    hook = consumer.CrashHook({})
-    hook("after_poll", 0)  # no crash configured: returns
+@pytest.mark.parametrize("program, module", [("consume", consumer), ("analytics", analytics)])
+def test_no_environment_arms_a_crash_point(program, module, monkeypatch):
+    """What a pod's environment holds never reaches the crash points: main() builds the app with the
+    hook that does nothing, the old test variables set or not (tests/crashing.py alone arms one)."""
+    built = []
+    monkeypatch.setattr(module.logs, "setup", lambda *a, **k: None)  # keep pytest's logging intact
+    monkeypatch.setattr(module.metrics, "run_service", lambda app, *a: built.append(app) or 0)
+    for name, value in {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "DATABASE_URL": "postgresql://u@127.0.0.1:1/d",
+                        "DPE_TEST_CRASH_AT": module.CRASH_POINTS[0], "DPE_TEST_CRASH_AFTER_BATCHES": "0"}.items():
+        monkeypatch.setenv(name, value)
+    assert module.main([]) == 0
+    (app,) = built
+    assert app.crash is module.no_crash
+    for point in module.CRASH_POINTS:
+        assert app.crash(point, 0) is None  # returns: no process killed
+
+
+def test_no_module_of_the_product_reads_a_crash_setting():
+    src = Path(consumer.__file__).parent
+    readers = [str(f.relative_to(src)) for f in src.rglob("*.py") if "DPE_TEST_CRASH" in f.read_text()]
+    assert readers == [], readers
+    assert not hasattr(consumer, "CrashHook") and not hasattr(analytics, "CrashHook")
+
+
+def test_the_crash_launcher_refuses_what_it_does_not_know(capsys):
+    with pytest.raises(SystemExit) as exc:
+        crashing.main(["--at", "sometimes", "consume"])
+    assert exc.value.code == 2
+    assert "--at 'sometimes': consume has the crash points after_poll, after_insert, after_dlq_send, " \
+           "after_db_commit" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        crashing.main(["--at", "after_poll", "--after-batches", "x", "consume"])
+    assert "--after-batches: invalid int value: 'x'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        crashing.main(["--at", "after_poll", "analytics"])
+    assert "analytics has the crash points before_db_commit, after_db_commit" in capsys.readouterr().err
 
 
 def test_consume_refuses_bad_settings_with_exit_2(monkeypatch, capsys):
@@ -118,10 +148,6 @@ def test_consume_refuses_bad_settings_with_exit_2(monkeypatch, capsys):
     assert consumer.main([]) == 2
     assert "BATCH_SIZE" in capsys.readouterr().err
     monkeypatch.delenv("BATCH_SIZE")
-    monkeypatch.setenv("DPE_TEST_CRASH_AT", "later")
-    assert consumer.main([]) == 2
-    assert "DPE_TEST_CRASH_AT" in capsys.readouterr().err
-    monkeypatch.delenv("DPE_TEST_CRASH_AT")
     assert consumer.main(["--exit-when-idle", "0"]) == 2
 
 

@@ -26,12 +26,11 @@ import argparse
 import datetime as dt
 import json
 import logging
-import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from kafka import TopicPartition
 from kafka.errors import KafkaError
@@ -54,26 +53,9 @@ REFRESH_COUNTS_S = 2.0
 CRASH_POINTS = ("before_db_commit", "after_db_commit")
 
 
-class CrashHook:
-    """``DPE_TEST_CRASH_AT=before_db_commit|after_db_commit`` with ``DPE_TEST_CRASH_AFTER_BATCHES=N``:
-    SIGKILL ourselves at that point of the batch after N applied batches.  TESTS ONLY."""
-
-    def __init__(self, env) -> None:
-        self.point = (env.get("DPE_TEST_CRASH_AT") or "").strip() or None
-        if self.point is not None and self.point not in CRASH_POINTS:
-            raise ConfigError(f"DPE_TEST_CRASH_AT={self.point!r}: expected one of {', '.join(CRASH_POINTS)}")
-        try:
-            self.after = int((env.get("DPE_TEST_CRASH_AFTER_BATCHES") or "0").strip())
-        except ValueError:
-            raise ConfigError("DPE_TEST_CRASH_AFTER_BATCHES is not a whole number") from None
-
-    def __call__(self, point: str, batches_done: int) -> None:
-        if point == self.point and batches_done >= self.after:
-            logs.event(log, "test_crash", f"test crash hook: SIGKILL at {point} after {batches_done} batches",
-                       logging.WARNING, point=point, batches=batches_done)
-            for h in logging.getLogger().handlers:
-                h.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+def no_crash(point: str, batches_done: int) -> None:
+    """Called at each of CRASH_POINTS with the batches applied so far: does nothing.  No setting
+    changes it; only a test hands Analytics another hook (tests/crashing.py: SIGKILL at a point)."""
 
 
 def label_of(value: Any) -> str:
@@ -499,9 +481,9 @@ class Alerts:
 # ---------------------------------------------------------------------------------------------
 class Analytics:
     def __init__(self, cfg: AnalyticsConfig, *, exit_when_idle_s: float | None = None, store: Store | None = None,
-                 crash: CrashHook | None = None):
+                 crash: Callable[[str, int], None] | None = None):
         self.cfg = cfg
-        self.crash = crash or CrashHook({})
+        self.crash = crash or no_crash
         self.exit_when_idle_s = exit_when_idle_s
         self.store = store or Store(cfg.database_url, cfg.table_prefix)
         self.metrics = metrics.AnalyticsMetrics()
@@ -829,7 +811,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = AnalyticsConfig.from_env()
         port = metrics_port()
-        crash = CrashHook(os.environ)
     except ConfigError as exc:
         print(f"dpe-ingest analytics: {exc}", file=sys.stderr)
         return 2
@@ -844,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sys.stdout.write(rep.render())
         return 0
-    app = Analytics(cfg, exit_when_idle_s=args.exit_when_idle, crash=crash)
+    app = Analytics(cfg, exit_when_idle_s=args.exit_when_idle)
     return metrics.run_service(app, port, "dpe-ingest analytics", "analytics", log)
 
 

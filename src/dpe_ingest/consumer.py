@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import time
@@ -148,30 +147,11 @@ class Totals:
 
 
 # ---------------------------------------------------------------------------------------------
-# the test-only crash hook
+# crash points: a hook point, nothing more
 # ---------------------------------------------------------------------------------------------
-class CrashHook:
-    """``DPE_TEST_CRASH_AT=after_poll|after_insert|after_dlq_send|after_db_commit`` with
-    ``DPE_TEST_CRASH_AFTER_BATCHES=N``: once N batches are fully written, SIGKILL ourselves at that
-    point of the next batch.  TESTS ONLY."""
-
-    def __init__(self, env) -> None:
-        self.point = (env.get("DPE_TEST_CRASH_AT") or "").strip() or None
-        if self.point is not None and self.point not in CRASH_POINTS:
-            raise ConfigError(f"DPE_TEST_CRASH_AT={self.point!r}: expected one of {', '.join(CRASH_POINTS)}")
-        raw = (env.get("DPE_TEST_CRASH_AFTER_BATCHES") or "0").strip()
-        try:
-            self.after = int(raw)
-        except ValueError:
-            raise ConfigError(f"DPE_TEST_CRASH_AFTER_BATCHES={raw!r} is not a whole number") from None
-
-    def __call__(self, point: str, batches_done: int) -> None:
-        if point == self.point and batches_done >= self.after:
-            logs.event(log, "test_crash", f"test crash hook: SIGKILL at {point} after {batches_done} batches",
-                       logging.WARNING, point=point, batches=batches_done)
-            for h in logging.getLogger().handlers:
-                h.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+def no_crash(point: str, batches_done: int) -> None:
+    """Called at each of CRASH_POINTS with the batches written so far: does nothing.  No setting
+    changes it; only a test hands the Consumer another hook (tests/crashing.py: SIGKILL at a point)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,12 +159,12 @@ class CrashHook:
 # ---------------------------------------------------------------------------------------------
 class Consumer:
     def __init__(self, cfg: ConsumerConfig, *, exit_when_idle_s: float | None = None,
-                 shutdown_timeout_s: float = 20.0, crash: CrashHook | None = None,
+                 shutdown_timeout_s: float = 20.0, crash: Callable[[str, int], None] | None = None,
                  sink: Sink | None = None):
         self.cfg = cfg
         self.exit_when_idle_s = exit_when_idle_s
         self.shutdown_timeout_s = shutdown_timeout_s
-        self.crash = crash or CrashHook({})
+        self.crash = crash or no_crash
         self.sink = sink or Sink(cfg.database_url, cfg.table)  # the writer thread's connection
         self.reader: Sink | None = None  # the main thread's connection (stored offsets)
         self.consumer = None
@@ -847,13 +827,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = ConsumerConfig.from_env()
-        crash = CrashHook(os.environ)
         port = metrics_port()
     except ConfigError as exc:
         print(f"dpe-ingest consume: {exc}", file=sys.stderr)
         return 2
-    consumer = Consumer(cfg, exit_when_idle_s=args.exit_when_idle, shutdown_timeout_s=args.shutdown_timeout,
-                        crash=crash)
+    consumer = Consumer(cfg, exit_when_idle_s=args.exit_when_idle, shutdown_timeout_s=args.shutdown_timeout)
     return metrics.run_service(consumer, port, "dpe-ingest consume", "consumer", log)
 
 
