@@ -291,7 +291,7 @@ class AdemeClient:
             problem: str
             retry_after: float | None = None
             try:
-                resp = self.session.get(url, params=params, timeout=self.timeout_s)
+                resp = self._get(url, params)
                 if resp.status_code == 429:
                     with self._stats_lock:
                         self._in_a_row_429 += 1
@@ -320,10 +320,7 @@ class AdemeClient:
                 else:
                     raise ApiRequestError(resp.status_code, _safe_url(resp.url), _error_detail(resp))
             except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
-                    requests.exceptions.ContentDecodingError, _TruncatedBody,
-                    # a redirect to ftp:, javascript:, nowhere or in circles: not data-fair's own answer
-                    requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema,
-                    requests.exceptions.InvalidURL, requests.exceptions.TooManyRedirects) as exc:
+                    requests.exceptions.ContentDecodingError, _TruncatedBody) as exc:
                 problem = f"{type(exc).__name__}: {str(exc)[:200]}"
             if attempt > self.max_retries:
                 raise ApiUnavailable(f"gave up after {attempt} attempts ({waited:.0f}s of backoff): {problem}")
@@ -339,6 +336,15 @@ class AdemeClient:
                        f"in {delay:.1f}s", logging.WARNING, attempt=attempt, retry_in_s=round(delay, 2),
                        problem=problem, **self.context)
             self._pause(delay)
+
+    def _get(self, url: str, params: dict[str, Any] | None) -> requests.Response:
+        try:
+            return self.session.get(url, params=params, timeout=self.timeout_s)
+        except (requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema, requests.exceptions.InvalidURL,
+                requests.exceptions.TooManyRedirects, ValueError) as exc:
+            # url is an http(s) URL (config and _parse see to it): a redirect went to ftp:, javascript:, a URL
+            # urllib cannot split (ValueError) or in circles -- not data-fair's own answer
+            raise _TruncatedBody(f"redirected to no http(s) URL ({type(exc).__name__}: {str(exc)[:200]})") from None
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         exp = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
@@ -477,4 +483,5 @@ def _json_object(resp: requests.Response) -> dict:
 
 
 class _TruncatedBody(Exception):
-    """A 200 whose body is not a complete data-fair page: treated like a cut connection."""
+    """A 200 whose body is not a complete data-fair page, or a redirect to no http(s) URL: treated like a cut
+    connection."""
