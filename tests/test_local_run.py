@@ -21,6 +21,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+import reconcile as rec
 from dpe_ingest import local_run
 from dpe_ingest.standin.data import Dataset
 
@@ -102,11 +103,18 @@ def test_three_departments_on_the_standin_reconcile_and_exit_0(run_env, database
         n = expected[label]
         pct = 100.0 * n / 6000
         assert re.search(rf"^  {label}\s+{n}\s+{pct:5.1f}%", res.stdout, re.M), (label, n, res.stdout)
+    # the table holds exactly the stand-in's rows, every column; the analytics tables their counts
+    want = rec.expected_rows(Dataset(2000, seed=1), deps)
+    rec.assert_rows(want, rec.read_table(database_url, run_env["DB_TABLE"]))
+    rec.assert_counts(rec.expected_counts(want), rec.read_counts(database_url, run_env["ANALYTICS_TABLE_PREFIX"]))
+    # counter-test: one label flipped behind the check's back is seen, and named
+    key = sorted(want)[1234]
+    flipped = "A" if want[key]["etiquette_dpe"] != "A" else "B"
     with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
-        cur.execute(f'SELECT departement, count(*), count(DISTINCT numero_dpe) FROM "{run_env["DB_TABLE"]}" '
-                    "GROUP BY 1 ORDER BY 1")
-        assert cur.fetchall() == [("01", 2000, 2000), ("38", 2000, 2000), ("69", 2000, 2000)]
+        cur.execute(f'UPDATE "{run_env["DB_TABLE"]}" SET etiquette_dpe = %s WHERE numero_dpe = %s', (flipped, key))
     conn.close()
+    with pytest.raises(AssertionError, match=f"different: {key} .*etiquette_dpe '{flipped}' in the table"):
+        rec.assert_rows(want, rec.read_table(database_url, run_env["DB_TABLE"]))
     # the children's log lines came through, prefixed with their department
     assert re.search(r"^69\s+\| .*event=done", res.stderr, re.M)
     assert re.search(r"^consumer\s+\| .*event=stop", res.stderr, re.M)
@@ -123,25 +131,58 @@ def test_new_codes_and_rows_without_a_department_run_and_reconcile(run_env, data
             if line.split() and line.split()[0] in ("977", "988", "none", "total")}
     assert rows["977"] == rows["988"] == rows["none"] == ["600", "600", "600", "0"], res.stdout
     assert "rows without a department in the API: 600 (department none fetches them)" in res.stdout
-    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
-        cur.execute(f'SELECT departement, count(*) FROM "{run_env["DB_TABLE"]}" GROUP BY 1 ORDER BY 1')
-        assert cur.fetchall() == [("977", 600), ("988", 600), (None, 600)]
-    conn.close()
+    want = rec.expected_rows(Dataset(600, seed=1, rows_without_department=600), ["977", "none", "988"])
+    assert sum(1 for r in want.values() if r["departement"] is None) == 600
+    rec.assert_rows(want, rec.read_table(database_url, run_env["DB_TABLE"]))
 
 
-def test_malformed_rows_are_dead_lettered_and_an_unreachable_api_falls_back_to_the_standin(run_env):
-    # nothing listens on this port: the probe fails and the run says it uses the stand-in
+def unreachable_api() -> str:
+    """A dataset URL on a local port nothing listens on: the probe fails at once."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**run_env, "ADEME_API_URL": f"http://127.0.0.1:{port}/data-fair/api/v1/datasets/dpe03existant"}
-    res = dpe_run(["38", "--rows-per-department", "1500", "--malformed-rate", "0.03", "--seed", "5",
-                   "--probe-timeout", "1"], env)
-    assert "event=api_unreachable" in res.stderr and "using the local stand-in" in res.stderr
+    return f"http://127.0.0.1:{port}/data-fair/api/v1/datasets/dpe03existant"
+
+
+def test_malformed_rows_are_dead_lettered(run_env, database_url):
+    res = dpe_run(["38", "--standin", "--rows-per-department", "1500", "--malformed-rate", "0.03", "--seed", "5"],
+                  run_env)
     assert res.returncode == 0, res.stdout + res.stderr[-4000:]
-    dead = Dataset(1500, seed=5, malformed_rate=0.03).expected_malformed("38")
+    ds = Dataset(1500, seed=5, malformed_rate=0.03)
+    dead = ds.expected_malformed("38")
     assert dead > 10
     assert summary_rows(res.stdout)["38"] == ["1500", str(1500 - dead), str(1500 - dead), str(dead), "ok"]
+    rec.assert_rows(rec.expected_rows(ds, ["38"]), rec.read_table(database_url, run_env["DB_TABLE"]))
+
+
+def test_an_unreachable_api_with_your_own_servers_is_an_error_and_writes_nothing(run_env, database_url,
+                                                                                 kafka_bootstrap):
+    """No synthetic certificate goes into a database or a Kafka of the user's unless --standin asks."""
+    from kafka.admin import KafkaAdminClient
+
+    api = unreachable_api()
+    for given in (("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL"), ("KAFKA_BOOTSTRAP_SERVERS",), ("DATABASE_URL",)):
+        env = {**os.environ, **run_env, "ADEME_API_URL": api, "PYTHONUNBUFFERED": "1"}
+        for name in {"KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL"} - set(given):
+            env.pop(name, None)
+        res = subprocess.run([sys.executable, "-m", "dpe_ingest", "run", "38", "--probe-timeout", "1"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 1, (given, res.stdout, res.stderr[-3000:])
+        err = res.stderr
+        assert f"the ADEME API at {api} is unreachable" in err and "pass --standin" in err, err[-3000:]
+        assert f"{' and '.join(given)} point at your own servers" in err, err[-3000:]
+        assert "event=spawned" not in err and "starting the testbed" not in err and "stand-in of the ADEME API at" \
+            not in err, err[-3000:]
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s)", (run_env["DB_TABLE"],))
+        assert cur.fetchone()[0] is None, "the table was created"
+    conn.close()
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap, request_timeout_ms=30000)
+    try:
+        topics = set(admin.list_topics())
+    finally:
+        admin.close()
+    assert not {run_env["KAFKA_TOPIC"], run_env["PRODUCER_CHECKPOINT_TOPIC"]} & topics, "a topic was created"
 
 
 def test_bad_department_code_exits_2_before_starting_anything(run_env):
@@ -214,12 +255,17 @@ def _without_servers(env: dict[str, str]) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_without_servers_the_run_starts_the_bench_and_stops_it(run_env):
-    full = _without_servers(run_env)
-    res = subprocess.run([sys.executable, "-m", "dpe_ingest", "run", "01", "--standin", "--rows-per-department",
-                          "500"], env=full, capture_output=True, text=True, timeout=600)
+def test_without_servers_the_run_starts_the_bench_and_an_unreachable_api_falls_back_to_the_standin(run_env):
+    """The run owns the Kafka and PostgreSQL it writes to: an API that does not answer is replaced by
+    the stand-in, with a warning (as docs/run-and-status.md says)."""
+    full = {**_without_servers(run_env), "ADEME_API_URL": unreachable_api()}
+    res = subprocess.run([sys.executable, "-m", "dpe_ingest", "run", "01", "--rows-per-department", "500",
+                          "--probe-timeout", "1"], env=full, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr[-4000:]
     assert "starting the testbed's Kafka and PostgreSQL" in res.stderr
+    assert re.search(r"level=warning .*event=api_unreachable .*using the local stand-in instead", res.stderr), \
+        res.stderr[-4000:]
+    assert "(stand-in)" in res.stdout.splitlines()[0], res.stdout
     assert summary_rows(res.stdout)["01"] == ["500", "500", "500", "0", "ok"]
     assert processes_with(run_env["DPE_TEST_RUN_MARKER"]) == []  # broker and PostgreSQL stopped too
 

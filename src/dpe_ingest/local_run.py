@@ -5,7 +5,10 @@ What it does, in order:
 1. Kafka and PostgreSQL: the testbed's (``dpe_ingest.testbed``, started here and stopped at the end)
    unless KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL point at your own;
 2. the API: the real ADEME API (ADEME_API_URL, default data.ademe.fr) when it answers a short probe,
-   else -- or with ``--standin`` -- the local stand-in, started in this process;
+   or with ``--standin`` the local stand-in, started in this process.  An API that does not answer
+   falls back to the stand-in only when the run owns the Kafka and PostgreSQL it writes to (the
+   testbed's, neither KAFKA_BOOTSTRAP_SERVERS nor DATABASE_URL set); with yours it is an error (exit 1):
+   synthetic certificates never go into a real table unless ``--standin`` asks for them;
 3. one ``dpe-ingest consume`` process, one ``dpe-ingest analytics`` process (the second consumer group)
    and one ``dpe-ingest produce`` process per department, in parallel; their log lines are relayed to
    stderr, prefixed with the department (or consumer, analytics);
@@ -18,7 +21,8 @@ Exit codes (stable, for scripts):
 
 0    every department finished and the counts reconcile (API total = produced + producer dead letters,
      produced = stored + consumer dead letters)
-1    a producer or the consumer failed (non-zero exit, or the consumer did not drain in time)
+1    a producer or the consumer failed (non-zero exit, or the consumer did not drain in time), or the
+     API is unreachable while KAFKA_BOOTSTRAP_SERVERS or DATABASE_URL is set (nothing started)
 2    bad usage (bad department code, bad option)
 4    everything ran, but the counts do not reconcile
 130  interrupted (SIGINT / Ctrl-C, or SIGTERM): producers checkpointed, the consumer committed, every
@@ -202,16 +206,31 @@ class Infra:
                 self.detached.kill()
                 self.detached.wait()
 
-    def choose_api(self, use_standin: bool, probe_timeout_s: float, dataset_args: dict) -> None:
+    def given_servers(self) -> list[str]:
+        """The variables naming a Kafka or PostgreSQL of the user's (the run does not own them)."""
+        return [k for k in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL") if (self.env.get(k) or "").strip()]
+
+    def choose_api(self, use_standin: bool, probe_timeout_s: float, dataset_args: dict) -> bool:
+        """The API the producers read; False (nothing started) when the real one is unreachable and the
+        run writes to servers of the user's: the stand-in's synthetic rows never go there unasked."""
         url = (self.env.get("ADEME_API_URL") or "").strip() or DEFAULT_API_URL
         if not use_standin:
             reason = probe(url, probe_timeout_s)
             if reason is None:
                 logs.event(log, "api", f"using the ADEME API at {url}", api=url)
                 self.env["ADEME_API_URL"] = url
-                return
+                return True
+            given = self.given_servers()
+            if given:
+                logs.event(log, "api_unreachable", f"the ADEME API at {url} is unreachable ({reason}); "
+                           f"{' and '.join(given)} point at your own servers, so the run does not fill them with "
+                           "the stand-in's synthetic rows: nothing was started. Check the API (ADEME_API_URL), "
+                           "or pass --standin to run on synthetic data on purpose", logging.ERROR, api=url,
+                           reason=reason)
+                return False
             logs.event(log, "api_unreachable", f"the ADEME API at {url} is unreachable ({reason}): using the "
-                       "local stand-in instead (synthetic data)", logging.WARNING, api=url, reason=reason)
+                       "local stand-in instead (synthetic data, into the testbed's Kafka and PostgreSQL)",
+                       logging.WARNING, api=url, reason=reason)
         from .standin import Dataset, StandinServer
 
         self.standin = StandinServer(Dataset(**dataset_args)).start()
@@ -220,6 +239,7 @@ class Infra:
         logs.event(log, "standin", f"local stand-in of the ADEME API at {self.standin.url} "
                    f"({dataset_args['rows_per_department']} rows per department, malformed rate "
                    f"{dataset_args['malformed_rate']})", api=self.standin.url, **dataset_args)
+        return True
 
     def stop(self, keep: bool) -> None:
         if self.standin is not None:
@@ -364,12 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the whole pipeline locally as processes (no Kubernetes): Kafka and PostgreSQL from the "
         "testbed unless KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL are set, one producer per department, one consumer; "
         "then print a summary per department. Other settings come from the environment (docs/configuration.md).",
-        epilog="exit codes: 0 counts match; 1 a producer or the consumer failed; 2 bad usage; 4 counts do not "
-        "reconcile; 130 interrupted. See docs/run-and-status.md.")
+        epilog="exit codes: 0 counts match; 1 a producer or the consumer failed, or the API is unreachable with "
+        "your own Kafka/PostgreSQL; 2 bad usage; 4 counts do not reconcile; 130 interrupted. See "
+        "docs/run-and-status.md.")
     p.add_argument("departments", nargs="*", default=["69"],
                    help=f"department codes ({departments.VALID_FORMS}); default 69")
     p.add_argument("--standin", action="store_true",
-                   help="use the local stand-in of the ADEME API (default: only when the real API is unreachable)")
+                   help="use the local stand-in of the ADEME API (default: only when the real API is unreachable "
+                   "and KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL are not set; with them that is an error)")
     p.add_argument("--rows-per-department", type=int, default=2000, metavar="N",
                    help="stand-in: rows per department (default 2000)")
     p.add_argument("--malformed-rate", type=float, default=0.0, metavar="RATE",
@@ -463,6 +485,12 @@ class Run:
     # -- lifecycle -----------------------------------------------------------------------------
     def execute(self) -> int:
         a = self.args
+        # the API first: whether the stand-in may stand in depends on whose servers these are
+        if not self.infra.choose_api(a.standin, a.probe_timeout, {"rows_per_department": a.rows_per_department,
+                                                                  "seed": a.seed, "malformed_rate": a.malformed_rate,
+                                                                  # department none: the rows without one
+                                                                  "rows_without_department": a.rows_per_department}):
+            return EXIT_FAILED
         try:
             self.infra.start_testbed(keep=a.keep)
         except Exception as exc:  # noqa: BLE001
@@ -470,10 +498,6 @@ class Run:
             return EXIT_FAILED
         if self.stop.event.is_set():
             return self.interrupted()
-        self.infra.choose_api(a.standin, a.probe_timeout, {"rows_per_department": a.rows_per_department,
-                                                           "seed": a.seed, "malformed_rate": a.malformed_rate,
-                                                           # department none: the rows without one
-                                                           "rows_without_department": a.rows_per_department})
         logs.event(log, "start", f"running {len(self.deps)} department(s) {', '.join(self.deps)}: Kafka "
                    f"{self.env['KAFKA_BOOTSTRAP_SERVERS']} ({self.infra.kafka_origin}), PostgreSQL "
                    f"({self.infra.db_origin}), API {self.env['ADEME_API_URL']} ({self.infra.api_origin})",
