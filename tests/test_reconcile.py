@@ -123,3 +123,42 @@ def test_the_command_line_of_the_kind_workflow(tmp_path):
     sql = subprocess.run([sys.executable, str(HERE / "reconcile.py"), "--sql"], env=env, capture_output=True,
                          text=True, timeout=60)
     assert sql.stdout.strip() == reconcile.rows_sql("dpe_data")
+
+
+def test_the_kind_workflows_row_check_passes_on_the_exact_rows_and_fails_on_one_flipped_label(tmp_path):
+    """The step of .github/workflows/e2e-kind.yml that reconciles dpe_data, run as the runner runs it
+    (bash, from a checkout) with a ``scripts/psql`` that answers what the cluster's table would hold."""
+    import shutil
+
+    import yaml
+
+    doc = yaml.safe_load((HERE.parent / ".github" / "workflows" / "e2e-kind.yml").read_text())
+    (job,) = doc["jobs"].values()
+    (step,) = [s for s in job["steps"] if "tests/reconcile.py" in s.get("run", "")]
+    ds = Dataset(int(doc["env"]["ROWS_PER_DEPARTMENT"]))
+    rows = reconcile.expected_rows(ds, doc["env"]["DEPARTMENTS"].split())
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "src").symlink_to(HERE.parent / "src")
+    shutil.copy(HERE / "reconcile.py", tmp_path / "tests" / "reconcile.py")
+    psql = tmp_path / "scripts" / "psql"
+    sql = reconcile.rows_sql("dpe_data")
+    psql.write_text('#!/usr/bin/env bash\n[ "$*" = "-A -t -c ' + sql.replace('"', '\\"') + '" ] || '
+                    '{ echo "unexpected psql arguments: $*" >&2; exit 2; }\ncat "$TABLE_ROWS"\n')
+    psql.chmod(0o755)
+    table = tmp_path / "table.jsonl"
+    env = {**os.environ, **doc["env"], "TABLE_ROWS": str(table)}
+
+    def run_step() -> subprocess.CompletedProcess:
+        table.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.values()))
+        return subprocess.run(["bash", "-e", "-o", "pipefail", "-c", step["run"]], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    res = run_step()
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"{len(rows)} rows of 69, 01, 38 reconcile with the stand-in's dataset" in res.stdout
+    key = sorted(rows)[len(rows) // 3]
+    rows[key]["etiquette_dpe"] = "A" if rows[key]["etiquette_dpe"] != "A" else "B"
+    res = run_step()
+    assert res.returncode == 1 and f"different: {key} (department {rows[key]['departement']})" in res.stderr, \
+        res.stdout + res.stderr
