@@ -1,11 +1,12 @@
 # Shortcuts for the project's scripts (the scripts are the reference; `make` is optional).
-.PHONY: help test run setup bench servers
+.PHONY: help test run setup bench servers fuzz
 
 help:
 	@echo "make test      - scripts/test: set up (packages, .venv, Kafka jars, helm) and run the tests"
 	@echo "make run       - scripts/run: set up and run the pipeline locally (DEPS='69 01 38' ARGS='--standin')"
 	@echo "make setup     - scripts/setup --tests: set up only"
 	@echo "make bench     - the benchmarks: print the table and write bench/results.json (ARGS='--rows 20000')"
+	@echo "make fuzz      - the property tests with random inputs for MINUTES (default 10): inputs tried, failures"
 	@echo "make servers   - Kafka + PostgreSQL + ADEME stand-in in the foreground (Ctrl-C stops)"
 
 test:
@@ -20,6 +21,10 @@ setup:
 bench:
 	scripts/setup
 	.venv/bin/python bench/run.py $(ARGS)
+
+fuzz:
+	scripts/setup
+	.venv/bin/python bench/fuzz.py --minutes $(or $(MINUTES),10) $(ARGS)
 
 servers:
 	scripts/setup

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+import hypothesis_profiles  # noqa: F401 - the "ci" (default) and "fuzz" profiles of the property tests
 from dpe_ingest.testbed import LaunchError, KafkaBroker, PostgresServer, ensure_helm
 from dpe_ingest.testbed.kafka import KAFKA_VERSION
 
