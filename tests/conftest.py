@@ -26,9 +26,11 @@ from pathlib import Path
 
 import pytest
 
-import hypothesis_profiles  # noqa: F401 - the "ci" (default) and "fuzz" profiles of the property tests
+import hypothesis_profiles
 from dpe_ingest.testbed import LaunchError, KafkaBroker, PostgresServer, ensure_helm
 from dpe_ingest.testbed.kafka import KAFKA_VERSION
+
+PROPERTY_PROFILES = hypothesis_profiles  # registers the "ci" (default) and "fuzz" profiles of the property tests
 
 _started: list[object] = []  # every server started in this session (safety net at exit)
 _timings: list[str] = []
