@@ -55,14 +55,14 @@ CONTRACT: dict[str, tuple[str | None, str]] = {
     "REFRESH_WAIT_S": ("900", "produce --refresh: how long to wait for the consumer to store what is in the topic before comparing keys"),
     # consumer
     "DATABASE_URL": ("postgresql://dpe@localhost:5432/dpe", "libpq URL of PostgreSQL; PGPASSWORD etc. also apply"),
-    "DB_TABLE": ("dpe_data", "Table the consumer writes"),
+    "DB_TABLE": ("dpe_data", "Table the consumer writes: a lower-case identifier (a-z, 0-9, _), at most 47 characters"),
     "CONSUMER_GROUP": ("dpe-sink", "Kafka consumer group of the PostgreSQL sink"),
     "BATCH_SIZE": ("100", "Rows per database transaction"),
     "BATCH_IDLE_MS": ("1000", "A partial batch is written after this long without new messages"),
     "RETRY_MAX_BACKOFF_S": ("30", "Cap of the backoff while the database or the broker is down"),
     # analytics consumer (dpe-ingest analytics) and metrics
     "ANALYTICS_GROUP": ("dpe-analytics", "Kafka consumer group of the analytics consumer (independent of the sink's)"),
-    "ANALYTICS_TABLE_PREFIX": ("dpe_analytics", "Prefix of the analytics tables (per-key state, counts and offsets, written in one transaction)"),
+    "ANALYTICS_TABLE_PREFIX": ("dpe_analytics", "Prefix of the analytics tables (per-key state, counts and offsets, written in one transaction): a lower-case identifier, at most 49 characters"),
     "ANALYTICS_ALERT_SHARE": ("0.3", "Alert summaries warn when a department's F+G share exceeds this (0..1)"),
     "ANALYTICS_ALERT_INTERVAL_S": ("60", "At most one alert summary line per department per this many seconds"),
     "METRICS_PORT": ("0", "Port of the Prometheus /metrics endpoint of consume and analytics (0 = none)"),
