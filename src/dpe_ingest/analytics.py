@@ -449,13 +449,21 @@ class Alerts:
         for d, n in new_fg.items():
             self.pending[d] = self.pending.get(d, 0) + n
 
+    def _due(self, d: str, force: bool, now: float) -> bool:
+        return bool(self.pending[d]) and (force or now - self.last_at.get(d, -1e18) >= self.interval_s)
+
+    def due(self, now: float | None = None) -> bool:
+        """Whether :meth:`emit` would write a summary now (the caller then reads fresh counts first)."""
+        now = time.monotonic() if now is None else now
+        return any(self._due(d, False, now) for d in self.pending)
+
     def emit(self, counts: dict[str, dict[str, int]], force: bool = False, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
         lines = 0
         for d in sorted(self.pending):
-            n = self.pending[d]
-            if not n or (not force and now - self.last_at.get(d, -1e18) < self.interval_s):
+            if not self._due(d, force, now):
                 continue
+            n = self.pending[d]
             by = counts.get(d, {})
             total = sum(by.values())
             fg = by.get("F", 0) + by.get("G", 0)
@@ -749,7 +757,8 @@ class Analytics:
                 if records:
                     self.last_message_at = time.monotonic()
                     self.handle(records)  # (records of a partition assigned during this poll are dropped)
-                self._refresh_counts()
+                # a summary's F/G total is read when it is written: its new F/G and its totals are of one moment
+                self._refresh_counts(force=self.alerts.due())
                 self.alerts.emit(self.counts)
                 self._progress()
                 if self._idle_done():
