@@ -162,29 +162,44 @@ def test_metrics_endpoints_count_what_was_written(kafka_bootstrap, database_url,
     assert sink.returncode == 0 and an.returncode == 0
 
 
-class _Gateway(http.server.BaseHTTPRequestHandler):
-    got: list = []
+class Pushgateway:
+    """A Pushgateway on a free 127.0.0.1 port that keeps every PUT as (path, body), in a list of its own."""
 
-    def do_PUT(self):  # noqa: N802 - http.server's naming
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        _Gateway.got.append((self.path, body.decode()))
-        self.send_response(200)
-        self.end_headers()
+    def __init__(self) -> None:
+        got: list[tuple[str, str]] = []
 
-    def log_message(self, *args):
-        pass
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PUT(self):  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                got.append((self.path, body.decode()))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.got = got
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()  # returns at once when already shut down
+        self.server.server_close()
 
 
-def test_producer_summary_is_pushed_to_a_pushgateway_and_a_dead_one_is_only_a_warning():
-    server = http.server.HTTPServer(("127.0.0.1", 0), _Gateway)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        assert metrics.push_producer_summary(url, "2A", rows=1234, dead=5, seconds=12.5, ok=True)
-    finally:
-        server.shutdown()
-    ((path, body),) = _Gateway.got
+@pytest.fixture
+def pushgateway():
+    gw = Pushgateway()
+    yield gw
+    gw.stop()
+
+
+def test_producer_summary_is_pushed_to_a_pushgateway_and_a_dead_one_is_only_a_warning(pushgateway):
+    url = pushgateway.url
+    assert metrics.push_producer_summary(url, "2A", rows=1234, dead=5, seconds=12.5, ok=True)
+    pushgateway.stop()
+    ((path, body),) = pushgateway.got
     assert path == "/metrics/job/dpe-producer/department/2A"
     samples = {(s.name, s.labels.get("department")): s.value
                for f in text_string_to_metric_families(body) for s in f.samples}
@@ -198,24 +213,18 @@ def test_producer_summary_is_pushed_to_a_pushgateway_and_a_dead_one_is_only_a_wa
 
 
 @pytest.mark.kafka
-def test_a_producer_pushes_its_summary_when_a_pushgateway_is_set(kafka_bootstrap, standin_factory):
+def test_a_producer_pushes_its_summary_when_a_pushgateway_is_set(kafka_bootstrap, standin_factory, pushgateway):
     from dpe_ingest.standin import Dataset
     from kafka_util import command as cmd, run
 
     srv = standin_factory(Dataset({"69": 700}, seed=4))
-    server = http.server.HTTPServer(("127.0.0.1", 0), _Gateway)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    _Gateway.got = []
     tag = uuid.uuid4().hex[:10]
-    try:
-        res = run(cmd("produce"), {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "ADEME_API_URL": srv.url,
-                                   "DEPARTMENT": "69", "KAFKA_TOPIC": f"px-{tag}", "KAFKA_DLQ_TOPIC": f"px-{tag}-dlq",
-                                   "PRODUCER_CHECKPOINT_TOPIC": f"px-{tag}-ckpt",
-                                   "METRICS_PUSHGATEWAY_URL": f"http://127.0.0.1:{server.server_address[1]}"})
-    finally:
-        server.shutdown()
+    res = run(cmd("produce"), {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "ADEME_API_URL": srv.url,
+                               "DEPARTMENT": "69", "KAFKA_TOPIC": f"px-{tag}", "KAFKA_DLQ_TOPIC": f"px-{tag}-dlq",
+                               "PRODUCER_CHECKPOINT_TOPIC": f"px-{tag}-ckpt",
+                               "METRICS_PUSHGATEWAY_URL": pushgateway.url})
     assert res.returncode == 0, res.stderr[-3000:]
-    ((path, body),) = _Gateway.got
+    ((path, body),) = pushgateway.got
     assert path == "/metrics/job/dpe-producer/department/69"
     samples = {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples}
     assert samples["dpe_producer_rows"] == 700 and samples["dpe_producer_success"] == 1

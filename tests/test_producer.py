@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from dpe_ingest.config import BASE_FIELDS
+import reconcile as rec
 from dpe_ingest.standin.data import Dataset
 from dpe_ingest.standin.faults import Faults
 from dpe_ingest.status_sources import Collector
@@ -48,8 +48,7 @@ def expected(dataset: Dataset, dep: str) -> dict[str, dict]:
     for i, row in enumerate(dataset.iter_rows(dep)):
         if dataset.is_malformed(dep, i):
             continue
-        msg = {f: row.get(f) for f in BASE_FIELDS}
-        msg["departement"] = None if dep == "none" else dep
+        msg = rec.message_of(row, dep)  # the base fields written out in the test, not config's constant
         out[msg["numero_dpe"]] = msg
     return out
 

@@ -5,6 +5,7 @@ not storm the API after a lock-out.  Real processes, a real Kafka, the stand-in 
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,6 +14,7 @@ import pytest
 from dpe_ingest.standin import Dataset, Limits, Tier
 
 from kafka_util import command, duplicates, events, read_topic, run
+from kafka_util import start as launch
 from test_producer import _assert_nothing_written, env_for, expected, messages_by_department
 
 pytestmark = pytest.mark.kafka
@@ -93,27 +95,60 @@ def test_unknown_api_key_fails_at_once_naming_the_setting_and_writes_nothing(kaf
     _assert_nothing_written(kafka_bootstrap, topics)
 
 
-def test_at_most_max_concurrent_producers_page_at_once(kafka_bootstrap, standin_factory, topics):
+class Gate:
+    """The stand-in's hook on every ``/lines`` request (where LiveChanges plugs in): each waits until
+    the gate is opened.  A producer reads /lines only once it holds a slot, so while the gate is closed
+    the slot holders cannot finish, whatever the time the other producers take to start."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+
+    def on_request(self, _dataset) -> None:
+        self.opened.wait(600)
+
+
+def test_at_most_max_concurrent_producers_page_at_once(kafka_bootstrap, standin_factory, topics, tmp_path):
     """PRODUCER_MAX_CONCURRENT (chart producer.maxConcurrent): slots held through a Kafka consumer group."""
     import datetime as dt
 
-    from dpe_ingest.standin import Faults
-
     deps = ["69", "01", "38", "13", "33"]
     ds = Dataset({d: 1_000 for d in deps}, default_rows=0, seed=23)
-    srv = standin_factory(ds, Faults(p_slow=1.0, slow_s=0.15))  # each page takes a while
-    with ThreadPoolExecutor(len(deps)) as pool:
-        results = list(pool.map(lambda d: run(command("produce"), env_for(
-            kafka_bootstrap, srv, topics, d, ADEME_PAGE_SIZE="100", PRODUCER_MAX_CONCURRENT="2"), timeout=600), deps))
+    gate = Gate()
+    srv = standin_factory(ds, changes=gate)
+    logs = {d: tmp_path / f"producer-{d}.log" for d in deps}
+    procs = {d: launch(command("produce"), env_for(kafka_bootstrap, srv, topics, d, ADEME_PAGE_SIZE="100",
+                                                   PRODUCER_MAX_CONCURRENT="2"), logs[d]) for d in deps}
+
+    def holding_and_waiting() -> tuple[list[str], list[str]]:
+        text = {d: p.read_text(errors="replace") for d, p in logs.items()}
+        holding = [d for d in deps if events(text[d], "slot_acquired")]
+        return holding, [d for d in deps if d not in holding and events(text[d], "slot_wait")]
+
+    try:
+        deadline = time.monotonic() + 300
+        while len(holding_and_waiting()[1]) < 3:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values()), \
+                "\n".join(f"{d}: {p.read_text(errors='replace')[-1500:]}" for d, p in logs.items())
+            time.sleep(0.2)
+        holding, waiting = holding_and_waiting()
+        # every producer is running: two hold the slots (their first page held at the gate), three wait
+        assert len(holding) == 2 and len(waiting) == 3, (holding, waiting)
+    finally:
+        gate.opened.set()
+        for p in procs.values():
+            try:
+                p.wait(600)
+            finally:
+                if p.poll() is None:
+                    p.kill()
     spans = []
-    for dep, res in zip(deps, results):
-        assert res.returncode == 0, f"producer {dep} failed:\n{res.stderr[-3000:]}"
-        got, gone = events(res.stderr, "slot_acquired"), events(res.stderr, "slot_released")
-        assert len(got) == 1 and len(gone) == 1, res.stderr[-2000:]
+    for dep in deps:
+        text = logs[dep].read_text(errors="replace")
+        assert procs[dep].returncode == 0, f"producer {dep} failed:\n{text[-3000:]}"
+        got, gone = events(text, "slot_acquired"), events(text, "slot_released")
+        assert len(got) == 1 and len(gone) == 1, text[-2000:]
         t = [dt.datetime.fromisoformat(e["ts"].replace("Z", "+00:00")) for e in (got[0], gone[0])]
         spans.append((t[0], t[1], dep))
     assert len(read_topic(kafka_bootstrap, topics["KAFKA_TOPIC"])) == 5_000
-    most = max(sum(1 for a, b, _ in spans if a <= start < b) for start, _, _ in spans)
+    most = max(sum(1 for a, b, _ in spans if a <= t0 < b) for t0, _, _ in spans)
     assert most <= 2, spans
-    waited = sum(1 for res in results if events(res.stderr, "slot_wait"))
-    assert waited >= 3, "three producers had to wait for a slot"

@@ -61,9 +61,12 @@ def test_pod_and_container_security(render, config):
 
 
 def test_test_pods_match_their_images(render):
+    checked = []
     for d, spec in _pods(render, "defaults"):
         if d["kind"] != "Pod":
             continue
         uid = spec["containers"][0]["securityContext"]["runAsUser"]
         image = spec["containers"][0]["image"]
         assert uid == (999 if image.startswith("postgres:") else 1000), d["metadata"]["name"]
+        checked.append(d["metadata"]["name"])
+    assert sorted(checked) == ["dpe-test-kafka", "dpe-test-postgresql"]  # helm test's two pods
