@@ -4,8 +4,8 @@ The chart is rendered with values pointing at the bench (its Kafka, its PostgreS
 ADEME API on 127.0.0.1).  Then each producer Job's containers (the wait-for-kafka init container,
 then the producer) and the consumer Deployment's container run here as processes, with exactly the
 ``command``/``args`` and ``env`` the chart gives them (secretKeyRef values resolved as the kubelet
-would, from the Secret the user would have created).  The test passes when every department's
-rows are in PostgreSQL: as many per department as the stand-in serves.
+would, from the Secret the user would have created).  The test passes when the table holds exactly
+the stand-in's rows of every department, on every stored column (``tests/reconcile.py``).
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from pathlib import Path
 
 import pytest
 
+import reconcile as rec
 from chartlib import ROOT, container, env_of, named, pod_spec, producer_jobs
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
 
 VENV_BIN = ROOT / ".venv" / "bin"
 ROWS = {"69": 240, "2A": 130, "971": 75}
+EXTRA_FIELDS = ("surface_habitable_logement", "type_batiment")  # ademe.extraFields: stored in extra
 SECRET_NAME, SECRET_KEY = "bench-db", "password"
 
 
@@ -75,11 +77,15 @@ def _count_rows(database_url: str, table: str) -> dict[str, int]:
         return dict(cur.fetchall())
 
 
-def _drop_table(database_url: str, table: str) -> None:
+def _sql(database_url: str, statement: str, params: tuple = ()) -> None:
     import psycopg2
 
-    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
-        cur.execute(f'DROP TABLE IF EXISTS "{table}"')
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(statement, params)
+    finally:
+        conn.close()
 
 
 def test_rendered_jobs_and_consumer_fill_postgresql(render, kafka_bootstrap, database_url, standin_factory,
@@ -92,7 +98,8 @@ def test_rendered_jobs_and_consumer_fill_postgresql(render, kafka_bootstrap, dat
     db_url, password = _split_password(database_url)
     secrets = {SECRET_NAME: {SECRET_KEY: password or ""}}
 
-    srv = standin_factory(dataset=Dataset(rows_per_department=ROWS, default_rows=0))
+    ds = Dataset(rows_per_department=ROWS, default_rows=0)
+    srv = standin_factory(dataset=ds)
     procs: list[subprocess.Popen] = []
     try:
         sets = {
@@ -103,6 +110,7 @@ def test_rendered_jobs_and_consumer_fill_postgresql(render, kafka_bootstrap, dat
             "externalPostgresql.url": db_url,
             "ademe.apiUrl": srv.url,
             "ademe.pageSize": "50",
+            "ademe.extraFields": r"\,".join(EXTRA_FIELDS),
             "kafka.topic": topic,
             "kafka.dlqTopic": f"{topic}-dlq",
             "kafka.topicPartitions": "3",
@@ -153,6 +161,14 @@ def test_rendered_jobs_and_consumer_fill_postgresql(render, kafka_bootstrap, dat
             time.sleep(0.5)
         assert counts == ROWS, f"rows per department {counts}, expected {ROWS}\n" + \
             (tmp_path / "consumer.log").read_text()[-3000:]
+        want = rec.expected_rows(ds, ROWS, EXTRA_FIELDS)
+        rec.assert_rows(want, rec.read_table(database_url, table))
+        # counter-test: one label flipped behind the check's back is seen, and named
+        key = sorted(want)[100]
+        flipped = "A" if want[key]["etiquette_dpe"] != "A" else "B"
+        _sql(database_url, f'UPDATE "{table}" SET etiquette_dpe = %s WHERE numero_dpe = %s', (flipped, key))
+        with pytest.raises(AssertionError, match=f"different: {key} .*etiquette_dpe '{flipped}' in the table"):
+            rec.assert_rows(want, rec.read_table(database_url, table))
 
         # the consumer stops cleanly on SIGTERM (what Kubernetes sends), within its grace period
         procs[0].send_signal(signal.SIGTERM)
@@ -164,6 +180,6 @@ def test_rendered_jobs_and_consumer_fill_postgresql(render, kafka_bootstrap, dat
                 p.kill()
                 p.wait()
         try:
-            _drop_table(database_url, table)
+            _sql(database_url, f'DROP TABLE IF EXISTS "{table}"')
         except Exception:  # the bench may be gone already; nothing to clean then
             pass
