@@ -97,3 +97,35 @@ def test_a_producer_blocked_by_a_frozen_broker_logs_every_10s_and_its_recovery(k
     assert recovered and _ts(recovered[0]) >= frozen_at + 20, text[-3000:]
     records = read_topic(broker.bootstrap, topic)
     assert {r.key.decode() for r in records} == set(ds.current_rows("38"))
+
+
+def test_kafka_client_warnings_reach_our_log_once_per_kind_every_30s():
+    """kafka-python's warnings (a broker gone, a coordinator lost) are our event lines, rate-limited."""
+    import io
+    import logging
+
+    from dpe_ingest import logs
+
+    now = [1000.0]
+    handler = logging.StreamHandler(io.StringIO())
+    handler.setFormatter(logs.EventFormatter("logfmt"))
+    handler.addFilter(logs.ClientLines("kafka", 30.0, clock=lambda: now[0]))
+    client = logging.getLogger("kafka.conn.test")
+    client.addHandler(handler)
+    client.propagate = False
+    try:
+        for _ in range(5):
+            client.warning("Connect attempt to %s returned error %s", "<broker 1>", 111)
+        client.warning("Marking the coordinator dead (node %s)", 1)
+        now[0] += 31
+        client.warning("Connect attempt to %s returned error %s", "<broker 1>", 111)
+        logging.getLogger("dpe_ingest.test").addHandler(handler)  # our own lines are never held back
+    finally:
+        client.removeHandler(handler)
+    lines = handler.stream.getvalue().splitlines()
+    assert len(lines) == 3, lines
+    assert all("event=kafka_client" in line and "level=warning" in line for line in lines)
+    assert "returned error 111" in lines[0] and "suppressed" not in lines[0]
+    assert "coordinator dead" in lines[1]
+    assert "suppressed=4" in lines[2]  # the four held back are counted on the next line that passes
+    assert logs.ClientLines("kafka", 30.0).filter(logging.LogRecord("dpe_ingest.x", 30, "", 0, "m", (), None))

@@ -33,7 +33,8 @@ CONTRACT: dict[str, tuple[str | None, str]] = {
     "KAFKA_REPLICATION_FACTOR": ("1", "Replication factor of the topics the producer creates"),
     "LOG_FORMAT": ("logfmt", "logfmt (one key=value line per event) or json"),
     "LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING, ERROR"),
-    "KAFKA_CLIENT_LOG_LEVEL": ("CRITICAL", "Log level of the kafka-python library itself (its connection errors)"),
+    "KAFKA_CLIENT_LOG_LEVEL": ("WARNING", "Log level of the kafka-python library itself (its connection errors: "
+                               "one line per kind of message every 30 s, event=kafka_client)"),
     # producer
     "DEPARTMENT": (None, "Department code of this producer: 01..19, 2A, 2B, 21..95, 971..978, 988, or none (the rows without a department)"),
     "ADEME_API_URL": (DEFAULT_API_URL, "Dataset URL of the ADEME data-fair API (…/datasets/dpe03existant)"),

@@ -63,9 +63,45 @@ def setup(level: str | None = None, fmt: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel((level or os.environ.get("LOG_LEVEL", "INFO")).upper())
-    # kafka-python logs every refused connection as an ERROR while a broker starts; our own events
-    # (kafka_wait, gave_up…) say what matters.  KAFKA_CLIENT_LOG_LEVEL=WARNING brings them back.
-    logging.getLogger("kafka").setLevel(os.environ.get("KAFKA_CLIENT_LOG_LEVEL", "CRITICAL").upper())
+    # kafka-python's own warnings and errors (a broker gone, a coordinator lost) are what an operator
+    # needs during an outage, but it repeats them for every attempt: one line per kind of message every
+    # KAFKA_CLIENT_LOG_EVERY_S, as our own event lines, with the count of those held back
+    handler.addFilter(ClientLines("kafka", KAFKA_CLIENT_LOG_EVERY_S))
+    logging.getLogger("kafka").setLevel(os.environ.get("KAFKA_CLIENT_LOG_LEVEL", "WARNING").upper())
+    # its event loop's "Task … ran for 0.118s (>0.100s threshold)" is about the client's own scheduling on a
+    # busy machine, not about Kafka: errors only there
+    if not os.environ.get("KAFKA_CLIENT_LOG_LEVEL"):
+        logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
+
+
+#: at most one line per kind of kafka-python message (logger and message template) this often
+KAFKA_CLIENT_LOG_EVERY_S = 30.0
+
+
+class ClientLines(logging.Filter):
+    """A handler filter for a library's records (logger ``prefix`` and below): each becomes an event line
+    ``event=<prefix>_client`` and, per logger and message template, at most one passes every ``every_s``
+    seconds; the next one that passes says how many were held back (``suppressed``)."""
+
+    def __init__(self, prefix: str, every_s: float, clock=time.monotonic):
+        super().__init__()
+        self.prefix, self.every_s, self.clock = prefix, every_s, clock
+        self.seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if name != self.prefix and not name.startswith(self.prefix + "."):
+            return True
+        key = (name, str(record.msg))
+        now = self.clock()
+        last, held = self.seen.get(key, (float("-inf"), 0))
+        if now - last < self.every_s:
+            self.seen[key] = (last, held + 1)
+            return False
+        self.seen[key] = (now, 0)
+        record.event = f"{self.prefix}_client"
+        record.fields = {"suppressed": held or None}
+        return True
 
 
 def event(logger: logging.Logger, name: str, msg: str, level: int = logging.INFO, **fields: Any) -> None:
