@@ -36,6 +36,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import reconcile as rec
+from dpe_ingest.standin.data import Dataset
 from dpe_ingest.testbed import images as imgs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,14 +260,22 @@ def test_producer_and_consumer_images_carry_the_standin_rows_into_postgresql(eng
         code = engine.docker("wait", consumer, timeout=SLOW).stdout.strip()
         logs = engine.docker("logs", consumer, check=False)
         assert code == "0", f"consumer exited {code}:\n{logs.stdout[-2000:]}{logs.stderr[-2000:]}"
+        # exactly the stand-in's rows (its default seed), every column; then one flipped label is seen
+        want = rec.expected_rows(Dataset(rows), deps)
+        rec.assert_rows(want, rec.read_table(database_url, table))
+        key = sorted(want)[rows]
+        flipped = "A" if want[key]["etiquette_dpe"] != "A" else "B"
         with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
-            cur.execute(f"SELECT departement, count(*), count(DISTINCT numero_dpe) FROM {table} GROUP BY 1 ORDER BY 1")
-            counts = {dep: (n, distinct) for dep, n, distinct in cur.fetchall()}
-            cur.execute(f"DROP TABLE {table}")
-        assert counts == {dep: (rows, rows) for dep in deps}, counts
+            cur.execute(f"UPDATE {table} SET etiquette_dpe = %s WHERE numero_dpe = %s", (flipped, key))
+        conn.close()
+        with pytest.raises(AssertionError, match=f"different: {key} .*etiquette_dpe '{flipped}' in the table"):
+            rec.assert_rows(want, rec.read_table(database_url, table))
     finally:
         for name in names:
             engine.docker("rm", "-f", name, check=False)
+        with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {table}")
+        conn.close()
 
 
 # ---------------------------------------------------------------------------------------------
