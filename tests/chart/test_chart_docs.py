@@ -8,7 +8,10 @@ import yaml
 
 from chartlib import CHART, ROOT
 
-GENERIC = {"resources", "podSecurityContext", "containerSecurityContext", "nodeSelector", "tolerations"}
+# per-component keys, documented once as `<component>.…` in docs/chart.md
+GENERIC = {"resources", "podSecurityContext", "containerSecurityContext", "nodeSelector", "tolerations", "affinity",
+           "topologySpreadConstraints", "priorityClassName", "podAnnotations", "extraEnv", "extraVolumes",
+           "extraVolumeMounts", "serviceAccount"}
 
 
 def _documented_keys(text: str) -> set[str]:

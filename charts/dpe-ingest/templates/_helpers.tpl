@@ -243,37 +243,170 @@ imagePullSecrets:
   value: {{ .Values.log.level | quote }}
 {{- end -}}
 
-{{/* Init container waiting for the Kafka port (producer image, python socket loop). */}}
+{{/* env of the programs that connect to PostgreSQL: DATABASE_URL, the password from its Secret as
+PGPASSWORD, and libpq's PGSSLMODE when externalPostgresql.sslMode is set. */}}
+{{- define "dpe-ingest.env.postgresql" -}}
+{{- $secret := include "dpe-ingest.postgresql.secretRef" . | default "{}" | fromJson -}}
+- name: DATABASE_URL
+  value: {{ include "dpe-ingest.postgresql.url" . | quote }}
+{{- if $secret.name }}
+- name: PGPASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret.name }}
+      key: {{ $secret.key }}
+{{- end }}
+{{- with .Values.externalPostgresql.sslMode }}
+- name: PGSSLMODE
+  value: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* env of `dpe-ingest produce`, shared by the producer Jobs and the refresh CronJobs (one list, so the
+two cannot drift apart): the API, the shared budget, the checkpoints, the slots, the wait for Kafka, the
+Pushgateway, and Kafka and logs.  Argument: dict root, code (the department). */}}
+{{- define "dpe-ingest.env.produce" -}}
+{{- $v := .root.Values -}}
+- name: DEPARTMENT
+  value: {{ .code | quote }}
+- name: ADEME_API_URL
+  value: {{ include "dpe-ingest.ademe.url" .root | quote }}
+- name: ADEME_PAGE_SIZE
+  value: {{ $v.ademe.pageSize | toString | quote }}
+{{- if and $v.ademe.maxRps (ne (toString $v.ademe.maxRps) "0") }}
+- name: ADEME_MAX_RPS
+  value: {{ $v.ademe.maxRps | toString | quote }}
+{{- end }}
+# the shared budget (ademe.maxTotalRps / departments) is a mounted ConfigMap, not env: an
+# upgrade that adds a department changes the share of every producer without replacing Jobs
+- name: ADEME_BUDGET_FILE
+  value: /etc/dpe-ingest/budget/budget.json
+{{- with $v.ademe.apiKey }}{{- if .existingSecret }}
+- name: ADEME_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret | quote }}
+      key: {{ .secretKey | default "apiKey" | quote }}
+{{- end }}{{- end }}
+{{- if and $v.ademe.rateWindowSeconds (ne (toString $v.ademe.rateWindowSeconds) "60") }}
+- name: ADEME_RATE_WINDOW_S
+  value: {{ $v.ademe.rateWindowSeconds | toString | quote }}
+{{- end }}
+{{- with $v.ademe.dateFrom }}
+- name: ADEME_DATE_FROM
+  value: {{ . | toString | quote }}
+{{- end }}
+{{- with $v.ademe.dateTo }}
+- name: ADEME_DATE_TO
+  value: {{ . | toString | quote }}
+{{- end }}
+{{- with $v.ademe.extraFields }}
+- name: ADEME_EXTRA_FIELDS
+  value: {{ . | toString | quote }}
+{{- end }}
+- name: ADEME_TIMEOUT_S
+  value: {{ $v.ademe.timeoutSeconds | toString | quote }}
+- name: ADEME_MAX_RETRIES
+  value: {{ $v.ademe.maxRetries | toString | quote }}
+- name: ADEME_RETRY_MAX_S
+  value: {{ $v.ademe.retryMaxSeconds | toString | quote }}
+- name: PRODUCER_CHECKPOINT_TOPIC
+  value: {{ $v.producer.checkpointTopic | quote }}
+{{- if $v.producer.maxConcurrent }}
+- name: PRODUCER_MAX_CONCURRENT
+  value: {{ $v.producer.maxConcurrent | toString | quote }}
+{{- end }}
+{{- with $v.metrics.pushgatewayUrl }}
+- name: METRICS_PUSHGATEWAY_URL
+  value: {{ . | quote }}
+{{- end }}
+{{ include "dpe-ingest.env.kafkaWait" .root }}
+{{ include "dpe-ingest.env.kafka" .root }}
+{{- end -}}
+
+{{- define "dpe-ingest.env.kafkaWait" -}}
+- name: KAFKA_WAIT_S
+  value: {{ .Values.producer.kafkaWaitSeconds | toString | quote }}
+{{- end -}}
+
+{{/* Init container of the producer Jobs: the product's own wait for Kafka (dpe_ingest.kafka_wait, on
+kafka_io.wait_for_kafka), bounded by KAFKA_WAIT_S (producer.kafkaWaitSeconds).  It logs the address it
+waits for and, on giving up, one error line naming it, and exits 1: the pod fails (Init:Error) instead of
+waiting in Init:0/1 for ever, and the Job's backoffLimit counts it. */}}
 {{- define "dpe-ingest.waitForKafka" -}}
 - name: wait-for-kafka
   image: {{ include "dpe-ingest.image" (dict "root" . "image" .Values.producer.image) }}
   imagePullPolicy: {{ .Values.producer.image.pullPolicy }}
-  command:
-    - python
-    - -c
-    - |
-      import os, socket, sys, time
-      servers = [s.strip() for s in os.environ["KAFKA_BOOTSTRAP_SERVERS"].split(",") if s.strip()]
-      while True:
-          for server in servers:
-              host, _, port = server.rpartition(":")
-              try:
-                  socket.create_connection((host, int(port)), timeout=3).close()
-              except OSError as exc:
-                  print(f"waiting for kafka: {server}: {exc}", flush=True)
-              else:
-                  print(f"kafka answers at {server}", flush=True)
-                  sys.exit(0)
-          time.sleep(3)
+  command: ["python", "-m", "dpe_ingest.kafka_wait"]
   env:
     - name: KAFKA_BOOTSTRAP_SERVERS
       value: {{ include "dpe-ingest.kafka.bootstrap" . | quote }}
+    {{- include "dpe-ingest.env.kafkaWait" . | nindent 4 }}
+    - name: LOG_FORMAT
+      value: {{ .Values.log.format | quote }}
+    - name: LOG_LEVEL
+      value: {{ .Values.log.level | quote }}
   resources:
-    requests: {cpu: 10m, memory: 32Mi}
-    limits: {cpu: 100m, memory: 64Mi}
+    requests: {cpu: 10m, memory: 48Mi}
+    limits: {cpu: 200m, memory: 96Mi}
   securityContext:
     {{- toYaml .Values.producer.containerSecurityContext | nindent 4 }}
   volumeMounts:
     - name: tmp
       mountPath: /tmp
+{{- end -}}
+
+{{/* =============================================================================================
+Per-component pod settings: every component's values carry the same keys (values.yaml), rendered
+by these helpers, never copied per component.
+============================================================================================= */}}
+
+{{/* The components with pods of their own -> whether they are rendered (JSON). */}}
+{{- define "dpe-ingest.components" -}}
+{{- $v := .Values -}}
+{{- toJson (dict "kafka" $v.kafka.enabled "postgresql" $v.postgresql.enabled "producer" true
+    "refresh" (not (empty $v.refresh.schedule)) "consumer" true "analytics" $v.analytics.enabled
+    "standin" $v.standin.enabled "kafdrop" $v.kafdrop.enabled) -}}
+{{- end -}}
+
+{{/* The ServiceAccount of a component's pods: serviceAccount.name, else <fullname>-<component> when
+serviceAccount.create, else none (the namespace's default; no token is mounted either way).
+Argument: dict root, c (the component's values), component. */}}
+{{- define "dpe-ingest.serviceAccountName" -}}
+{{- $sa := .c.serviceAccount | default dict -}}
+{{- if $sa.name -}}
+{{- $sa.name -}}
+{{- else if $sa.create -}}
+{{- printf "%s-%s" (include "dpe-ingest.fullname" .root) .component -}}
+{{- else if $sa.annotations -}}
+{{- fail (printf "%s.serviceAccount.annotations are put on the ServiceAccount the chart creates: set %s.serviceAccount.create=true (or drop the annotations and name an existing one in %s.serviceAccount.name)" .component .component .component) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Pod template annotations (podAnnotations), at the pod template's metadata: nothing when there are
+none.  Argument: list (the component's values) (indentation). */}}
+{{- define "dpe-ingest.podAnnotations" -}}
+{{- with (index . 0).podAnnotations }}
+{{- printf "annotations:\n%s" (toYaml . | indent 2) | nindent (index $ 1) }}
+{{- end }}
+{{- end -}}
+
+{{/* Where a component's pods run and as whom: serviceAccountName, priorityClassName, nodeSelector,
+tolerations, affinity, topologySpreadConstraints, at the pod spec's indentation; nothing when none is
+set.  Argument: dict root, c (the component's values), component, indent. */}}
+{{- define "dpe-ingest.podPlacement" -}}
+{{- $c := .c -}}
+{{- $out := dict -}}
+{{- with include "dpe-ingest.serviceAccountName" . }}{{ $_ := set $out "serviceAccountName" . }}{{ end }}
+{{- range $key := list "priorityClassName" "nodeSelector" "tolerations" "affinity" "topologySpreadConstraints" }}
+{{- with get $c $key }}{{ $_ := set $out $key . }}{{ end }}
+{{- end }}
+{{- with $out }}{{ toYaml . | nindent $.indent }}{{ end }}
+{{- end -}}
+
+{{/* A list the user adds to one of a component's lists (extraEnv to env, extraVolumeMounts to
+volumeMounts, extraVolumes to volumes), at that list's indentation; nothing when it is empty.
+Argument: list (the component's values) (the key) (indentation). */}}
+{{- define "dpe-ingest.extraItems" -}}
+{{- with get (index . 0) (index . 1) }}{{ toYaml . | nindent (index $ 2) }}{{ end -}}
 {{- end -}}
