@@ -93,3 +93,19 @@ def container(doc: dict, name: str | None = None) -> dict:
 def env_of(c: dict) -> dict[str, object]:
     """name -> value (a string) or valueFrom (a dict)."""
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def render_notes(render: Renderer, workdir: Path, **kw) -> str:
+    """NOTES.txt as helm would print it, rendered through a copy of the chart where it is wrapped in a
+    ConfigMap (``helm template`` does not render NOTES)."""
+    import shutil
+
+    copy = workdir / "dpe-ingest"
+    shutil.copytree(CHART, copy)
+    (copy / "notes.tpl").write_text((copy / "templates" / "NOTES.txt").read_text())
+    (copy / "templates" / "zz-notes.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
+        'data:\n  notes: {{ tpl (.Files.Get "notes.tpl") . | quote }}\n'
+    )
+    docs = render.template(chart=copy, extra=["--show-only", "templates/zz-notes.yaml"], **kw)
+    return docs[0]["data"]["notes"]

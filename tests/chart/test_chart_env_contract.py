@@ -50,7 +50,7 @@ def test_every_producer_setting_is_wired(render):
                      "ADEME_EXTRA_FIELDS", "ADEME_MAX_RPS", "ADEME_TIMEOUT_S", "ADEME_MAX_RETRIES",
                      "ADEME_RETRY_MAX_S", "PRODUCER_CHECKPOINT_TOPIC", "PRODUCER_RESTART",
                      "KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPIC", "KAFKA_DLQ_TOPIC", "KAFKA_TOPIC_PARTITIONS",
-                     "KAFKA_REPLICATION_FACTOR", "LOG_FORMAT", "LOG_LEVEL", "ADEME_BUDGET_FILE"}
+                     "KAFKA_REPLICATION_FACTOR", "LOG_FORMAT", "LOG_LEVEL", "ADEME_BUDGET_FILE", "KAFKA_WAIT_S"}
     assert producer_vars <= set(config.CONTRACT)
     assert producer_vars == set(env)
     # set only when asked: the API key (from a Secret) and a rate window other than data-fair's 60 s
