@@ -49,6 +49,14 @@ def _pod_metadata(doc: dict) -> dict:
     return doc["spec"]["template"]["metadata"]
 
 
+def _run_init(init: dict, cwd, timeout: float) -> subprocess.CompletedProcess:
+    """An init container's command run here as a process, as the kubelet would, with exactly its env."""
+    env = {k: v for k, v in env_of(init).items() if isinstance(v, str)}
+    return subprocess.run(list(init["command"]) + list(init.get("args", [])), capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd,
+                          env={"PATH": f"{VENV_BIN}{os.pathsep}/usr/bin:/bin", "HOME": str(cwd), **env})
+
+
 def _closed_port() -> int:
     """A local port nothing listens on (bound, then released)."""
     with socket.socket() as s:
@@ -67,11 +75,8 @@ def test_wait_for_kafka_gives_up_naming_the_address(render, tmp_path):
     env = {k: v for k, v in env_of(init).items() if isinstance(v, str)}
     assert env["KAFKA_WAIT_S"] == "3" and env["KAFKA_BOOTSTRAP_SERVERS"] == address
     assert set(env) <= set(config.CONTRACT)
-    # run the init container's own command, as the kubelet would, with exactly its env
     started = time.monotonic()
-    proc = subprocess.run(list(init["command"]) + list(init.get("args", [])), capture_output=True, text=True,
-                          timeout=90, cwd=tmp_path,
-                          env={"PATH": f"{VENV_BIN}{os.pathsep}/usr/bin:/bin", "HOME": str(tmp_path), **env})
+    proc = _run_init(init, tmp_path, timeout=90)
     took = time.monotonic() - started
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, f"exit {proc.returncode} after {took:.0f}s:\n{out}"
@@ -85,10 +90,7 @@ def test_wait_for_kafka_gives_up_naming_the_address(render, tmp_path):
 def test_wait_for_kafka_succeeds_on_an_answering_broker(render, kafka_bootstrap, tmp_path):
     docs = render.template(sets={"kafka.enabled": "false",
                                  "externalKafka.bootstrapServers": kafka_bootstrap.replace(",", r"\,")})
-    init = pod_spec(producer_jobs(docs)["69"])["initContainers"][0]
-    env = {k: v for k, v in env_of(init).items() if isinstance(v, str)}
-    proc = subprocess.run(list(init["command"]), capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                          env={"PATH": f"{VENV_BIN}{os.pathsep}/usr/bin:/bin", "HOME": str(tmp_path), **env})
+    proc = _run_init(pod_spec(producer_jobs(docs)["69"])["initContainers"][0], tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "event=kafka_ready" in proc.stdout + proc.stderr
 
@@ -259,14 +261,14 @@ def test_schema_names_the_bad_pod_setting(render, tmp_path, values, path, detail
 def test_pgsslmode_reaches_every_database_client(render, tmp_path):
     sets = {"postgresql.enabled": "false", "externalPostgresql.url": "postgresql://dpe@db:5432/dpe",
             "refresh.schedule": "0 3 * * 0"}
-    plain = render.template(sets=sets)
-    clients = [container(named(plain, "Deployment", "dpe-consumer")), container(named(plain, "Deployment", "dpe-analytics")),
-               container(by_kind(plain, "CronJob")[0], "refresh"), container(named(plain, "Pod", "dpe-test-postgresql"))]
-    assert all("PGSSLMODE" not in env_of(c) for c in clients)
+
+    def clients(docs):
+        return [container(named(docs, "Deployment", "dpe-consumer")), container(named(docs, "Deployment", "dpe-analytics")),
+                container(by_kind(docs, "CronJob")[0], "refresh"), container(named(docs, "Pod", "dpe-test-postgresql"))]
+
+    assert all("PGSSLMODE" not in env_of(c) for c in clients(render.template(sets=sets)))
     docs = render.template(sets={**sets, "externalPostgresql.sslMode": "verify-full"})
-    clients = [container(named(docs, "Deployment", "dpe-consumer")), container(named(docs, "Deployment", "dpe-analytics")),
-               container(by_kind(docs, "CronJob")[0], "refresh"), container(named(docs, "Pod", "dpe-test-postgresql"))]
-    for c in clients:
+    for c in clients(docs):
         assert env_of(c)["PGSSLMODE"] == "verify-full", c["name"]
     for job in producer_jobs(docs).values():  # the producers never talk to PostgreSQL
         assert "PGSSLMODE" not in env_of(container(job, "producer"))
