@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from chartlib import CHART, by_kind, container, env_of, named, pod_spec, producer_jobs
+from chartlib import CHART, by_kind, container, env_of, named, pod_spec, producer_jobs, render_notes
 
 STANDIN_URL = "http://dpe-standin:8000/data-fair/api/v1/datasets/dpe03existant"
 
@@ -106,7 +106,8 @@ def test_wait_for_kafka_init_container(render):
     assert [c["name"] for c in init] == ["wait-for-kafka"]
     assert init[0]["image"] == container(job, "producer")["image"]
     assert env_of(init[0])["KAFKA_BOOTSTRAP_SERVERS"] == "dpe-kafka:9092"
-    compile(init[0]["command"][2], "wait-for-kafka", "exec")  # the inline script is valid Python
+    assert init[0]["command"] == ["python", "-m", "dpe_ingest.kafka_wait"]  # the product's own bounded wait
+    assert env_of(init[0])["KAFKA_WAIT_S"] == "300"
     job = producer_jobs(render.template(sets={"producer.waitForKafka": "false"}))["69"]
     assert "initContainers" not in pod_spec(job)
 
@@ -329,23 +330,8 @@ def test_labels_select_by_component_and_department(render):
     assert {j["spec"]["template"]["metadata"]["labels"]["dpe-ingest/department"] for j in jobs.values()} == {"69", "38"}
 
 
-def _notes(render, tmp_path, **kw) -> str:
-    """NOTES.txt rendered through a copy of the chart where it is wrapped in a ConfigMap."""
-    import shutil
-
-    copy = tmp_path / "dpe-ingest"
-    shutil.copytree(CHART, copy)
-    (copy / "notes.tpl").write_text((copy / "templates" / "NOTES.txt").read_text())
-    (copy / "templates" / "zz-notes.yaml").write_text(
-        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
-        'data:\n  notes: {{ tpl (.Files.Get "notes.tpl") . | quote }}\n'
-    )
-    docs = render.template(chart=copy, extra=["--show-only", "templates/zz-notes.yaml"], **kw)
-    return docs[0]["data"]["notes"]
-
-
 def test_notes(render, tmp_path):
-    notes = _notes(render, tmp_path, sets={"departments": "{69,01,38}"})
+    notes = render_notes(render, tmp_path, sets={"departments": "{69,01,38}"})
     assert "kubectl -n dpe logs -f -l app.kubernetes.io/component=producer --max-log-requests 20" in notes
     assert "-l dpe-ingest/department=69" in notes
     assert "port-forward svc/dpe-kafdrop 9000:9000" in notes
@@ -353,9 +339,9 @@ def test_notes(render, tmp_path):
     assert "producer.rerun.69=1" in notes
     # the department it suggests adding is one not installed yet
     assert '--reuse-values --set departments="{69,01,38,13}"' in notes
-    notes = _notes(render, tmp_path / "c", sets={"departments": "{38,13,33,75,59,31,44,67}"})
+    notes = render_notes(render, tmp_path / "c", sets={"departments": "{38,13,33,75,59,31,44,67}"})
     assert "Add a department" not in notes and "producer.rerun.38=1" in notes
-    notes = _notes(render, tmp_path / "b", values_files=[CHART / "values-external.yaml"])
+    notes = render_notes(render, tmp_path / "b", values_files=[CHART / "values-external.yaml"])
     assert "port-forward svc/dpe-kafdrop" in notes
     assert 'psql "postgresql://dpe@postgres.data.svc.cluster.local:5432/dpe"' in notes
 
