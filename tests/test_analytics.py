@@ -351,3 +351,49 @@ def test_two_analytics_members_and_a_sigkilled_one_count_each_certificate_once(k
     rec.assert_counts(rec.expected_counts(want), rec.read_counts(database_url, n["ANALYTICS_TABLE_PREFIX"]))
     assert doc["departments"]["none"]["labels"]["unknown"] == sum(
         1 for i in range(6000) if i % 3 == 2 and i % 8 == 7)
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_a_database_outage_during_a_batch_write_loses_no_message(kafka_bootstrap, postgres_factory, tmp_path):
+    """PostgreSQL killed while the analytics consumer writes a batch, then back: every message is
+    counted, against counts taken from the messages sent (the test cluster's PostgreSQL pod deletion
+    left the partitions paused by the wait, so the rest of the topic was never applied)."""
+    import time
+
+    pg = postgres_factory()
+    n = names()
+    env = env_of(kafka_bootstrap, pg.url, n, BATCH_SIZE="50", RETRY_MAX_BACKOFF_S="1")
+    docs = [{"numero_dpe": f"O{i:06d}", "date_reception_dpe": f"2024-{1 + i % 12:02d}-03",
+             "etiquette_dpe": "ABCDEFG"[i % 7], "departement": ["69", "2A"][i % 2]} for i in range(2500)]
+    send(kafka_bootstrap, n["KAFKA_TOPIC"], docs[:1000])
+    log_path = tmp_path / "analytics.log"
+    proc = start(command("analytics", "--exit-when-idle", "6"), env, log_path)
+
+    def counted() -> int:
+        try:
+            return sum(sum(v.values()) for v in rec.read_counts(pg.url, n["ANALYTICS_TABLE_PREFIX"])["labels"].values())
+        except psycopg2.Error:
+            return -1
+
+    def wait(pred, what):
+        deadline = time.monotonic() + SLOW
+        while not pred():
+            assert proc.poll() is None and time.monotonic() < deadline, f"{what}:\n{log_path.read_text()[-4000:]}"
+            time.sleep(0.3)
+
+    try:
+        wait(lambda: counted() == 1000, "the first 1000 messages counted")
+        pg.kill()
+        send(kafka_bootstrap, n["KAFKA_TOPIC"], docs[1000:])
+        wait(lambda: log_path.read_text().count('event=db_unavailable what="batch write"') >= 2,
+             "batch writes refused while the database is down")
+        pg.restart()
+        wait(lambda: counted() == 2500, "every message counted once the database is back")
+        assert proc.wait(SLOW) == 0, log_path.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    want = rec.expected_counts({d["numero_dpe"]: rec.stored_row(d) for d in docs})
+    rec.assert_counts(want, rec.read_counts(pg.url, n["ANALYTICS_TABLE_PREFIX"]))

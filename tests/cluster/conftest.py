@@ -8,12 +8,19 @@ import pytest
 
 from dpe_ingest.testbed import LaunchError
 
-_started: list[str] = []  # for the terminal summary: when and how fast the cluster came up
+_started: list[str] = []  # for the terminal summary: when and how fast the cluster came up, what tests report
 
 
 def pytest_terminal_summary(terminalreporter):
     for line in _started:
         terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def summary_line():
+    """``summary_line(text)``: a line shown at the end of the run, even when the test passes (the
+    in-progress state of the pipeline when a fault test deleted its pod)."""
+    return _started.append
 
 
 @pytest.fixture(scope="session")
