@@ -570,6 +570,10 @@ class Analytics:
                 continue
             for tp in got:  # (should not happen: all paused) re-read them later
                 self.unsynced.add(tp)
+        if self.consumer is not None:
+            # the wait is over: fetch again what it paused (the unsynced are resumed once positioned);
+            # left paused, the rest of the topic was never applied after a database outage
+            self.consumer.resume(*[tp for tp in self.consumer.assignment() if tp not in self.unsynced])
 
     def _sync(self) -> None:
         """Position the newly assigned partitions at the offsets stored with the state."""
