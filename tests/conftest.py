@@ -117,6 +117,19 @@ def database_url(tmp_path_factory) -> str:
                                lambda server: server.url)
 
 
+@pytest.fixture
+def table(database_url):
+    """A fresh table name in the session's database; the table (and the analytics tables a store may
+    have made with it as their prefix) dropped afterwards."""
+    import psycopg2
+
+    name = f"dpe_t_{uuid.uuid4().hex[:10]}"
+    yield name
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+        for suffix in ("", "_keys", "_labels", "_months", "_skipped", "_offsets"):
+            cur.execute(f'DROP TABLE IF EXISTS "{name}{suffix}"')
+
+
 @pytest.fixture(scope="session")
 def kubeconfig(tmp_path_factory) -> Path:
     """Admin kubeconfig of a real Kubernetes API server: the testbed's kube-apiserver + etcd, or the

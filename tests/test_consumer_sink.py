@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-import uuid
 
 import psycopg2
 import pytest
@@ -12,14 +11,6 @@ import pytest
 from dpe_ingest.sink import OffsetClaim, Row, Sink, Stale
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def table(database_url):
-    name = f"dpe_sink_{uuid.uuid4().hex[:10]}"
-    yield name
-    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
-        cur.execute(f'DROP TABLE IF EXISTS "{name}"')
 
 
 def rows_of(database_url, table):

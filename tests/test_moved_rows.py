@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import uuid
 
 import psycopg2
 import pytest
@@ -48,16 +47,6 @@ def test_settle_applies_the_messages_of_a_key_in_order():
 # ---------------------------------------------------------------------------------------------
 # the sink, on PostgreSQL
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture
-def table(database_url):
-    name = f"dpe_moved_{uuid.uuid4().hex[:10]}"
-    yield name
-    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
-        cur.execute(f'DROP TABLE IF EXISTS "{name}"')
-        for suffix in ("keys", "labels", "months", "skipped", "offsets"):
-            cur.execute(f'DROP TABLE IF EXISTS "{name}_{suffix}"')
-
-
 def _row(key: str, dep: str | None, offset: int, label: str = "C") -> Row:
     return Row(key, dt.date(2024, 1, 2), "35000", label, dep, {}, 0, offset)
 
