@@ -30,6 +30,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Callable
 
 from kafka import TopicPartition
@@ -47,7 +48,6 @@ log = logging.getLogger("dpe_ingest.analytics")
 LABELS = ("A", "B", "C", "D", "E", "F", "G")
 UNKNOWN = "unknown"
 NO_DEPARTMENT = "none"  # rows without a department (departement NULL in dpe_data)
-#: the producer's refresh marks a certificate deactivated in the API with this flag (the sink deletes it)
 SKIP_REASONS = ("not_json", "no_numero_dpe", "invalid")
 REFRESH_COUNTS_S = 2.0
 CRASH_POINTS = ("before_db_commit", "after_db_commit")
@@ -109,18 +109,6 @@ def classify(value: bytes | None, partition: int = 0, offset: int = 0) -> Fact |
         return Fact(row.numero_dpe, row.departement or NO_DEPARTMENT, UNKNOWN, UNKNOWN, None, deleted=True)
     return Fact(row.numero_dpe, row.departement if row.departement is not None else NO_DEPARTMENT,
                 label_of(row.etiquette_dpe), month_of(row.date_reception_dpe), row.date_reception_dpe)
-
-
-def _fact_key(f: Fact) -> str:
-    return f.key
-
-
-def _fact_department(f: Fact) -> str:
-    return f.department
-
-
-def _fact_deleted(f: Fact) -> bool:
-    return f.deleted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +213,7 @@ class Store:
                     raise Stale(stale)
                 # in offset order per partition: one action per key, as applying the facts in order would
                 # leave it (a deletion only removes a certificate still of its department)
-                settled = settle(facts, _fact_key, _fact_department, _fact_deleted)
+                settled = settle(facts, attrgetter("key"), attrgetter("department"), attrgetter("deleted"))
                 last: dict[str, Fact | Deletion] = {f.key: f for f in settled.upserts}
                 last.update((d.key, d) for d in settled.deletions)
                 keys = sorted(last)

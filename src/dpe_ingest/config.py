@@ -284,7 +284,7 @@ class ProducerConfig:
             checkpoint_topic=_topic(env, "PRODUCER_CHECKPOINT_TOPIC"),
             restart=_bool(env, "PRODUCER_RESTART"),
             kafka=KafkaSettings.from_env(env),
-            kafka_wait_s=_float(env, "KAFKA_WAIT_S", 0.0),
+            kafka_wait_s=kafka_wait_seconds(env),
             api_key=_get(env, "ADEME_API_KEY"),
             rate_window_s=_float(env, "ADEME_RATE_WINDOW_S", 0.1),
             budget_file=_get(env, "ADEME_BUDGET_FILE"),
@@ -349,6 +349,11 @@ class AnalyticsConfig:
             alert_interval_s=_float(env, "ANALYTICS_ALERT_INTERVAL_S", 0.0),
             kafka=KafkaSettings.from_env(env),
         )
+
+
+def kafka_wait_seconds(env: Mapping[str, str] | None = None) -> float:
+    """KAFKA_WAIT_S: how long the producer (and its init container) waits for Kafka to answer."""
+    return _float(os.environ if env is None else env, "KAFKA_WAIT_S", 0.0)
 
 
 def metrics_port(env: Mapping[str, str] | None = None) -> int:

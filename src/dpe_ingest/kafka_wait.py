@@ -17,7 +17,7 @@ import time
 from typing import Mapping
 
 from . import logs
-from .config import ConfigError, KafkaSettings, _float
+from .config import ConfigError, KafkaSettings, kafka_wait_seconds
 
 log = logging.getLogger("dpe_ingest.kafka_wait")
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     logs.setup()
     try:
         bootstrap = KafkaSettings.from_env(env).bootstrap_servers
-        wait_s = _float(env, "KAFKA_WAIT_S", 0.0)
+        wait_s = kafka_wait_seconds(env)
     except ConfigError as exc:
         logs.event(log, "config_error", str(exc), logging.ERROR)
         return EXIT_CONFIG

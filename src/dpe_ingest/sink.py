@@ -23,6 +23,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Callable, Iterable, Sequence
 
 import orjson
@@ -202,19 +203,7 @@ def dedupe(rows: Iterable[Row]):
     """One action per numero_dpe (ON CONFLICT cannot touch a row twice): the rows to upsert and the
     deletions (:class:`dpe_ingest.messages.Deletion`), as applying ``rows`` one by one would leave the
     table (:func:`dpe_ingest.messages.settle`: a deletion removes a row only if it is of its department)."""
-    return settle(rows, _key, _department, _is_deletion)
-
-
-def _key(row: Row) -> str:
-    return row.numero_dpe
-
-
-def _department(row: Row) -> str | None:
-    return row.departement
-
-
-def _is_deletion(row: Row) -> bool:
-    return row.deleted
+    return settle(rows, attrgetter("numero_dpe"), attrgetter("departement"), attrgetter("deleted"))
 
 
 @dataclass
@@ -464,7 +453,7 @@ class Sink:
         """One (key, department, any department) triple per department a deletion applies to."""
         k, d, any_dep = [], [], []
         for g in gone:
-            for dep in (None,) if g.departments is None else sorted(g.departments, key=lambda x: (x is None, x)):
+            for dep in (None,) if g.departments is None else g.departments:
                 k.append(g.key)
                 d.append(dep)
                 any_dep.append(g.departments is None)
