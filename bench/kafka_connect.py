@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from pg import db_count
 
-from dpe_ingest.testbed.connect import (CONNECT_VERSION, DEBEZIUM_DEFAULT_BATCH_SIZE, DEBEZIUM_VERSION,
+from dpe_devkit.testbed.connect import (CONNECT_VERSION, DEBEZIUM_DEFAULT_BATCH_SIZE, DEBEZIUM_VERSION,
                                         ConnectStandalone, copy_enveloped, jdbc_sink_config)
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -31,8 +31,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from dpe_ingest.testbed import KAFKA_VERSION, LocalServers  # noqa: E402
-from dpe_ingest.testbed.connect import CONNECT_VERSION, DEBEZIUM_VERSION  # noqa: E402
+from dpe_devkit.testbed import KAFKA_VERSION, LocalServers  # noqa: E402
+from dpe_devkit.testbed.connect import CONNECT_VERSION, DEBEZIUM_VERSION  # noqa: E402
 from kafka_connect import connect_section  # noqa: E402
 from pg import db_count  # noqa: E402
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 
 import hypothesis_profiles
-from dpe_ingest.testbed import LaunchError, KafkaBroker, PostgresServer, ensure_helm
-from dpe_ingest.testbed.kafka import KAFKA_VERSION
+from dpe_devkit.testbed import LaunchError, KafkaBroker, PostgresServer, ensure_helm
+from dpe_devkit.testbed.kafka import KAFKA_VERSION
 
 PROPERTY_PROFILES = hypothesis_profiles  # registers the "ci" (default) and "fuzz" profiles of the property tests
 
@@ -134,7 +134,7 @@ def table(database_url):
 def kubeconfig(tmp_path_factory) -> Path:
     """Admin kubeconfig of a real Kubernetes API server: the testbed's kube-apiserver + etcd, or the
     cluster of DPE_TEST_KUBECONFIG (tests create and delete namespaces ``t-…`` of their own there)."""
-    from dpe_ingest.testbed.apiserver import KubeAPIServer
+    from dpe_devkit.testbed.apiserver import KubeAPIServer
 
     yield from _session_server(tmp_path_factory, "DPE_TEST_KUBECONFIG", KubeAPIServer, "Kubernetes API server",
                                lambda server: server.kubeconfig, lambda user: Path(user).expanduser())

@@ -9,7 +9,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 
-from dpe_ingest.testbed.kafka import read_topic as testbed_read_topic
+from dpe_devkit.testbed.kafka import read_topic as testbed_read_topic
 
 
 @dataclass

@@ -19,8 +19,8 @@ import pytest
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from dpe_ingest.testbed import LaunchError
-from dpe_ingest.testbed.connect import ConnectStandalone, copy_enveloped, envelope, envelope_schema, \
+from dpe_devkit.testbed import LaunchError
+from dpe_devkit.testbed.connect import ConnectStandalone, copy_enveloped, envelope, envelope_schema, \
     jdbc_from_database_url, jdbc_sink_config
 
 from kafka_util import read_topic

@@ -11,7 +11,7 @@ No container registry is reachable here, so the base image is made from Debian p
 the Dockerfiles' ``PYTHON_IMAGE`` / ``BASE_IMAGE`` build argument, exactly as an air-gapped user would.
 pip and apt inside the builds reach the package registries the host uses (``--network host``).
 
-The docker engine is ``dpe_ingest.testbed.images.docker_engine()``: the one DOCKER_HOST (or
+The docker engine is ``dpe_devkit.testbed.images.docker_engine()``: the one DOCKER_HOST (or
 /var/run/docker.sock) points at if it answers, else a private ``dockerd`` (root; no bridge, no
 iptables: host network only) with its image store in .cache/docker, stopped at the end.  These tests
 are skipped only on a machine without docker; an engine that cannot start fails them.
@@ -38,7 +38,7 @@ import yaml
 
 import reconcile as rec
 from dpe_ingest.standin.data import Dataset
-from dpe_ingest.testbed import images as imgs
+from dpe_devkit.testbed import images as imgs
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache"
@@ -90,7 +90,7 @@ def test_dockerfile_runtime_settings(component, command):
 
 
 # ---------------------------------------------------------------------------------------------
-# the docker engine and the builds (dpe_ingest.testbed.images)
+# the docker engine and the builds (dpe_devkit.testbed.images)
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def engine():

@@ -22,7 +22,7 @@ import psycopg2
 import pytest
 
 import reconcile as rec
-from dpe_ingest import local_run
+from dpe_devkit import local_run
 from dpe_ingest.standin.data import Dataset
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]

@@ -391,8 +391,8 @@ def test_the_workflow_schema_refuses_a_misspelt_key():
 def actionlint() -> list[str]:
     """actionlint (the testbed's build, or $ACTIONLINT) with shellcheck and pyflakes given explicitly,
     so that every ``run:`` script is checked here exactly as on a developer's machine."""
-    from dpe_ingest.testbed import LaunchError
-    from dpe_ingest.testbed.actionlint import ensure_actionlint
+    from dpe_devkit.testbed import LaunchError
+    from dpe_devkit.testbed.actionlint import ensure_actionlint
 
     try:
         binary = ensure_actionlint(quiet=True)

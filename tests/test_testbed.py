@@ -11,8 +11,8 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from dpe_ingest.testbed import LocalServers
-from dpe_ingest.testbed.helm import HELM_VERSION
+from dpe_devkit.testbed import LocalServers
+from dpe_devkit.testbed.helm import HELM_VERSION
 
 
 def _create_topic(bootstrap: str, topic: str, partitions: int) -> None:
@@ -188,9 +188,9 @@ def test_relay_joins_tcp_to_unix_to_tcp_both_ways(tmp_path):
                 conn.sendall(data.upper())
     threading.Thread(target=echo, daemon=True).start()
     sock = tmp_path / "relay.sock"
-    inner = subprocess.Popen([sys.executable, "-m", "dpe_ingest.testbed.relay", f"unix:{sock}",
+    inner = subprocess.Popen([sys.executable, "-m", "dpe_devkit.testbed.relay", f"unix:{sock}",
                               f"tcp:127.0.0.1:{server.getsockname()[1]}"], stdout=subprocess.PIPE, text=True)
-    outer = subprocess.Popen([sys.executable, "-m", "dpe_ingest.testbed.relay", "tcp:127.0.0.1:0", f"unix:{sock}"],
+    outer = subprocess.Popen([sys.executable, "-m", "dpe_devkit.testbed.relay", "tcp:127.0.0.1:0", f"unix:{sock}"],
                              stdout=subprocess.PIPE, text=True)
     try:
         assert inner.stdout.readline().startswith(f"listening {sock}")

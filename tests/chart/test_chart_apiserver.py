@@ -1,5 +1,5 @@
 """The chart against a real Kubernetes API server (kube-apiserver v1.37.2 + etcd, see
-``dpe_ingest.testbed.apiserver``; or your cluster through DPE_TEST_KUBECONFIG).
+``dpe_devkit.testbed.apiserver``; or your cluster through DPE_TEST_KUBECONFIG).
 
 No image can be pulled here, so no pod runs; what the control plane does with what helm sends is
 real: server-side validation of every object, Pod Security admission at ``restricted`` (enforced

@@ -1,4 +1,4 @@
-"""The test cluster: a real single-node Kubernetes (``dpe_ingest.testbed.cluster``), started once per
+"""The test cluster: a real single-node Kubernetes (``dpe_devkit.testbed.cluster``), started once per
 session on first use and torn down at the end.  A cluster that cannot start fails the tests that
 need it, never skips them."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpe_ingest.testbed import LaunchError
+from dpe_devkit.testbed import LaunchError
 
 _started: list[str] = []  # for the terminal summary: when and how fast the cluster came up, what tests report
 
@@ -25,7 +25,7 @@ def summary_line():
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
-    from dpe_ingest.testbed.cluster import Cluster
+    from dpe_devkit.testbed.cluster import Cluster
 
     c = Cluster(tmp_path_factory.mktemp("cluster"), quiet=False)
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dpe_ingest.testbed.cluster import KUBELET_ROOTS
+from dpe_devkit.testbed.cluster import KUBELET_ROOTS
 
 pytestmark = pytest.mark.cluster
 
@@ -26,8 +26,8 @@ SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/pa
 OWNER = """
 import sys, time
 from pathlib import Path
-from dpe_ingest.testbed.cluster import Cluster
-from dpe_ingest.testbed.images import CLUSTER_IMAGES
+from dpe_devkit.testbed.cluster import Cluster
+from dpe_devkit.testbed.images import CLUSTER_IMAGES
 c = Cluster(Path(sys.argv[1]))
 c.start()
 c.apply([{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sleeper", "namespace": "default"},
@@ -74,7 +74,7 @@ def _mentions(pid: str, text: str) -> bool:
 
 
 def test_a_killed_owner_is_cleaned_up_by_the_next_start(tmp_path):
-    from dpe_ingest.testbed.cluster import sweep_dead_clusters
+    from dpe_devkit.testbed.cluster import sweep_dead_clusters
 
     before = _sysctls()
     workdir = tmp_path / "cluster"
@@ -101,8 +101,8 @@ def test_a_killed_owner_is_cleaned_up_by_the_next_start(tmp_path):
 
 
 def test_stop_leaves_nothing(tmp_path):
-    from dpe_ingest.testbed.cluster import Cluster
-    from dpe_ingest.testbed.images import CLUSTER_IMAGES
+    from dpe_devkit.testbed.cluster import Cluster
+    from dpe_devkit.testbed.images import CLUSTER_IMAGES
 
     before = _sysctls()
     with Cluster(tmp_path / "cluster") as c:

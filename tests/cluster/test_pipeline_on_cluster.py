@@ -255,7 +255,7 @@ def release(cluster, helm_bin, summary_line):
 def test_the_node_cannot_reach_outside_the_machine(cluster):
     """Pods (and the node) live in a network namespace with no route out: a connection to any other
     address fails at once, no DNS name outside cluster.local resolves, the cluster's own names do."""
-    from dpe_ingest.testbed.images import CLUSTER_IMAGES
+    from dpe_devkit.testbed.images import CLUSTER_IMAGES
 
     ns = "netcheck"
     cluster.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}])

@@ -270,10 +270,10 @@ class Cluster:
 
         t = time.monotonic()
         sock = self.workdir / "api.sock"
-        self._spawn("relay-node", [sys.executable, "-m", "dpe_ingest.testbed.relay", f"unix:{sock}",
+        self._spawn("relay-node", [sys.executable, "-m", "dpe_devkit.testbed.relay", f"unix:{sock}",
                                    f"tcp:{NODE_IP}:{API_PORT}"])
         self.api_port = free_port()
-        self.procs["relay-host"] = spawn([sys.executable, "-m", "dpe_ingest.testbed.relay",
+        self.procs["relay-host"] = spawn([sys.executable, "-m", "dpe_devkit.testbed.relay",
                                           f"tcp:127.0.0.1:{self.api_port}", f"unix:{sock}"],
                                          self.workdir / "logs" / "relay-host.log")
         self._spawn("etcd", [self.bin["etcd"], "--data-dir", self.workdir / "etcd", "--name", NODE_NAME,

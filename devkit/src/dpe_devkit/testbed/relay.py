@@ -7,7 +7,7 @@ a Unix socket, which crosses network namespaces because it is a file: one relay 
 kubectl, helm and the Python client then use ``https://127.0.0.1:PORT``; TLS, exec, logs -f and
 port-forward pass through untouched.
 
-    python -m dpe_ingest.testbed.relay LISTEN TARGET     e.g. tcp:127.0.0.1:0 unix:/tmp/x/api.sock
+    python -m dpe_devkit.testbed.relay LISTEN TARGET     e.g. tcp:127.0.0.1:0 unix:/tmp/x/api.sock
 
 Prints ``listening ADDRESS`` once it accepts connections; stops on SIGTERM/SIGINT.
 """

@@ -212,15 +212,8 @@ def docker_engine(quiet: bool = True) -> Iterator[DockerEngine]:
 # ---------------------------------------------------------------------------------------------
 # inputs and their digests
 # ---------------------------------------------------------------------------------------------
-# Not counted in the producer/consumer digests: the testbed (this package's test servers, cluster
-# included) is in the wheel the images install but never runs in them; counting it would rebuild both
-# images and re-save the tarball at every edit of the test cluster's code.
-_NOT_RUN_IN_IMAGES = ("src/dpe_ingest/testbed/",)
-
-
 def _skip(rel: Path) -> bool:
-    return (any(p == "__pycache__" or p.endswith(".egg-info") for p in rel.parts) or rel.suffix in (".pyc", ".pyo")
-            or str(rel).startswith(_NOT_RUN_IN_IMAGES))
+    return any(p == "__pycache__" or p.endswith(".egg-info") for p in rel.parts) or rel.suffix in (".pyc", ".pyo")
 
 
 def _digest_files(h, root: Path, paths: list[str]) -> None:

@@ -2,7 +2,7 @@
 
 What it does, in order:
 
-1. Kafka and PostgreSQL: the testbed's (``dpe_ingest.testbed``, started here and stopped at the end)
+1. Kafka and PostgreSQL: the testbed's (``dpe_devkit.testbed``, started here and stopped at the end)
    unless KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL point at your own;
 2. the API: the real ADEME API (ADEME_API_URL, default data.ademe.fr) when it answers a short probe,
    or with ``--standin`` the local stand-in, started in this process.  An API that does not answer
@@ -42,8 +42,8 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from . import departments, logs
-from .config import CONTRACT, DEFAULT_API_URL
+from dpe_ingest import departments, logs
+from dpe_ingest.config import CONTRACT, DEFAULT_API_URL
 
 log = logging.getLogger("dpe_ingest.run")
 
@@ -142,7 +142,7 @@ class Infra:
 
     def __init__(self, env: dict[str, str]):
         self.env = env
-        self.servers: Any = None  # dpe_ingest.testbed.LocalServers, in this process (dies with us)
+        self.servers: Any = None  # dpe_devkit.testbed.LocalServers, in this process (dies with us)
         self.detached: subprocess.Popen | None = None  # ``dpe-ingest testbed up`` for --keep
         self.detached_dir: str | None = None
         self.standin: Any = None
@@ -231,7 +231,7 @@ class Infra:
             logs.event(log, "api_unreachable", f"the ADEME API at {url} is unreachable ({reason}): using the "
                        "local stand-in instead (synthetic data, into the testbed's Kafka and PostgreSQL)",
                        logging.WARNING, api=url, reason=reason)
-        from .standin import Dataset, StandinServer
+        from dpe_ingest.standin import Dataset, StandinServer
 
         self.standin = StandinServer(Dataset(**dataset_args)).start()
         self.env["ADEME_API_URL"] = self.standin.url
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         env["ADEME_PAGE_SIZE"] = str(args.page_size)
     if args.restart:
         env["PRODUCER_RESTART"] = "true"
-    from .config import ConfigError, ConsumerConfig, ProducerConfig
+    from dpe_ingest.config import ConfigError, ConsumerConfig, ProducerConfig
 
     try:  # check the whole environment before starting anything
         probe_env = {**env, "KAFKA_BOOTSTRAP_SERVERS": env.get("KAFKA_BOOTSTRAP_SERVERS") or "127.0.0.1:1",
@@ -521,7 +521,7 @@ class Run:
         self.analytics = self._spawn("analytics", ["analytics"], {})
         for dep in self.deps:
             self.producers[dep] = self._spawn(dep, ["produce"], {"DEPARTMENT": dep})
-        from .status_sources import Collector, Settings
+        from dpe_ingest.status_sources import Collector, Settings
 
         settings = Settings.from_env(self.env, kube=False, timeout_s=10.0)
         collector = Collector(settings)
@@ -611,7 +611,7 @@ class Run:
                     labels[k] = labels.get(k, 0) + n
         header = (f"dpe-ingest run: {len(self.deps)} department(s) in {logs.human_duration(time.monotonic() - self.t0)}"
                   f", API {self.env.get('ADEME_API_URL')} ({self.infra.api_origin})")
-        from .status import api_without_department
+        from dpe_ingest.status import api_without_department
 
         without = api_without_department(status)
         if without is not None:  # as a producer read it from the API: what department none fetches
@@ -625,8 +625,8 @@ class Run:
     def analytics_summary(self, status) -> tuple[str, str | None]:
         """The analytics report of the departments run, and whether its counts per label agree with
         ``dpe_data`` (a sentence when they do not)."""
-        from .analytics import LABELS, UNKNOWN, Report, report
-        from .config import AnalyticsConfig
+        from dpe_ingest.analytics import LABELS, UNKNOWN, Report, report
+        from dpe_ingest.config import AnalyticsConfig
 
         try:
             cfg = AnalyticsConfig.from_env(self.env)
