@@ -297,23 +297,22 @@ class ProducerConfig:
 
 
 @dataclass(frozen=True)
-class ConsumerConfig:
+class GroupConfig:
+    """What both consumer groups read (the sink's ``dpe-ingest consume`` and ``dpe-ingest analytics``):
+    the database, their group, the batches, the backoff and Kafka."""
+
     database_url: str
-    table: str
     group: str
     batch_size: int
     batch_idle_ms: int
     retry_max_backoff_s: float
     kafka: KafkaSettings
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "ConsumerConfig":
-        env = dict(os.environ if env is None else env)
-        table = _pg_name(env, "DB_TABLE", DB_TABLE_SUFFIXES)
-        return cls(
+    @staticmethod
+    def _common(env: Mapping[str, str], group_var: str) -> dict:
+        return dict(
             database_url=str(_get(env, "DATABASE_URL")),
-            table=table,
-            group=str(_get(env, "CONSUMER_GROUP")),
+            group=str(_get(env, group_var)),
             batch_size=_int(env, "BATCH_SIZE", 1, 100000),
             batch_idle_ms=_int(env, "BATCH_IDLE_MS", 1, 3600000),
             retry_max_backoff_s=_float(env, "RETRY_MAX_BACKOFF_S", 0.1),
@@ -322,33 +321,30 @@ class ConsumerConfig:
 
 
 @dataclass(frozen=True)
-class AnalyticsConfig:
-    database_url: str
-    table_prefix: str
-    group: str
-    batch_size: int
-    batch_idle_ms: int
-    retry_max_backoff_s: float
-    alert_share: float
-    alert_interval_s: float
-    kafka: KafkaSettings
+class ConsumerConfig(GroupConfig):
+    table: str = "dpe_data"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "ConsumerConfig":
+        env = dict(os.environ if env is None else env)
+        table = _pg_name(env, "DB_TABLE", DB_TABLE_SUFFIXES)
+        return cls(table=table, **cls._common(env, "CONSUMER_GROUP"))
+
+
+@dataclass(frozen=True)
+class AnalyticsConfig(GroupConfig):
+    table_prefix: str = "dpe_analytics"
+    alert_share: float = 0.3
+    alert_interval_s: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "AnalyticsConfig":
         env = dict(os.environ if env is None else env)
         prefix = _pg_name(env, "ANALYTICS_TABLE_PREFIX", ANALYTICS_TABLE_SUFFIXES)
         share = _float(env, "ANALYTICS_ALERT_SHARE", 0.0, 1.0)
-        return cls(
-            database_url=str(_get(env, "DATABASE_URL")),
-            table_prefix=prefix,
-            group=str(_get(env, "ANALYTICS_GROUP")),
-            batch_size=_int(env, "BATCH_SIZE", 1, 100000),
-            batch_idle_ms=_int(env, "BATCH_IDLE_MS", 1, 3600000),
-            retry_max_backoff_s=_float(env, "RETRY_MAX_BACKOFF_S", 0.1),
-            alert_share=share,
-            alert_interval_s=_float(env, "ANALYTICS_ALERT_INTERVAL_S", 0.0),
-            kafka=KafkaSettings.from_env(env),
-        )
+        return cls(table_prefix=prefix, alert_share=share,
+                   alert_interval_s=_float(env, "ANALYTICS_ALERT_INTERVAL_S", 0.0),
+                   **cls._common(env, "ANALYTICS_GROUP"))
 
 
 def kafka_wait_seconds(env: Mapping[str, str] | None = None) -> float:
@@ -359,6 +355,33 @@ def kafka_wait_seconds(env: Mapping[str, str] | None = None) -> float:
 def metrics_port(env: Mapping[str, str] | None = None) -> int:
     """METRICS_PORT (0 = no /metrics endpoint)."""
     return _int(os.environ if env is None else env, "METRICS_PORT", 0, 65535)
+
+
+def pushgateway_url(env: Mapping[str, str] | None = None) -> str | None:
+    """METRICS_PUSHGATEWAY_URL (None: the producer pushes nothing)."""
+    return _get(os.environ if env is None else env, "METRICS_PUSHGATEWAY_URL")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    format: str  # logfmt or json (anything else: logfmt)
+    level: str
+    #: KAFKA_CLIENT_LOG_LEVEL, None when unset (kafka-python's event-loop timing lines are then dropped)
+    kafka_client_level: str | None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "LogSettings":
+        env = os.environ if env is None else env
+        fmt = str(_get(env, "LOG_FORMAT")).lower()
+        client = env.get("KAFKA_CLIENT_LOG_LEVEL")
+        return cls(fmt if fmt in ("logfmt", "json") else "logfmt", str(_get(env, "LOG_LEVEL")).upper(),
+                   client.strip().upper() if client and client.strip() else None)
+
+
+def setting(name: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The raw value of one variable of :data:`CONTRACT` (its default when unset or blank), for readers
+    that take it as it is (``dpe-ingest status``)."""
+    return _get(os.environ if env is None else env, name)
 
 
 def markdown_table() -> str:

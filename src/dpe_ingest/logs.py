@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any
 
-_FORMAT = {"value": os.environ.get("LOG_FORMAT", "logfmt").lower()}
+from .config import LogSettings
 
 
 def _fmt_value(v: Any) -> str:
@@ -53,24 +52,25 @@ class EventFormatter(logging.Formatter):
 
 
 def setup(level: str | None = None, fmt: str | None = None) -> None:
-    """Configure the root logger once for a command (stderr, one line per event)."""
-    fmt = (fmt or os.environ.get("LOG_FORMAT", "logfmt")).lower()
+    """Configure the root logger once for a command (stderr, one line per event): LOG_FORMAT, LOG_LEVEL
+    and KAFKA_CLIENT_LOG_LEVEL (:class:`dpe_ingest.config.LogSettings`) unless given here."""
+    settings = LogSettings.from_env()
+    fmt = (fmt or settings.format).lower()
     if fmt not in ("logfmt", "json"):
         fmt = "logfmt"
-    _FORMAT["value"] = fmt
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(EventFormatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel((level or os.environ.get("LOG_LEVEL", "INFO")).upper())
+    root.setLevel((level or settings.level).upper())
     # kafka-python's own warnings and errors (a broker gone, a coordinator lost) are what an operator
     # needs during an outage, but it repeats them for every attempt: one line per kind of message every
     # KAFKA_CLIENT_LOG_EVERY_S, as our own event lines, with the count of those held back
     handler.addFilter(ClientLines("kafka", KAFKA_CLIENT_LOG_EVERY_S))
-    logging.getLogger("kafka").setLevel(os.environ.get("KAFKA_CLIENT_LOG_LEVEL", "WARNING").upper())
+    logging.getLogger("kafka").setLevel(settings.kafka_client_level or "WARNING")
     # its event loop's "Task … ran for 0.118s (>0.100s threshold)" is about the client's own scheduling on a
     # busy machine, not about Kafka: errors only there
-    if not os.environ.get("KAFKA_CLIENT_LOG_LEVEL"):
+    if settings.kafka_client_level is None:
         logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
 
 

@@ -274,8 +274,9 @@ class Producer:
         # a Job is too short-lived to be scraped: the summary also goes to a Pushgateway when one is set
         # (imported here: prometheus_client costs a tenth of a second at every start otherwise)
         from . import metrics
+        from .config import pushgateway_url
 
-        metrics.push_producer_summary(os.environ.get("METRICS_PUSHGATEWAY_URL"), cfg.department, prog.rows,
+        metrics.push_producer_summary(pushgateway_url(), cfg.department, prog.rows,
                                       prog.dead, seconds, ok=True)
         return EXIT_OK
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from . import deadletter, departments
-from .config import CONTRACT, KafkaSettings, _get
+from .config import CONTRACT, KafkaSettings, setting
 from .status_model import Checkpoint, Lag, Source, Status, jobs_by_department, now_iso
 
 log = logging.getLogger("dpe_ingest.status")
@@ -48,13 +48,13 @@ class Settings:
         if overrides.get("bootstrap"):
             env["KAFKA_BOOTSTRAP_SERVERS"] = overrides["bootstrap"]
         kafka = KafkaSettings.from_env(env)  # validates host:port
-        table = str(_get(env, "DB_TABLE"))
+        table = str(setting("DB_TABLE", env))
         return cls(
             bootstrap=kafka.bootstrap_servers, topic=kafka.topic, dlq_topic=kafka.dlq_topic,
-            checkpoint_topic=str(_get(env, "PRODUCER_CHECKPOINT_TOPIC")), group=str(_get(env, "CONSUMER_GROUP")),
-            database_url=overrides.get("database_url") or str(_get(env, "DATABASE_URL")), table=table,
+            checkpoint_topic=str(setting("PRODUCER_CHECKPOINT_TOPIC", env)), group=str(setting("CONSUMER_GROUP", env)),
+            database_url=overrides.get("database_url") or str(setting("DATABASE_URL", env)), table=table,
             kube=overrides.get("kube"), namespace=overrides.get("namespace"), release=overrides.get("release"),
-            timeout_s=float(overrides.get("timeout_s") or 10.0), analytics_group=str(_get(env, "ANALYTICS_GROUP")),
+            timeout_s=float(overrides.get("timeout_s") or 10.0), analytics_group=str(setting("ANALYTICS_GROUP", env)),
         )
 
     def public(self) -> dict[str, Any]:
