@@ -53,24 +53,40 @@ app.kubernetes.io/part-of: dpe-ingest
 Departments
 ============================================================================================= */}}
 
+{{/* The department codes are src/dpe_ingest/departments.py's (ALL_CODES, VALID_FORMS): that module is the one
+source.  The chart cannot import it, so these two helpers are its transcription, the only one in the chart
+(values.schema.json checks types only: its messages could only quote a regular expression).
+tests/chart/test_chart_departments.py renders "dpe-ingest.department.canonical" for every code of up to
+three characters, numbers and edge cases, against departments.normalize, and the error message against
+VALID_FORMS: it fails as soon as the two differ. */}}
 {{- define "dpe-ingest.validForms" -}}01..19, 2A, 2B, 21..95, 971..978, 988, none (rows without a department){{- end -}}
+{{- define "dpe-ingest.departmentPattern" -}}^(0[1-9]|1[0-9]|2[AB]|2[1-9]|[3-8][0-9]|9[0-5]|97[1-8]|988|none)${{- end -}}
 
-{{/* One department code (string, int64 or float64 as --set / YAML typed it) -> canonical code:
-1 -> 01, "2a" -> 2A, "NONE" -> none (the rows without code_departement_ban).  Fails with a sentence
-naming the value and the valid forms. */}}
+{{/* One department code (string, int64 or float64 as --set / YAML typed it) -> canonical code, as
+departments.normalize: 1 -> 01, "2a" -> 2A, "NONE" -> none (the rows without code_departement_ban);
+"" for anything that is not a code. */}}
+{{- define "dpe-ingest.department.canonical" -}}
+{{- if has (kindOf .) (list "string" "int" "int64" "float64") -}}
+{{- $text := toString . | trim | upper -}}
+{{- if regexMatch "^[0-9]$" $text -}}{{- $text = printf "0%s" $text -}}{{- end -}}
+{{- if eq $text "NONE" -}}{{- $text = "none" -}}{{- end -}}
+{{- if regexMatch (include "dpe-ingest.departmentPattern" .) $text -}}{{- $text -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* One department code -> canonical code (above); fails with a sentence naming the value and the
+valid forms. */}}
 {{- define "dpe-ingest.department" -}}
 {{- $raw := . -}}
 {{- $kind := kindOf $raw -}}
 {{- if not (has $kind (list "string" "int" "int64" "float64")) -}}
 {{- fail (printf "departments: invalid department code %v (a %s): valid forms are %s, e.g. departments=\"{69,01,2A}\"" $raw $kind (include "dpe-ingest.validForms" .)) -}}
 {{- end -}}
-{{- $text := toString $raw | trim | upper -}}
-{{- if regexMatch "^[0-9]$" $text -}}{{- $text = printf "0%s" $text -}}{{- end -}}
-{{- if eq $text "NONE" -}}{{- $text = "none" -}}{{- end -}}
-{{- if not (regexMatch "^(0[1-9]|1[0-9]|2[AB]|2[1-9]|[3-8][0-9]|9[0-5]|97[1-8]|988|none)$" $text) -}}
+{{- $code := include "dpe-ingest.department.canonical" $raw -}}
+{{- if not $code -}}
 {{- fail (printf "departments: invalid department code %q: valid forms are %s (1..9 are read as 01..09, 2a/2b as 2A/2B)" (toString $raw) (include "dpe-ingest.validForms" .)) -}}
 {{- end -}}
-{{- $text -}}
+{{- $code -}}
 {{- end -}}
 
 {{/* .Values.departments (list, comma/space separated string, or one number) -> JSON list of
@@ -164,10 +180,15 @@ Endpoints
 {{- end -}}
 {{- end -}}
 
+{{/* The Secret of the bundled PostgreSQL's password (key "password"): postgresql/secret.yaml. */}}
+{{- define "dpe-ingest.postgresql.secretName" -}}
+{{- printf "%s-postgresql" (include "dpe-ingest.fullname" .) -}}
+{{- end -}}
+
 {{/* The Secret and key holding the database password: JSON {"name": …, "key": …} or "" (none). */}}
 {{- define "dpe-ingest.postgresql.secretRef" -}}
 {{- if .Values.postgresql.enabled -}}
-{{- toJson (dict "name" (printf "%s-postgresql" (include "dpe-ingest.fullname" .)) "key" "password") -}}
+{{- toJson (dict "name" (include "dpe-ingest.postgresql.secretName" .) "key" "password") -}}
 {{- else if .Values.externalPostgresql.existingSecret -}}
 {{- toJson (dict "name" .Values.externalPostgresql.existingSecret "key" (.Values.externalPostgresql.passwordKey | default "password")) -}}
 {{- end -}}
@@ -190,8 +211,7 @@ else a new random one.  Argument: dict given, existing (the looked-up Secret or 
 {{- end -}}
 
 {{- define "dpe-ingest.postgresql.password" -}}
-{{- $name := printf "%s-postgresql" (include "dpe-ingest.fullname" .) -}}
-{{- $existing := lookup "v1" "Secret" .Release.Namespace $name | default dict -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "dpe-ingest.postgresql.secretName" .) | default dict -}}
 {{- include "dpe-ingest.postgresql.resolvePassword" (dict "given" .Values.postgresql.auth.password "existing" $existing) -}}
 {{- end -}}
 
@@ -223,137 +243,6 @@ enableServiceLinks: false
 imagePullSecrets:
 {{ toYaml . }}
 {{- end }}
-{{- end -}}
-
-{{/* env of every dpe-ingest program: Kafka and logs. */}}
-{{- define "dpe-ingest.env.kafka" -}}
-- name: KAFKA_BOOTSTRAP_SERVERS
-  value: {{ include "dpe-ingest.kafka.bootstrap" . | quote }}
-- name: KAFKA_TOPIC
-  value: {{ .Values.kafka.topic | quote }}
-- name: KAFKA_DLQ_TOPIC
-  value: {{ .Values.kafka.dlqTopic | quote }}
-- name: KAFKA_TOPIC_PARTITIONS
-  value: {{ .Values.kafka.topicPartitions | toString | quote }}
-- name: KAFKA_REPLICATION_FACTOR
-  value: {{ .Values.kafka.replicationFactor | toString | quote }}
-- name: LOG_FORMAT
-  value: {{ .Values.log.format | quote }}
-- name: LOG_LEVEL
-  value: {{ .Values.log.level | quote }}
-{{- end -}}
-
-{{/* env of the programs that connect to PostgreSQL: DATABASE_URL, the password from its Secret as
-PGPASSWORD, and libpq's PGSSLMODE when externalPostgresql.sslMode is set. */}}
-{{- define "dpe-ingest.env.postgresql" -}}
-{{- $secret := include "dpe-ingest.postgresql.secretRef" . | default "{}" | fromJson -}}
-- name: DATABASE_URL
-  value: {{ include "dpe-ingest.postgresql.url" . | quote }}
-{{- if $secret.name }}
-- name: PGPASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ $secret.name }}
-      key: {{ $secret.key }}
-{{- end }}
-{{- with .Values.externalPostgresql.sslMode }}
-- name: PGSSLMODE
-  value: {{ . | quote }}
-{{- end }}
-{{- end -}}
-
-{{/* env of `dpe-ingest produce`, shared by the producer Jobs and the refresh CronJobs (one list, so the
-two cannot drift apart): the API, the shared budget, the checkpoints, the slots, the wait for Kafka, the
-Pushgateway, and Kafka and logs.  Argument: dict root, code (the department). */}}
-{{- define "dpe-ingest.env.produce" -}}
-{{- $v := .root.Values -}}
-- name: DEPARTMENT
-  value: {{ .code | quote }}
-- name: ADEME_API_URL
-  value: {{ include "dpe-ingest.ademe.url" .root | quote }}
-- name: ADEME_PAGE_SIZE
-  value: {{ $v.ademe.pageSize | toString | quote }}
-{{- if and $v.ademe.maxRps (ne (toString $v.ademe.maxRps) "0") }}
-- name: ADEME_MAX_RPS
-  value: {{ $v.ademe.maxRps | toString | quote }}
-{{- end }}
-# the shared budget (ademe.maxTotalRps / departments) is a mounted ConfigMap, not env: an
-# upgrade that adds a department changes the share of every producer without replacing Jobs
-- name: ADEME_BUDGET_FILE
-  value: /etc/dpe-ingest/budget/budget.json
-{{- with $v.ademe.apiKey }}{{- if .existingSecret }}
-- name: ADEME_API_KEY
-  valueFrom:
-    secretKeyRef:
-      name: {{ .existingSecret | quote }}
-      key: {{ .secretKey | default "apiKey" | quote }}
-{{- end }}{{- end }}
-{{- if and $v.ademe.rateWindowSeconds (ne (toString $v.ademe.rateWindowSeconds) "60") }}
-- name: ADEME_RATE_WINDOW_S
-  value: {{ $v.ademe.rateWindowSeconds | toString | quote }}
-{{- end }}
-{{- with $v.ademe.dateFrom }}
-- name: ADEME_DATE_FROM
-  value: {{ . | toString | quote }}
-{{- end }}
-{{- with $v.ademe.dateTo }}
-- name: ADEME_DATE_TO
-  value: {{ . | toString | quote }}
-{{- end }}
-{{- with $v.ademe.extraFields }}
-- name: ADEME_EXTRA_FIELDS
-  value: {{ . | toString | quote }}
-{{- end }}
-- name: ADEME_TIMEOUT_S
-  value: {{ $v.ademe.timeoutSeconds | toString | quote }}
-- name: ADEME_MAX_RETRIES
-  value: {{ $v.ademe.maxRetries | toString | quote }}
-- name: ADEME_RETRY_MAX_S
-  value: {{ $v.ademe.retryMaxSeconds | toString | quote }}
-- name: PRODUCER_CHECKPOINT_TOPIC
-  value: {{ $v.producer.checkpointTopic | quote }}
-{{- if $v.producer.maxConcurrent }}
-- name: PRODUCER_MAX_CONCURRENT
-  value: {{ $v.producer.maxConcurrent | toString | quote }}
-{{- end }}
-{{- with $v.metrics.pushgatewayUrl }}
-- name: METRICS_PUSHGATEWAY_URL
-  value: {{ . | quote }}
-{{- end }}
-{{ include "dpe-ingest.env.kafkaWait" .root }}
-{{ include "dpe-ingest.env.kafka" .root }}
-{{- end -}}
-
-{{- define "dpe-ingest.env.kafkaWait" -}}
-- name: KAFKA_WAIT_S
-  value: {{ .Values.producer.kafkaWaitSeconds | toString | quote }}
-{{- end -}}
-
-{{/* Init container of the producer Jobs: the product's own wait for Kafka (dpe_ingest.kafka_wait, on
-kafka_io.wait_for_kafka), bounded by KAFKA_WAIT_S (producer.kafkaWaitSeconds).  It logs the address it
-waits for and, on giving up, one error line naming it, and exits 1: the pod fails (Init:Error) instead of
-waiting in Init:0/1 for ever, and the Job's backoffLimit counts it. */}}
-{{- define "dpe-ingest.waitForKafka" -}}
-- name: wait-for-kafka
-  image: {{ include "dpe-ingest.image" (dict "root" . "image" .Values.producer.image) }}
-  imagePullPolicy: {{ .Values.producer.image.pullPolicy }}
-  command: ["python", "-m", "dpe_ingest.kafka_wait"]
-  env:
-    - name: KAFKA_BOOTSTRAP_SERVERS
-      value: {{ include "dpe-ingest.kafka.bootstrap" . | quote }}
-    {{- include "dpe-ingest.env.kafkaWait" . | nindent 4 }}
-    - name: LOG_FORMAT
-      value: {{ .Values.log.format | quote }}
-    - name: LOG_LEVEL
-      value: {{ .Values.log.level | quote }}
-  resources:
-    requests: {cpu: 10m, memory: 48Mi}
-    limits: {cpu: 200m, memory: 96Mi}
-  securityContext:
-    {{- toYaml .Values.producer.containerSecurityContext | nindent 4 }}
-  volumeMounts:
-    - name: tmp
-      mountPath: /tmp
 {{- end -}}
 
 {{/* =============================================================================================

@@ -38,7 +38,7 @@ template:
       {{- toYaml $p.podSecurityContext | nindent 6 }}
     {{- if $p.waitForKafka }}
     initContainers:
-      {{- include "dpe-ingest.waitForKafka" $root | nindent 6 }}
+      {{- include "dpe-ingest.producer.waitForKafka" $root | nindent 6 }}
     {{- end }}
     containers:
       - name: producer
@@ -69,4 +69,29 @@ template:
           name: {{ printf "%s-api-budget" (include "dpe-ingest.fullname" $root) }}
           optional: true
       {{- include "dpe-ingest.extraItems" (list $p "extraVolumes" 6) }}
+{{- end -}}
+
+{{/* Init container of the producer Jobs: the product's own wait for Kafka (python -m
+dpe_ingest.kafka_wait, on kafka_io.wait_for_kafka, the producer's own wait), bounded by KAFKA_WAIT_S
+(producer.kafkaWaitSeconds).  It logs the address it waits for and, on giving up, one error line naming
+it, and exits 1: the pod fails (Init:Error) instead of waiting in Init:0/1 for ever, and the Job's
+backoffLimit counts it.  The chart has no other wait for Kafka (test_chart_one_source.py).  Argument:
+the root context. */}}
+{{- define "dpe-ingest.producer.waitForKafka" -}}
+- name: wait-for-kafka
+  image: {{ include "dpe-ingest.image" (dict "root" . "image" .Values.producer.image) }}
+  imagePullPolicy: {{ .Values.producer.image.pullPolicy }}
+  command: ["python", "-m", "dpe_ingest.kafka_wait"]
+  env:
+    {{- include "dpe-ingest.env.kafkaBootstrap" . | nindent 4 }}
+    {{- include "dpe-ingest.env.kafkaWait" . | nindent 4 }}
+    {{- include "dpe-ingest.env.log" . | nindent 4 }}
+  resources:
+    requests: {cpu: 10m, memory: 48Mi}
+    limits: {cpu: 200m, memory: 96Mi}
+  securityContext:
+    {{- toYaml .Values.producer.containerSecurityContext | nindent 4 }}
+  volumeMounts:
+    - name: tmp
+      mountPath: /tmp
 {{- end -}}
