@@ -1,5 +1,5 @@
 """Kafka Connect in standalone mode with the Debezium JDBC sink: the peer the bench measures our consumer
-against (``bench/kafka_connect.py``), and ``tests/test_connect_peer.py``.
+against (``bench/section_connect.py``), and ``tests/test_connect_peer.py``.
 
 - The worker is Apache Kafka's own ``org.apache.kafka:connect-runtime`` (same version as the testbed
   broker) with ``connect-json`` (JsonConverter) and the log4j2 binding of SLF4J, fetched once from Maven

@@ -1,5 +1,5 @@
 """The Kafka Connect peer of the bench: Kafka Connect (standalone) + Debezium's JDBC sink, side by side
-with ``dpe-ingest consume`` on the same rows (``bench/run.py --sections connect``; bench/README.md).
+with ``dpe-ingest consume`` on the same rows (section ``connect``: ``bench/run.py --sections connect``; bench/README.md).
 
 The sink needs schema'd records: the rows our producer wrote are copied, before anything is timed, to
 a topic of their own as JsonConverter values with a schema envelope (same keys, same partitions).
@@ -11,15 +11,16 @@ holds every row.  The table must then equal our consumer's, row for row, or the 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
-
-from pg import db_count
 
 from dpe_devkit.testbed.connect import (CONNECT_VERSION, DEBEZIUM_DEFAULT_BATCH_SIZE, DEBEZIUM_VERSION,
                                         ConnectStandalone, copy_enveloped, jdbc_sink_config)
+from harness import Bench, Runner, db_count
 
-if TYPE_CHECKING:  # pragma: no cover
-    from run import Runner
+TITLE = (f"\nconnect: Kafka Connect {CONNECT_VERSION} (standalone) + Debezium JDBC sink {DEBEZIUM_VERSION}, "
+         "the same {N} rows as our consumer (an enveloped copy of its topic), from connector created "
+         "to all rows stored")
+#: what bench/results.json's settings say of the peer when this section ran
+SETTINGS = {"kafka_connect": CONNECT_VERSION, "debezium_jdbc": DEBEZIUM_VERSION}
 
 PEER = "kafka_connect_debezium_jdbc"
 #: (label, batch.size, consumer.override.max.poll.records): None keeps the default (500 both)
@@ -40,7 +41,7 @@ def table_digest(database_url: str, table: str) -> tuple[int, int, str | None]:
         return int(n), int(distinct), digest
 
 
-def run_peer(r: "Runner", topic: str, rows: int, label: str, batch_size: int | None,
+def run_peer(r: Runner, topic: str, rows: int, label: str, batch_size: int | None,
              max_poll_records: int | None) -> tuple[dict, str]:
     """One measurement in a fresh worker; returns (its record, its table)."""
     database_url = r.env["DATABASE_URL"]
@@ -87,7 +88,7 @@ def run_peer(r: "Runner", topic: str, rows: int, label: str, batch_size: int | N
     return rec, table
 
 
-def connect_section(r: "Runner", api: str, rows: int, ours: dict | None = None, topic: str | None = None,
+def connect_section(r: Runner, api: str, rows: int, ours: dict | None = None, topic: str | None = None,
                     ours_table: str | None = None) -> list[dict]:
     """The peer on the rows of department 69, with the connector's default batch.size and with 100.
 
@@ -116,7 +117,12 @@ def connect_section(r: "Runner", api: str, rows: int, ours: dict | None = None, 
             raise RuntimeError(f"Kafka Connect peer ({label}): table {table} (rows, keys, md5) = {got}, our "
                                f"consumer's {ours_table} = {want}")
         peers.append(rec)
-    # as run.ratios: our rows/s over the peer's, measured in this run
+    # as harness.ratios: our rows/s over the peer's, measured in this run
     ours.setdefault("ratio_to", {}).update({p["name"].rsplit(".", 1)[1]: round(ours["rows_per_s"] / p["rows_per_s"], 2)
                                             for p in peers if p.get("rows_per_s") and ours.get("rows_per_s")})
     return peers
+
+
+def measure(b: Bench, ours: dict | None = None, topic: str | None = None, ours_table: str | None = None) -> None:
+    print(TITLE.format(N=b.rows), flush=True)
+    connect_section(b.runner, b.api, b.rows, ours=ours, topic=topic, ours_table=ours_table)
