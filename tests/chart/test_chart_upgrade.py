@@ -141,4 +141,5 @@ def test_password_kept_across_upgrades_logic(render, tmp_path):
     secret_tpl = (CHART / "templates" / "postgresql" / "secret.yaml").read_text()
     assert 'include "dpe-ingest.postgresql.password"' in secret_tpl
     helpers = (CHART / "templates" / "_helpers.tpl").read_text()
-    assert re.search(r'lookup "v1" "Secret" \.Release\.Namespace \$name', helpers)
+    assert 'lookup "v1" "Secret" .Release.Namespace (include "dpe-ingest.postgresql.secretName" .)' in helpers
+    assert 'name: {{ include "dpe-ingest.postgresql.secretName" . }}' in secret_tpl  # the Secret it looks up
