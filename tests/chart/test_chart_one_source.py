@@ -26,7 +26,7 @@ TEMPLATES = CHART / "templates"
 #: helper of templates/_env.tpl -> the variables it alone names
 ENV_BLOCKS = {
     "dpe-ingest.env.log": ["LOG_FORMAT", "LOG_LEVEL"],
-    "dpe-ingest.env.kafkaBootstrap": ["KAFKA_BOOTSTRAP_SERVERS"],
+    "dpe-ingest.env.kafkaConnection": ["KAFKA_BOOTSTRAP_SERVERS"],
     "dpe-ingest.env.kafka": ["KAFKA_TOPIC", "KAFKA_DLQ_TOPIC", "KAFKA_TOPIC_PARTITIONS", "KAFKA_REPLICATION_FACTOR"],
     "dpe-ingest.env.kafkaWait": ["KAFKA_WAIT_S"],
     "dpe-ingest.env.postgresql": ["DATABASE_URL", "PGPASSWORD", "PGSSLMODE"],
@@ -207,3 +207,23 @@ def test_templates_are_grouped_by_component():
         component = {"tests": "test", "metrics": None}.get(path.split("/")[0], path.split("/")[0])
         if component:
             assert f'"component" "{component}"' in text, f"{path} labels no {component} component"
+
+
+# ------------------------------------------------------------------------------ producer Job and refresh CronJob
+def test_producer_job_and_refresh_cronjob_share_failure_policy_and_budget(rendered):
+    """Both run `dpe-ingest produce`: one podFailurePolicy (but the container's name) and one budget volume."""
+    docs = rendered["everything"]
+    job = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["name"].startswith("dpe-producer-69-"))
+    cron = next(d for d in docs if d["kind"] == "CronJob" and d["metadata"]["name"] == "dpe-refresh-69")
+    job_spec, cron_spec = job["spec"], cron["spec"]["jobTemplate"]["spec"]
+    policy = job_spec["podFailurePolicy"]
+    assert policy["rules"][0]["onExitCodes"] == {"containerName": "producer", "operator": "In", "values": [2, 3]}
+    policy["rules"][0]["onExitCodes"]["containerName"] = "refresh"
+    assert cron_spec["podFailurePolicy"] == policy
+    volume = {"name": "api-budget", "configMap": {"name": "dpe-api-budget", "optional": True}}
+    mount = {"name": "api-budget", "mountPath": "/etc/dpe-ingest/budget", "readOnly": True}
+    for spec in (job_spec, cron_spec):
+        assert volume in spec["template"]["spec"]["volumes"]
+        assert mount in spec["template"]["spec"]["containers"][0]["volumeMounts"]
+        budget_file = {e["name"]: e.get("value") for e in spec["template"]["spec"]["containers"][0]["env"]}["ADEME_BUDGET_FILE"]
+        assert budget_file.startswith(mount["mountPath"] + "/")

@@ -14,8 +14,10 @@ variables outside its helper.  Each helper renders a list at column 0: include i
   value: {{ .Values.log.level | quote }}
 {{- end -}}
 
-{{/* KAFKA_BOOTSTRAP_SERVERS: the bundled broker's Service or externalKafka.bootstrapServers. */}}
-{{- define "dpe-ingest.env.kafkaBootstrap" -}}
+{{/* How a Kafka client reaches the brokers: KAFKA_BOOTSTRAP_SERVERS (the bundled broker's Service or
+externalKafka.bootstrapServers).  Every Kafka client of the chart includes it, the wait-for-kafka init
+container too: a connection setting added here (e.g. the client's security settings) reaches all. */}}
+{{- define "dpe-ingest.env.kafkaConnection" -}}
 - name: KAFKA_BOOTSTRAP_SERVERS
   value: {{ include "dpe-ingest.kafka.bootstrap" . | quote }}
 {{- end -}}
@@ -23,7 +25,7 @@ variables outside its helper.  Each helper renders a list at column 0: include i
 {{/* env of every dpe-ingest program that reads or writes the topics: the bootstrap address, the topics
 and how they are created, and the logs. */}}
 {{- define "dpe-ingest.env.kafka" -}}
-{{ include "dpe-ingest.env.kafkaBootstrap" . }}
+{{ include "dpe-ingest.env.kafkaConnection" . }}
 - name: KAFKA_TOPIC
   value: {{ .Values.kafka.topic | quote }}
 - name: KAFKA_DLQ_TOPIC

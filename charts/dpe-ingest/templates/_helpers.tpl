@@ -245,6 +245,40 @@ imagePullSecrets:
 {{- end }}
 {{- end -}}
 
+{{/* podFailurePolicy of the Jobs that run `dpe-ingest produce` (producer Jobs, refresh CronJobs): exit 2 (bad
+setting, e.g. department code) and 3 (the API refused the request) cannot succeed on a retry: fail the
+Job at once.  An evicted or preempted pod does not count against backoffLimit.  Argument: the container's
+name. */}}
+{{- define "dpe-ingest.produce.podFailurePolicy" -}}
+podFailurePolicy:
+  rules:
+    - action: FailJob
+      onExitCodes:
+        containerName: {{ . }}
+        operator: In
+        values: [2, 3]
+    - action: Ignore
+      onPodConditions:
+        - type: DisruptionTarget
+          status: "True"
+{{- end -}}
+
+{{/* The shared API budget of `dpe-ingest produce` (producer Jobs, refresh CronJobs): the ConfigMap
+<release>-api-budget (producer/api-budget.yaml) mounted where ADEME_BUDGET_FILE (_env.tpl) reads it.
+"dpe-ingest.produce.budgetMount" for volumeMounts, "dpe-ingest.produce.budgetVolume" for volumes. */}}
+{{- define "dpe-ingest.produce.budgetMount" -}}
+- name: api-budget
+  mountPath: /etc/dpe-ingest/budget
+  readOnly: true
+{{- end -}}
+
+{{- define "dpe-ingest.produce.budgetVolume" -}}
+- name: api-budget
+  configMap:
+    name: {{ printf "%s-api-budget" (include "dpe-ingest.fullname" .) }}
+    optional: true
+{{- end -}}
+
 {{/* =============================================================================================
 Per-component pod settings: every component's values carry the same keys (values.yaml), rendered
 by these helpers, never copied per component.

@@ -4,19 +4,10 @@
 {{- $v := $root.Values -}}
 {{- $p := $v.producer -}}
 backoffLimit: {{ $p.backoffLimit }}
+{{- /* this YAML comment is part of the spec hashed into the Job's name: keep it, or every Job is replaced */}}
 # Exit 2 (bad setting, e.g. department code) and 3 (the API refused the request) cannot succeed on a
 # retry: fail the Job at once.  An evicted or preempted pod does not count against backoffLimit.
-podFailurePolicy:
-  rules:
-    - action: FailJob
-      onExitCodes:
-        containerName: producer
-        operator: In
-        values: [2, 3]
-    - action: Ignore
-      onPodConditions:
-        - type: DisruptionTarget
-          status: "True"
+{{ include "dpe-ingest.produce.podFailurePolicy" "producer" }}
 {{- if not (kindIs "invalid" $p.ttlSecondsAfterFinished) }}
 ttlSecondsAfterFinished: {{ $p.ttlSecondsAfterFinished }}
 {{- end }}
@@ -57,17 +48,12 @@ template:
         volumeMounts:
           - name: tmp
             mountPath: /tmp
-          - name: api-budget
-            mountPath: /etc/dpe-ingest/budget
-            readOnly: true
+          {{- include "dpe-ingest.produce.budgetMount" $root | nindent 10 }}
           {{- include "dpe-ingest.extraItems" (list $p "extraVolumeMounts" 10) }}
     volumes:
       - name: tmp
         emptyDir: {}
-      - name: api-budget
-        configMap:
-          name: {{ printf "%s-api-budget" (include "dpe-ingest.fullname" $root) }}
-          optional: true
+      {{- include "dpe-ingest.produce.budgetVolume" $root | nindent 6 }}
       {{- include "dpe-ingest.extraItems" (list $p "extraVolumes" 6) }}
 {{- end -}}
 
@@ -83,7 +69,7 @@ the root context. */}}
   imagePullPolicy: {{ .Values.producer.image.pullPolicy }}
   command: ["python", "-m", "dpe_ingest.kafka_wait"]
   env:
-    {{- include "dpe-ingest.env.kafkaBootstrap" . | nindent 4 }}
+    {{- include "dpe-ingest.env.kafkaConnection" . | nindent 4 }}
     {{- include "dpe-ingest.env.kafkaWait" . | nindent 4 }}
     {{- include "dpe-ingest.env.log" . | nindent 4 }}
   resources:
