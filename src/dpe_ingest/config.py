@@ -31,6 +31,15 @@ CONTRACT: dict[str, tuple[str | None, str]] = {
     "KAFKA_DLQ_TOPIC": ("dpe-lines-dlq", "Dead-letter topic: rows/messages refused, with the reason"),
     "KAFKA_TOPIC_PARTITIONS": ("6", "Partitions of the topic when the producer creates it"),
     "KAFKA_REPLICATION_FACTOR": ("1", "Replication factor of the topics the producer creates"),
+    # how every Kafka client connects (producer, consumer, analytics, refresh, status, slots, admin)
+    "KAFKA_SECURITY_PROTOCOL": ("PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (the listener of the brokers we connect to)"),
+    "KAFKA_SASL_MECHANISM": ("SCRAM-SHA-512", "SASL mechanism with SASL_*: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"),
+    "KAFKA_SASL_USERNAME": (None, "SASL user (with SASL_PLAINTEXT / SASL_SSL)"),
+    "KAFKA_SASL_PASSWORD": (None, "SASL password (with SASL_*; from a Secret); never logged"),
+    "KAFKA_SSL_CA_FILE": (None, "PEM file of the CA(s) that signed the brokers' certificates (SSL / SASL_SSL); unset = the system's CAs"),
+    "KAFKA_SSL_CERT_FILE": (None, "PEM client certificate for mutual TLS (with KAFKA_SSL_KEY_FILE)"),
+    "KAFKA_SSL_KEY_FILE": (None, "PEM private key of the client certificate; never logged"),
+    "KAFKA_SSL_CHECK_HOSTNAME": ("true", "Check that the broker's certificate names the host we connect to (false only for tests)"),
     "LOG_FORMAT": ("logfmt", "logfmt (one key=value line per event) or json"),
     "LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING, ERROR"),
     "KAFKA_CLIENT_LOG_LEVEL": ("WARNING", "Log level of the kafka-python library itself (its connection errors: "
@@ -199,6 +208,66 @@ def http_url(url: str) -> bool:
             and not any(c.isspace() for c in url))
 
 
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """How the Kafka clients authenticate and check the brokers (KAFKA_SECURITY_PROTOCOL …).
+
+    The password and the key never appear in a repr (logs, tracebacks, ``status``)."""
+
+    protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "SCRAM-SHA-512"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = field(default=None, repr=False)
+    check_hostname: bool = True
+
+    @property
+    def tls(self) -> bool:
+        return self.protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def sasl(self) -> bool:
+        return self.protocol.startswith("SASL_")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "KafkaSecurity":
+        env = os.environ if env is None else env
+        protocol = str(_get(env, "KAFKA_SECURITY_PROTOCOL")).upper()
+        if protocol not in SECURITY_PROTOCOLS:
+            raise ConfigError(f"KAFKA_SECURITY_PROTOCOL={_shown(protocol)} is not one of {', '.join(SECURITY_PROTOCOLS)}")
+        mechanism = str(_get(env, "KAFKA_SASL_MECHANISM")).upper()
+        if mechanism not in SASL_MECHANISMS:
+            raise ConfigError(f"KAFKA_SASL_MECHANISM={_shown(mechanism)} is not one of {', '.join(SASL_MECHANISMS)}")
+        username, password = _get(env, "KAFKA_SASL_USERNAME"), env.get("KAFKA_SASL_PASSWORD") or None
+        files = {name: _get(env, name) for name in ("KAFKA_SSL_CA_FILE", "KAFKA_SSL_CERT_FILE", "KAFKA_SSL_KEY_FILE")}
+        sec = cls(protocol=protocol, sasl_mechanism=mechanism, username=username, password=password,
+                  ca_file=files["KAFKA_SSL_CA_FILE"], cert_file=files["KAFKA_SSL_CERT_FILE"],
+                  key_file=files["KAFKA_SSL_KEY_FILE"], check_hostname=_bool(env, "KAFKA_SSL_CHECK_HOSTNAME"))
+        if sec.sasl and not (username and password):
+            missing = " and ".join(n for n, v in (("KAFKA_SASL_USERNAME", username), ("KAFKA_SASL_PASSWORD", password))
+                                   if not v)
+            raise ConfigError(f"KAFKA_SECURITY_PROTOCOL={protocol} needs {missing}")
+        if not sec.sasl and (username or password):
+            raise ConfigError(f"KAFKA_SASL_USERNAME/KAFKA_SASL_PASSWORD are set but KAFKA_SECURITY_PROTOCOL={protocol} "
+                              "does not use SASL (SASL_PLAINTEXT or SASL_SSL)")
+        given = [n for n, v in files.items() if v]
+        if given and not sec.tls:
+            raise ConfigError(f"{', '.join(given)} set but KAFKA_SECURITY_PROTOCOL={protocol} does not use TLS "
+                              "(SSL or SASL_SSL)")
+        if bool(sec.cert_file) != bool(sec.key_file):
+            raise ConfigError("KAFKA_SSL_CERT_FILE and KAFKA_SSL_KEY_FILE go together (mutual TLS): one is missing")
+        for name, path in files.items():
+            if path and not os.access(path, os.R_OK):
+                raise ConfigError(f"{name}={_shown(path)}: no such readable file")
+        return sec
+
+
 @dataclass(frozen=True)
 class KafkaSettings:
     bootstrap_servers: str
@@ -206,6 +275,7 @@ class KafkaSettings:
     dlq_topic: str
     partitions: int
     replication_factor: int
+    security: KafkaSecurity = KafkaSecurity()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "KafkaSettings":
@@ -222,6 +292,7 @@ class KafkaSettings:
             dlq_topic=_topic(env, "KAFKA_DLQ_TOPIC"),
             partitions=_int(env, "KAFKA_TOPIC_PARTITIONS", 1, 10000),
             replication_factor=_int(env, "KAFKA_REPLICATION_FACTOR", 1, 100),
+            security=KafkaSecurity.from_env(env),
         )
 
 

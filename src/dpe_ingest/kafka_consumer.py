@@ -11,6 +11,7 @@ from kafka.errors import KafkaError
 
 from . import kafka_io
 from .config import KafkaSettings
+from .kafka_security import client_options
 
 log = logging.getLogger("dpe_ingest.consumer")
 
@@ -40,6 +41,7 @@ def partitions_text(tps: Iterable) -> str:
 def make_consumer(settings: KafkaSettings, group: str, batch_size: int, **overrides) -> KafkaConsumer:
     """A group consumer that never commits by itself and hands us raw bytes."""
     cfg = dict(
+        client_options(settings.security),
         bootstrap_servers=settings.bootstrap_servers.split(","),
         group_id=group,
         client_id=f"dpe-ingest-consumer-{group}",
@@ -66,6 +68,7 @@ def make_consumer(settings: KafkaSettings, group: str, batch_size: int, **overri
 
 def make_dlq_producer(settings: KafkaSettings, **overrides) -> KafkaProducer:
     cfg = dict(
+        client_options(settings.security),
         bootstrap_servers=settings.bootstrap_servers.split(","),
         client_id="dpe-ingest-consumer-dlq",
         acks="all",
@@ -97,9 +100,9 @@ def ensure_topics(settings: KafkaSettings, timeout_ms: int = 15000) -> list[str]
     they are missing, exactly like the producer would: whichever starts first creates them."""
     admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers.split(","),
                              client_id="dpe-ingest-consumer-admin", request_timeout_ms=timeout_ms,
-                             bootstrap_timeout_ms=timeout_ms)
+                             bootstrap_timeout_ms=timeout_ms, **client_options(settings.security))
     try:
-        return kafka_io.ensure_topics(admin, kafka_io.data_topics(settings))
+        return kafka_io.ensure_topics(admin, kafka_io.data_topics(settings), settings.security)
     finally:
         admin.close()
 

@@ -23,7 +23,8 @@ from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.partitioner.abc import Partitioner
 
 from . import logs
-from .config import KafkaSettings
+from .config import KafkaSecurity, KafkaSettings
+from .kafka_security import access_error, client_options, diagnose, recording_auth_failures
 
 log = logging.getLogger("dpe_ingest.kafka")
 
@@ -32,16 +33,30 @@ class KafkaUnavailable(Exception):
     """The broker could not be reached, or refused our writes, within the allowed time."""
 
 
-def wait_for_kafka(bootstrap: str, timeout_s: float = 180.0, context: dict | None = None) -> KafkaAdminClient:
-    """Connect an admin client, waiting (with logs) while the broker is not up yet."""
+def wait_for_kafka(bootstrap: str, timeout_s: float = 180.0, context: dict | None = None,
+                   security: KafkaSecurity | None = None) -> KafkaAdminClient:
+    """Connect an admin client, waiting (with logs) while the broker is not up yet.
+
+    A refusal that is a setting (credentials, certificates: ``kafka_security.diagnose``) raises
+    ``KafkaAccessError`` at once, naming it: waiting would not change the answer."""
     deadline = time.monotonic() + timeout_s
     delay = 1.0
     while True:
         try:
-            return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="dpe-ingest-admin",
-                                    request_timeout_ms=15000,
-                                    bootstrap_timeout_ms=int(max(1.0, min(10.0, deadline - time.monotonic())) * 1000))
+            with recording_auth_failures() as recorder:
+                try:
+                    return KafkaAdminClient(
+                        bootstrap_servers=bootstrap, client_id="dpe-ingest-admin", request_timeout_ms=15000,
+                        bootstrap_timeout_ms=int(max(1.0, min(10.0, deadline - time.monotonic())) * 1000),
+                        **client_options(security))
+                except (KafkaError, OSError):
+                    seen = list(recorder.seen)
+                    raise
         except (KafkaError, OSError) as exc:
+            if security is not None and security.protocol != "PLAINTEXT":
+                refused = diagnose(security, bootstrap, seen)
+                if refused is not None:
+                    raise refused from exc
             left = deadline - time.monotonic()
             if left <= 0:
                 raise KafkaUnavailable(f"Kafka at {bootstrap} unreachable for {timeout_s:.0f}s: {exc}") from exc
@@ -60,8 +75,10 @@ class TopicSpec:
     configs: tuple[tuple[str, str], ...] = ()
 
 
-def ensure_topics(admin: KafkaAdminClient, specs: Iterable[TopicSpec]) -> list[str]:
-    """Create the topics that do not exist yet; return the names created."""
+def ensure_topics(admin: KafkaAdminClient, specs: Iterable[TopicSpec], security: KafkaSecurity | None = None
+                  ) -> list[str]:
+    """Create the topics that do not exist yet; return the names created.  A refusal (no CREATE ACL)
+    is ``KafkaAccessError`` naming the topic."""
     specs = list(specs)
     existing = set(admin.list_topics())
     missing = [s for s in specs if s.name not in existing]
@@ -73,6 +90,11 @@ def ensure_topics(admin: KafkaAdminClient, specs: Iterable[TopicSpec]) -> list[s
             created.append(spec.name)
         except TopicAlreadyExistsError:
             pass  # another department's producer won the race: fine
+        except KafkaError as exc:
+            refused = access_error(exc, security, "CREATE", f"topic {spec.name} (or create it beforehand)")
+            if refused is not None:
+                raise refused from exc
+            raise
     return created
 
 
@@ -143,9 +165,10 @@ class KeyHashPartitioner(Partitioner):
         return ordered[(murmur2(serialized_key) & 0x7FFFFFFF) % len(ordered)]
 
 
-def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
+def make_producer(bootstrap: str, security: KafkaSecurity | None = None, **overrides: Any) -> KafkaProducer:
     """An idempotent, acks=all producer that pipelines: ``send`` never waits for the broker."""
     config: dict[str, Any] = dict(
+        client_options(security),
         bootstrap_servers=bootstrap,
         client_id="dpe-ingest-producer",
         acks="all",
@@ -227,14 +250,16 @@ class SendTracker:
 class CheckpointStore:
     """Resume points of departments: the last value of key ``department`` in a compacted topic."""
 
-    def __init__(self, bootstrap: str, topic: str, producer: KafkaProducer, context: dict | None = None):
+    def __init__(self, bootstrap: str, topic: str, producer: KafkaProducer, context: dict | None = None,
+                 security: KafkaSecurity | None = None):
         self.bootstrap, self.topic, self.producer, self.context = bootstrap, topic, producer, context
+        self.security = security
 
     def load(self, key: str, timeout_s: float = 60.0) -> dict | None:
         """Read the topic from the beginning to its current end; the last value of ``key`` wins."""
         consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
                                  group_id=None, client_id="dpe-ingest-checkpoints",
-                                 request_timeout_ms=30000)
+                                 request_timeout_ms=30000, **client_options(self.security))
         try:
             deadline = time.monotonic() + timeout_s
             # The topic was just created (ensure_topics): until its leader is elected, the metadata leaves
@@ -274,14 +299,16 @@ class CheckpointStore:
             raise KafkaUnavailable(f"checkpoint write failed: {exc}") from exc
 
 
-def group_offsets(bootstrap: str, group: str, timeout_ms: int = 15000) -> dict[TopicPartition, int]:
+def group_offsets(bootstrap: str, group: str, timeout_ms: int = 15000,
+                  security: KafkaSecurity | None = None) -> dict[TopicPartition, int]:
     """Committed offsets of a consumer group (status, the consumer, the refresh, tests).
 
     A retriable answer (no coordinator yet: on a fresh cluster the first lookup is what creates
     ``__consumer_offsets``; a coordinator loading or moving) is asked again until ``timeout_ms``."""
     deadline = time.monotonic() + timeout_ms / 1000.0
     admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="dpe-ingest-offsets",
-                             request_timeout_ms=max(timeout_ms, 5000), bootstrap_timeout_ms=timeout_ms)
+                             request_timeout_ms=max(timeout_ms, 5000), bootstrap_timeout_ms=timeout_ms,
+                             **client_options(security))
     try:
         while True:
             try:
@@ -297,12 +324,12 @@ def group_offsets(bootstrap: str, group: str, timeout_ms: int = 15000) -> dict[T
 
 
 def wait_until_stored(bootstrap: str, topic: str, group: str, timeout_s: float = 900.0,
-                      stop=None, context: dict | None = None) -> None:
+                      stop=None, context: dict | None = None, security: KafkaSecurity | None = None) -> None:
     """Wait until consumer group ``group`` has committed, on every partition of ``topic``, the end
     offset the topic has now: the consumer commits after the database did, so from then on every
     message already in the topic is in the table.  Raises KafkaUnavailable after ``timeout_s``."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                             client_id="dpe-ingest-refresh")
+                             client_id="dpe-ingest-refresh", **client_options(security))
     try:
         parts = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
@@ -312,7 +339,7 @@ def wait_until_stored(bootstrap: str, topic: str, group: str, timeout_s: float =
     deadline = time.monotonic() + timeout_s
     logged = False
     while True:
-        committed = group_offsets(bootstrap, group)
+        committed = group_offsets(bootstrap, group, security=security)
         behind = sum(max(0, off - committed.get(tp, 0)) for tp, off in end.items())
         if behind == 0:
             return
@@ -340,8 +367,10 @@ class Slot:
     page run.
     """
 
-    def __init__(self, bootstrap: str, topic: str, n: int, context: dict | None = None):
+    def __init__(self, bootstrap: str, topic: str, n: int, context: dict | None = None,
+                 security: KafkaSecurity | None = None):
         self.bootstrap, self.topic, self.n, self.context = bootstrap, topic, n, context or {}
+        self.security = security
         self.consumer = None
         self._stop = None
         self._thread = None
@@ -351,7 +380,7 @@ class Slot:
 
         from kafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 
-        admin = wait_for_kafka(self.bootstrap, context=self.context)
+        admin = wait_for_kafka(self.bootstrap, context=self.context, security=self.security)
         try:
             ensure_topics(admin, [TopicSpec(self.topic, self.n, 1)])
         finally:
@@ -360,7 +389,7 @@ class Slot:
                                       client_id="dpe-ingest-slot", enable_auto_commit=False,
                                       partition_assignment_strategy=[StickyPartitionAssignor],
                                       session_timeout_ms=30000, heartbeat_interval_ms=3000,
-                                      max_poll_interval_ms=24 * 3600 * 1000)
+                                      max_poll_interval_ms=24 * 3600 * 1000, **client_options(self.security))
         self.consumer.subscribe([self.topic])
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         logged = False

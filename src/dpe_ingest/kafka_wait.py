@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     env = os.environ if env is None else env
     logs.setup()
     try:
-        bootstrap = KafkaSettings.from_env(env).bootstrap_servers
+        kafka = KafkaSettings.from_env(env)
+        bootstrap = kafka.bootstrap_servers
         wait_s = kafka_wait_seconds(env)
     except ConfigError as exc:
         logs.event(log, "config_error", str(exc), logging.ERROR)
@@ -40,7 +41,10 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
                bootstrap=bootstrap, wait_s=wait_s)
     started = time.monotonic()
     try:
-        wait_for_kafka(bootstrap, timeout_s=wait_s).close()
+        wait_for_kafka(bootstrap, timeout_s=wait_s, security=kafka.security).close()
+    except ConfigError as exc:  # KafkaAccessError: the brokers refused our credentials or certificates
+        logs.event(log, "config_error", str(exc), logging.ERROR, bootstrap=bootstrap)
+        return EXIT_CONFIG
     except KafkaUnavailable as exc:
         logs.event(log, "kafka_gave_up", f"gave up waiting for Kafka at {bootstrap} after "
                    f"{time.monotonic() - started:.0f}s (KAFKA_WAIT_S={wait_s:g}): {exc}; check the address "

@@ -35,6 +35,7 @@ from .ademe import (MOD_FIELD, AdemeClient, ApiAuthError, ApiInterrupted, ApiReq
 from .config import CONTRACT, ConfigError, ProducerConfig
 from .kafka_io import (CheckpointStore, KafkaUnavailable, SendTracker, Slot, ensure_topics, make_producer,
                        pipeline_topics, wait_for_kafka)
+from .kafka_security import check_topic_access
 
 log = logging.getLogger("dpe_ingest.producer")
 
@@ -193,9 +194,14 @@ class Producer:
         t0 = time.monotonic()
         # the API first: a wrong API key (401) or URL fails here, before anything is written to Kafka
         self.meta = self.client.dataset_info()
-        admin = wait_for_kafka(cfg.kafka.bootstrap_servers, timeout_s=cfg.kafka_wait_s, context=ctx)
+        admin = wait_for_kafka(cfg.kafka.bootstrap_servers, timeout_s=cfg.kafka_wait_s, context=ctx,
+                               security=cfg.kafka.security)
         try:
-            created = ensure_topics(admin, pipeline_topics(cfg.kafka, cfg.checkpoint_topic))
+            created = ensure_topics(admin, pipeline_topics(cfg.kafka, cfg.checkpoint_topic), cfg.kafka.security)
+            # every ACL this Job needs, checked before its first write (a missing one is exit 2, nothing sent)
+            check_topic_access(admin, cfg.kafka.security, {cfg.kafka.topic: ("WRITE",),
+                                                           cfg.kafka.dlq_topic: ("WRITE",),
+                                                           cfg.checkpoint_topic: ("READ", "WRITE")})
         finally:
             admin.close()
         if created:
@@ -204,9 +210,9 @@ class Producer:
         slot = None
         if cfg.max_concurrent > 0:  # producer.maxConcurrent: wait for one of the slots
             slot = Slot(cfg.kafka.bootstrap_servers, f"{cfg.checkpoint_topic}-slots-{cfg.max_concurrent}",
-                        cfg.max_concurrent, context=ctx)
+                        cfg.max_concurrent, context=ctx, security=cfg.kafka.security)
             slot.acquire(stop=self.stop)
-        producer = make_producer(cfg.kafka.bootstrap_servers)
+        producer = make_producer(cfg.kafka.bootstrap_servers, cfg.kafka.security)
         _warm_up(producer, (cfg.kafka.topic, cfg.checkpoint_topic))
         try:
             return self._run(producer, t0)
@@ -217,7 +223,8 @@ class Producer:
 
     def _run(self, producer, t0: float) -> int:
         cfg, ctx = self.cfg, self.ctx
-        store = CheckpointStore(cfg.kafka.bootstrap_servers, cfg.checkpoint_topic, producer, context=ctx)
+        store = CheckpointStore(cfg.kafka.bootstrap_servers, cfg.checkpoint_topic, producer, context=ctx,
+                                security=cfg.kafka.security)
         key = cfg.department
         ckpt = store.load(key)
         fp = self.fingerprint()
@@ -395,7 +402,7 @@ class Producer:
 
         db = ConsumerConfig.from_env(self.env)
         wait_until_stored(cfg.kafka.bootstrap_servers, cfg.kafka.topic, db.group, timeout_s=cfg.refresh_wait_s,
-                          stop=self.stop, context=ctx)
+                          stop=self.stop, context=ctx, security=cfg.kafka.security)
         ours = department_keys(db.database_url, db.table, departments.stored_department(cfg.department))
         old_mark = ckpt.get("mark")
         new_mark = self._api_mark()
@@ -566,6 +573,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         return Producer(cfg, stop, refresh=args.refresh, env=env).run()
+    except ConfigError as exc:  # KafkaAccessError: credentials, certificates or an ACL the brokers refused
+        logs.event(log, "config_error", str(exc), logging.ERROR, department=cfg.department)
+        print(f"dpe-ingest produce: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except ApiAuthError as exc:
         msg = (f"the ADEME API does not know the API key (HTTP 401: {exc.detail}): check ADEME_API_KEY "
                "(chart: the Secret named by ademe.apiKey.existingSecret), or unset it to read anonymously")

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from . import deadletter, departments
-from .config import CONTRACT, KafkaSettings, setting
+from .config import CONTRACT, KafkaSecurity, KafkaSettings, setting
+from .kafka_security import client_options
 from .status_model import Checkpoint, Lag, Source, Status, jobs_by_department, now_iso
 
 log = logging.getLogger("dpe_ingest.status")
@@ -41,6 +42,7 @@ class Settings:
     release: str | None = None
     timeout_s: float = 10.0
     analytics_group: str = CONTRACT["ANALYTICS_GROUP"][0] or "dpe-analytics"
+    kafka_security: KafkaSecurity = KafkaSecurity()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
@@ -55,6 +57,7 @@ class Settings:
             database_url=overrides.get("database_url") or str(setting("DATABASE_URL", env)), table=table,
             kube=overrides.get("kube"), namespace=overrides.get("namespace"), release=overrides.get("release"),
             timeout_s=float(overrides.get("timeout_s") or 10.0), analytics_group=str(setting("ANALYTICS_GROUP", env)),
+            kafka_security=kafka.security,
         )
 
     def public(self) -> dict[str, Any]:
@@ -74,8 +77,10 @@ class TopicReader:
     """Reads a topic from its beginning and folds every record into ``on_record``; each
     :meth:`refresh` reads up to the end offsets of that moment."""
 
-    def __init__(self, bootstrap: str, topic: str, on_record: Callable[[Any], None], timeout_s: float = 10.0):
+    def __init__(self, bootstrap: str, topic: str, on_record: Callable[[Any], None], timeout_s: float = 10.0,
+                 security: KafkaSecurity | None = None):
         self.bootstrap, self.topic, self.on_record, self.timeout_s = bootstrap, topic, on_record, timeout_s
+        self.security = security
         self.consumer = None
         self.tps: list = []
 
@@ -86,7 +91,8 @@ class TopicReader:
         self.consumer = KafkaConsumer(bootstrap_servers=self.bootstrap.split(","), group_id=None,
                                       enable_auto_commit=False, client_id="dpe-ingest-status",
                                       request_timeout_ms=max(ms, 5000), bootstrap_timeout_ms=ms,
-                                      consumer_timeout_ms=ms, reconnect_backoff_max_ms=2000)
+                                      consumer_timeout_ms=ms, reconnect_backoff_max_ms=2000,
+                                      **client_options(self.security))
 
     def refresh(self) -> bool:
         """Read what is new; False when the topic does not exist (yet).  Raises on Kafka errors."""
@@ -227,7 +233,8 @@ class Collector:
     def _reader(self, name: str, topic: str, fold) -> TopicReader:
         r = self._readers.get(name)
         if r is None:
-            r = self._readers[name] = TopicReader(self.settings.bootstrap, topic, fold, self.settings.timeout_s)
+            r = self._readers[name] = TopicReader(self.settings.bootstrap, topic, fold, self.settings.timeout_s,
+                                                                 self.settings.kafka_security)
         return r
 
     def _read_topic(self, name: str, topic: str, fold, reset) -> Source:
@@ -284,7 +291,7 @@ class Collector:
             ms = int(s.timeout_s * 1000)
             c = KafkaConsumer(bootstrap_servers=s.bootstrap.split(","), group_id=None, enable_auto_commit=False,
                               client_id="dpe-ingest-status", request_timeout_ms=max(ms, 5000),
-                              bootstrap_timeout_ms=ms)
+                              bootstrap_timeout_ms=ms, **client_options(s.kafka_security))
             try:
                 parts = sorted(c.partitions_for_topic(s.topic) or ())
                 if not parts:
@@ -296,7 +303,7 @@ class Collector:
                 c.close()
             from .kafka_io import group_offsets
 
-            committed = group_offsets(s.bootstrap, group, ms)
+            committed = group_offsets(s.bootstrap, group, ms, security=s.kafka_security)
             per: dict[int, int] = {}
             for tp in tps:
                 pos = committed.get(tp)

@@ -252,6 +252,10 @@ class KafkaBroker(LocalServer):
         return f"KafkaBroker({self.bootstrap}, running={self.running}, workdir={self.workdir})"
 
     # -- internals --------------------------------------------------------------------------------
+    def _properties(self) -> str:
+        """server.properties of this broker (a secured broker adds its listeners: secure_kafka.py)."""
+        return _server_properties(self.port, self.controller_port, self.data_dir)
+
     def _launch(self) -> subprocess.Popen:
         java, _ = find_java()
         libs = ensure_kafka_jars()
@@ -260,7 +264,7 @@ class KafkaBroker(LocalServer):
             shutil.rmtree(self.data_dir, ignore_errors=True)
             shutil.copytree(_storage_template(java, libs), self.data_dir)
         props = self.workdir / "server.properties"
-        props.write_text(_server_properties(self.port, self.controller_port, self.data_dir))
+        props.write_text(self._properties())
         log4j = self.workdir / "log4j2.properties"
         log4j.write_text(_LOG4J2)
         for p in (self.port, self.controller_port):
