@@ -207,8 +207,11 @@ class PostgresServer(LocalServer):
 
     stop_signal = signal.SIGINT  # fast shutdown
 
-    def __init__(self, workdir: Path | str, port: int | None = None) -> None:
+    def __init__(self, workdir: Path | str, port: int | None = None, tls=None) -> None:
+        """``tls``: a ``tls.Issued`` server certificate: the server then runs with ``ssl=on`` (what
+        CloudNativePG does) and clients may verify it (sslmode=verify-full)."""
         super().__init__()
+        self.tls = tls
         self.workdir = Path(workdir).resolve()
         self.port = int(port) if port else free_port()
         self.log_path = self.workdir / "postgres.log"
@@ -261,6 +264,15 @@ class PostgresServer(LocalServer):
                "-c", "full_page_writes=on", "-c", "max_wal_size=256MB", "-c", "logging_collector=off",
                "-c", "log_min_messages=warning", "-c", "log_line_prefix=%m [%p] ",
                "-c", "unix_socket_permissions=0777", "-c", "timezone=UTC"]
+        if self.tls is not None:
+            # PostgreSQL wants its key owned by the server's user, mode 0600: copies in its home
+            assert self._home is not None
+            cert, key = self._home / "server.crt", self._home / "server.key"
+            shutil.copyfile(self.tls.cert, cert)
+            shutil.copyfile(self.tls.key, key)
+            os.chmod(key, 0o600)
+            _chown_tree(self._home)
+            cmd += ["-c", "ssl=on", "-c", f"ssl_cert_file={cert}", "-c", f"ssl_key_file={key}"]
         return spawn(_as_user(cmd), self.log_path, env=_child_env(), cwd=self._home)
 
     def cleanup(self) -> None:
