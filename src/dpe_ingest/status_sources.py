@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 from . import deadletter, departments
 from .config import CONTRACT, KafkaSecurity, KafkaSettings, setting
+from . import pg_connection
 from .kafka_security import client_options
 from .status_model import Checkpoint, Lag, Source, Status, jobs_by_department, now_iso
 
@@ -250,14 +251,13 @@ class Collector:
     # -- sources ------------------------------------------------------------------------------
     def read_database(self) -> tuple[Source, dict[str, int], dict[str, dict[str, int]]]:
         try:
-            import psycopg2
             from psycopg2 import sql
         except ImportError:
             return Source(ok=False, error="psycopg2 is not installed (pip install 'dpe-ingest[consumer]')"), {}, {}
         s = self.settings
         try:
-            conn = psycopg2.connect(s.database_url, connect_timeout=max(1, int(s.timeout_s)),
-                                    application_name="dpe-ingest-status")
+            conn = pg_connection.connect(s.database_url, connect_timeout=max(1, int(s.timeout_s)),
+                                         application_name="dpe-ingest-status")
         except Exception as exc:  # noqa: BLE001
             return Source(ok=False, error=_short(exc)), {}, {}
         try:
