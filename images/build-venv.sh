@@ -1,11 +1,13 @@
 #!/bin/sh
-# Runs in the builder stage of images/producer/Dockerfile and images/consumer/Dockerfile (POSIX sh:
-# the base image may be any Debian-like Python 3.11+ image, official or local).
+# Runs in the build stages of images/dpe-ingest/Dockerfile (POSIX sh: the base image may be any
+# Debian-like Python 3.11+ image, official or local).
 #
+#   build-venv.sh wheel        build the wheel of /src into /tmp/wheels (once, for both images)
 #   build-venv.sh deps EXTRA   create /opt/venv, install the dependencies of pyproject.toml
 #                              (base dependencies plus the optional-dependency group EXTRA, "" = none)
-#   build-venv.sh app          build the wheel of /src, install it into /opt/venv without its
-#                              dependencies (installed by the step above), check, drop pip
+#   build-venv.sh app          install the wheel of /tmp/wheels (the first step's, copied) into
+#                              /opt/venv without its dependencies (installed by the step above),
+#                              check, drop pip
 #
 # Two steps so that a code change does not download the dependencies again (layer cache).
 # pip settings come from the build arguments PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_TRUSTED_HOST
@@ -52,10 +54,16 @@ PY
     echo "build-venv.sh: installing into $VENV:"; sed 's/^/  /' /tmp/requirements.txt
     "$VENV/bin/python" -m pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements.txt
     ;;
-app)
+wheel)
+    VENV=/tmp/wheel-venv  # a venv only to run pip in, not kept
+    python3 -m venv "$VENV"
     use_ca_certs
     "$VENV/bin/python" -m pip wheel --no-cache-dir --disable-pip-version-check --no-deps \
         --wheel-dir /tmp/wheels "$SRC"
+    rm -rf "$VENV" /tmp/pip-ca-bundle.pem
+    ;;
+app)
+    use_ca_certs
     "$VENV/bin/python" -m pip install --no-cache-dir --disable-pip-version-check --no-deps \
         --no-index /tmp/wheels/*.whl
     "$VENV/bin/python" -m pip check
@@ -65,7 +73,7 @@ app)
     rm -rf /tmp/wheels /tmp/pip-ca-bundle.pem
     ;;
 *)
-    echo "usage: build-venv.sh deps EXTRA | build-venv.sh app" >&2
+    echo "usage: build-venv.sh wheel | build-venv.sh deps EXTRA | build-venv.sh app" >&2
     exit 2
     ;;
 esac

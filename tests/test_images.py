@@ -1,6 +1,7 @@
 """The container images, built and run with a real docker engine.
 
-- images/producer, images/consumer: the project's images (chart defaults dpe-ingest-producer/consumer);
+- images/dpe-ingest (targets producer, consumer): the project's images (chart defaults
+  dpe-ingest-producer/consumer), which carry the product and not its harness (dpe_devkit);
 - images/test-kafka, test-postgres, test-pause: stand-ins of apache/kafka:4.4.0, postgres:15 and the
   Kubernetes pause image for the test cluster (testbed/cluster.py), run here as the chart runs them
   (same env, uid, read-only root where the chart has one; host network on free 127.0.0.1 ports);
@@ -49,11 +50,13 @@ SLOW = 300  # generous bound of any wait, only reached on failure
 
 
 # ---------------------------------------------------------------------------------------------
-# static checks of the Dockerfiles (no engine needed)
+# static checks of the Dockerfile (no engine needed)
 # ---------------------------------------------------------------------------------------------
-def instructions(component: str) -> list[tuple[str, str]]:
-    text = (ROOT / "images" / component / "Dockerfile").read_text()
-    text = re.sub(r"\\\n", " ", text)
+DOCKERFILE = ROOT / imgs.APP_DOCKERFILE
+
+
+def instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
     out = []
     for line in text.splitlines():
         line = line.strip()
@@ -63,21 +66,61 @@ def instructions(component: str) -> list[tuple[str, str]]:
     return out
 
 
-@pytest.mark.parametrize("component", COMPONENTS)
-def test_dockerfile_base_is_a_build_argument_used_by_every_stage(component):
-    ins = instructions(component)
+def stages() -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """stage name -> (what it is FROM, its instructions), in the file's order."""
+    out: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+    current: list[tuple[str, str]] = []
+    for word, rest in instructions():
+        if word == "FROM":
+            base, _, name = rest.partition(" AS ")
+            current = []
+            out[name.strip()] = (base.strip(), current)
+        elif out:
+            current.append((word, rest))
+    return out
+
+
+def target(name: str) -> list[tuple[str, str]]:
+    """The instructions a build of ``--target name`` runs in that stage and the stages it is FROM."""
+    all_stages = stages()
+    chain: list[tuple[str, str]] = []
+    while name in all_stages:
+        base, ins = all_stages[name]
+        chain = ins + chain
+        name = base
+    return chain
+
+
+def test_dockerfile_base_is_a_build_argument_used_by_every_stage():
+    ins = instructions()
     assert ins[0][0] == "ARG" and ins[0][1].startswith("PYTHON_IMAGE="), ins[0]
     assert re.fullmatch(r"PYTHON_IMAGE=python:3\.1[1-9]-slim-\w+", ins[0][1]), ins[0]
-    froms = [rest for word, rest in ins if word == "FROM"]
-    assert len(froms) == 2, f"a builder and a runtime stage: {froms}"
-    assert all(f.split()[0] == "${PYTHON_IMAGE}" for f in froms), froms
-    assert "--from=builder" in " ".join(rest for word, rest in ins if word == "COPY")
+    seen: list[str] = []
+    for name, (base, _) in stages().items():
+        assert base == "${PYTHON_IMAGE}" or base in seen, f"stage {name} is FROM {base}: not the base nor a stage"
+        seen.append(name)
+    assert {"builder", "wheel", "runtime", "producer", "consumer"} <= set(seen), seen
+
+
+def test_the_two_images_share_every_stage_but_their_venv_and_command():
+    """One builder, one wheel, one runtime: each image's own stage is its title, its venv and its CMD."""
+    all_stages = stages()
+    for component in COMPONENTS:
+        base, ins = all_stages[component]
+        assert base == "runtime", (component, base)
+        assert [w for w, _ in ins] == ["LABEL", "COPY", "CMD"], (component, ins)
+        assert ins[1][1] == f"--from={component}-venv /opt/venv /opt/venv", ins[1]
+        venv_base, venv = all_stages[f"{component}-venv"]
+        assert venv_base == "builder" and ("COPY", "--from=wheel /tmp/wheels /tmp/wheels") in venv, venv
+    # a build without --target gets the last stage: it stops and names the targets
+    last_base, last = list(all_stages.values())[-1]
+    assert last[-1][0] == "RUN" and "--target producer or --target consumer" in last[-1][1] and "exit 2" in last[-1][1]
 
 
 @pytest.mark.parametrize("component,command", [("producer", "produce"), ("consumer", "consume")])
 def test_dockerfile_runtime_settings(component, command):
-    ins = instructions(component)
-    runtime = ins[max(i for i, (w, _) in enumerate(ins) if w == "FROM"):]
+    runtime = stages()["runtime"][1] + stages()[component][1]
+    assert target(component)[-len(runtime):] == runtime
     assert ("ENTRYPOINT", '["dpe-ingest"]') in runtime
     assert ("CMD", f'["{command}"]') in runtime
     assert ("USER", "10001:10001") in runtime
@@ -86,7 +129,7 @@ def test_dockerfile_runtime_settings(component, command):
     args = [rest for word, rest in runtime if word == "ARG"]
     assert f"VERSION={VERSION}" in args, f"default VERSION label must be pyproject's {VERSION}: {args}"
     extra = "consumer" if component == "consumer" else ""
-    assert ("RUN", f'sh /usr/local/bin/build-venv.sh deps "{extra}"') in ins
+    assert ("RUN", f'sh /usr/local/bin/build-venv.sh deps "{extra}"') in target(f"{component}-venv")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,9 +164,9 @@ def images(engine, base_image):
     try:
         for component in COMPONENTS:
             name = f"dpe-ingest-{component}:{tag}"
-            engine.docker("build", "--network", "host", "--build-arg", f"PYTHON_IMAGE={base_image}",
-                          "--build-arg", "REVISION=test", *imgs.pip_build_args(),
-                          "-f", str(ROOT / "images" / component / "Dockerfile"), "-t", name, str(ROOT), timeout=900)
+            engine.docker("build", "--network", "host", "--target", component,
+                          "--build-arg", f"PYTHON_IMAGE={base_image}", "--build-arg", "REVISION=test",
+                          *imgs.pip_build_args(), "-f", str(DOCKERFILE), "-t", name, str(ROOT), timeout=900)
             built[component] = name
         yield built
     finally:
@@ -173,6 +216,37 @@ def test_image_runs_as_10001_read_only_with_the_cli(engine, images, component):
     # the chart's wait-for-kafka init container runs `python -c …` in the producer image
     assert run(engine, images[component], "-c", "import socket, sys; print(sys.version_info[:2] >= (3, 11))",
                entrypoint="python").stdout.strip() == "True"
+
+
+HARNESS_PROBE = """
+import importlib, json, os
+out = {}
+for name in ("dpe_ingest", "dpe_ingest.cli", "dpe_ingest.standin", "dpe_devkit", "dpe_devkit.testbed",
+             "dpe_ingest.testbed", "dpe_ingest.local_run"):
+    try:
+        importlib.import_module(name)
+        out[name] = "imported"
+    except ModuleNotFoundError as exc:
+        out[name] = "missing " + exc.name
+out["files"] = sorted(os.path.join(d, f) for d, dirs, files in os.walk("/opt/venv") for f in dirs + files
+                      if "testbed" in f or "devkit" in f or "local_run" in f)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_the_images_carry_the_product_not_its_harness(engine, images, component):
+    """dpe_ingest imports; the harness (dpe_devkit: testbed, local run, cluster) is nowhere in the image,
+    not under its old name (dpe_ingest.testbed) either; its two commands say so and exit 2."""
+    got = json.loads(run(engine, images[component], "-c", HARNESS_PROBE, entrypoint="python").stdout)
+    assert got == {"dpe_ingest": "imported", "dpe_ingest.cli": "imported", "dpe_ingest.standin": "imported",
+                   "dpe_devkit": "missing dpe_devkit", "dpe_devkit.testbed": "missing dpe_devkit",
+                   "dpe_ingest.testbed": "missing dpe_ingest.testbed",
+                   "dpe_ingest.local_run": "missing dpe_ingest.local_run", "files": []}, got
+    for command in (["testbed", "up"], ["run", "69"]):
+        cp = run(engine, images[component], *command, check=False)
+        assert cp.returncode == 2, (command, cp.returncode, cp.stdout, cp.stderr)
+        assert "not installed here" in cp.stderr and "pip install -e devkit" in cp.stderr, cp.stderr
 
 
 def test_each_image_has_only_the_dependencies_it_needs(engine, images):

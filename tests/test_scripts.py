@@ -234,8 +234,8 @@ def test_up_creates_the_cluster_builds_loads_and_installs(tmp_path):
     got = calls(log)
     assert ["kind", "create", "cluster", "--name", "dpe", "--wait", "180s"] in got
     builds = [c for c in got if c[:2] == ["docker", "build"]]
-    assert [c[c.index("-f") + 1] for c in builds] == [f"{repo}/images/producer/Dockerfile",
-                                                        f"{repo}/images/consumer/Dockerfile"]
+    assert [c[c.index("-f") + 1] for c in builds] == [f"{repo}/images/dpe-ingest/Dockerfile"] * 2
+    assert [c[c.index("--target") + 1] for c in builds] == ["producer", "consumer"]
     assert all(c[-1] == str(repo) for c in builds), "the build context is the repository root"
     assert all("VERSION=0.1.0" in c for c in builds)
     loads = [c for c in got if c[:3] == ["kind", "load", "docker-image"]]
@@ -478,11 +478,12 @@ def test_release_workflow_builds_both_images_for_two_platforms_and_pushes_them_t
     assert build["with"]["push"] is True and build["with"]["tags"] == "${{ steps.meta.outputs.tags }}"
     assert "VERSION=${{ needs.version.outputs.version }}" in build["with"]["build-args"].splitlines()
     assert any(s.get("uses", "").startswith("docker/setup-qemu-action@") for s in steps), "arm64 on amd64 runners"
-    # the same Dockerfiles the image tests and scripts/up build, and the repository names of the chart
+    # the same Dockerfile (one target per image) the image tests and scripts/up build, and the
+    # repository names of the chart
     values = chart_values()
     for comp in components:
-        dockerfile = build["with"]["file"].replace("${{ matrix.component }}", comp)
-        assert dockerfile == f"images/{comp}/Dockerfile" and (ROOT / dockerfile).is_file()
+        assert build["with"]["target"].replace("${{ matrix.component }}", comp) == comp
+        assert build["with"]["file"] == "images/dpe-ingest/Dockerfile" and (ROOT / build["with"]["file"]).is_file()
         assert values[comp]["image"]["repository"] == f"dpe-ingest-{comp}"
 
 
@@ -638,7 +639,7 @@ def test_skaffold_builds_both_images_from_the_repo_with_their_dockerfiles():
     for comp in ("producer", "consumer"):
         art = arts[values[comp]["image"]["repository"]]
         assert art["context"] == "."
-        assert art["docker"]["dockerfile"] == f"images/{comp}/Dockerfile"
+        assert art["docker"]["dockerfile"] == "images/dpe-ingest/Dockerfile" and art["docker"]["target"] == comp
         assert (ROOT / art["docker"]["dockerfile"]).is_file()
         assert "PYTHON_IMAGE" in art["docker"]["buildArgs"]
     assert doc["build"]["local"]["push"] is False

@@ -287,8 +287,11 @@ def pip_build_args() -> list[str]:
     return args
 
 
-# what images/producer and images/consumer copy from the repository (see .dockerignore)
-_APP_INPUTS = ["pyproject.toml", "README.md", "LICENSE", "src", "images/build-venv.sh", ".dockerignore"]
+# the Dockerfile of the producer and consumer images (one target each, the stages they share written
+# once) and what it copies from the repository (see .dockerignore)
+APP_DOCKERFILE = "images/dpe-ingest/Dockerfile"
+_APP_INPUTS = ["pyproject.toml", "README.md", "LICENSE", "src", "images/build-venv.sh", ".dockerignore",
+               APP_DOCKERFILE]
 
 
 class _Recipe:
@@ -305,9 +308,9 @@ def _recipes(base_digest: str, quiet: bool) -> dict[str, _Recipe]:
     out: dict[str, _Recipe] = {}
     for role in ("producer", "consumer"):
         h = hashlib.sha256(f"{role}\0{base_digest}\0".encode())
-        _digest_files(h, root, [p for p in _APP_INPUTS if (root / p).exists()] + [f"images/{role}/Dockerfile"])
-        args = ["--build-arg", f"PYTHON_IMAGE={BASE_TAG}", "--build-arg", f"VERSION={_app_version()}"]
-        out[role] = _Recipe(role, root / "images" / role / "Dockerfile", root, args, h.hexdigest())
+        _digest_files(h, root, [p for p in _APP_INPUTS if (root / p).exists()])
+        args = ["--target", role, "--build-arg", f"PYTHON_IMAGE={BASE_TAG}", "--build-arg", f"VERSION={_app_version()}"]
+        out[role] = _Recipe(role, root / APP_DOCKERFILE, root, args, h.hexdigest())
     for role in ("kafka", "postgres", "pause"):
         src = root / "images" / f"test-{role}"
         h = hashlib.sha256(f"{role}\0{base_digest}\0".encode())
