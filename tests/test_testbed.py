@@ -208,3 +208,46 @@ def test_relay_joins_tcp_to_unix_to_tcp_both_ways(tmp_path):
             p.terminate()
             p.wait(10)
         server.close()
+
+
+# --------------------------------------------------------------------------------------------
+# dpe-ingest testbed / run where the harness is not installed (as in the images)
+# --------------------------------------------------------------------------------------------
+def _cli(paths: list[str], *args: str) -> subprocess.CompletedProcess:
+    """``python -m dpe_ingest ARGS`` with only ``paths`` (relative to the checkout) importable: ``-S``
+    leaves site-packages (and the editable installs of both distributions) out, PYTHONPATH puts in
+    what the test wants, as an image has the product and not its harness."""
+    import os
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONPATH"] = os.pathsep.join(str(root / p) for p in paths)
+    return subprocess.run([sys.executable, "-S", "-m", "dpe_ingest", *args], capture_output=True, text=True,
+                          env=env, timeout=60, cwd=root / "docs")
+
+
+@pytest.mark.parametrize("command", [["testbed", "up"], ["testbed", "cluster", "up"], ["testbed", "--help"],
+                                     ["run", "69", "01"], ["run", "--help"]])
+def test_without_the_harness_its_commands_exit_2_saying_how_to_install_it(command):
+    cp = _cli(["src"], *command)
+    assert cp.returncode == 2, (cp.returncode, cp.stdout, cp.stderr)
+    assert cp.stdout == ""
+    assert cp.stderr == (f"dpe-ingest {command[0]}: this command is part of the development harness (dpe_devkit), "
+                         "which is not installed here (the images never carry it). From a checkout: bash "
+                         "scripts/setup (or pip install -e devkit)\n"), cp.stderr
+
+
+def test_without_the_harness_the_product_commands_still_answer():
+    cp = _cli(["src"], "--version")
+    assert (cp.returncode, cp.stdout.strip()) == (0, "0.1.0"), cp.stderr
+    cp = _cli(["src"], "--help")
+    assert cp.returncode == 0 and "testbed" in cp.stdout and "produce" in cp.stdout, cp.stderr
+
+
+def test_with_the_harness_on_the_path_the_same_command_loads_it():
+    """The counter-test: the same interpreter and flags, devkit/src added, and testbed answers itself."""
+    cp = _cli(["src", "devkit/src"], "testbed", "--help")
+    assert cp.returncode == 0, cp.stderr
+    assert "cluster up" in cp.stdout and "development harness" not in cp.stderr, (cp.stdout, cp.stderr)
