@@ -197,3 +197,63 @@ def test_the_client_check_sees_a_client_without_the_settings():
     assert unsecured_clients(planted, "planted.py") == ["planted.py:3"]
     fixed = planted.replace("bootstrap_servers=b)", "bootstrap_servers=b, **client_options(None))")
     assert unsecured_clients(fixed, "planted.py") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# durable topics, and topics managed elsewhere (plain broker: no security involved)
+# ---------------------------------------------------------------------------------------------
+def plain_env(kafka_bootstrap, srv, names, **extra) -> dict:
+    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "ADEME_API_URL": srv.url, "DEPARTMENT": "69",
+           "KAFKA_WAIT_S": "30", **names}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def test_topics_managed_elsewhere_a_missing_one_is_named_and_nothing_is_created(kafka_bootstrap, names,
+                                                                               standin_factory):
+    from kafka import KafkaAdminClient
+
+    srv = standin_factory(Dataset({"69": 50}, seed=11))
+    cp = run(command("produce"), plain_env(kafka_bootstrap, srv, names, KAFKA_CREATE_TOPICS="false"), timeout=120)
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 2, out[-3000:]
+    (err,) = events(out, "config_error")
+    for topic in (names["KAFKA_TOPIC"], names["KAFKA_DLQ_TOPIC"], names["PRODUCER_CHECKPOINT_TOPIC"]):
+        assert topic in err["msg"], err
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        assert not {names["KAFKA_TOPIC"], names["KAFKA_DLQ_TOPIC"]} & set(admin.list_topics())
+    finally:
+        admin.close()
+
+
+def test_a_replication_factor_the_cluster_cannot_hold_is_exit_2_naming_it(kafka_bootstrap, names, standin_factory):
+    srv = standin_factory(Dataset({"69": 50}, seed=12))
+    cp = run(command("produce"), plain_env(kafka_bootstrap, srv, names, KAFKA_REPLICATION_FACTOR="3"), timeout=120)
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 2, out[-3000:]
+    (err,) = events(out, "config_error")
+    assert "KAFKA_REPLICATION_FACTOR=3" in err["msg"], err
+
+
+def test_min_insync_replicas_is_set_on_the_topics_created(kafka_bootstrap, names, standin_factory):
+    from kafka import KafkaAdminClient
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    srv = standin_factory(Dataset({"69": 50}, seed=13))
+    cp = run(command("produce"), plain_env(kafka_bootstrap, srv, names, KAFKA_MIN_INSYNC_REPLICAS="1"), timeout=120)
+    assert cp.returncode == 0, (cp.stdout + cp.stderr)[-3000:]
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        for topic in (names["KAFKA_TOPIC"], names["KAFKA_DLQ_TOPIC"], names["PRODUCER_CHECKPOINT_TOPIC"]):
+            conf = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])["topic"][topic]
+            # a topic override of ours, not the broker's default
+            assert conf["min.insync.replicas"]["value"] == "1", (topic, conf)
+            assert conf["min.insync.replicas"]["config_source"] == "DYNAMIC_TOPIC_CONFIG", (topic, conf)
+    finally:
+        admin.close()
+
+
+def test_min_insync_replicas_above_the_replication_factor_is_refused():
+    with pytest.raises(ConfigError, match="KAFKA_MIN_INSYNC_REPLICAS=2 is above KAFKA_REPLICATION_FACTOR=1"):
+        KafkaSettings.from_env({"KAFKA_MIN_INSYNC_REPLICAS": "2"})

@@ -31,6 +31,8 @@ CONTRACT: dict[str, tuple[str | None, str]] = {
     "KAFKA_DLQ_TOPIC": ("dpe-lines-dlq", "Dead-letter topic: rows/messages refused, with the reason"),
     "KAFKA_TOPIC_PARTITIONS": ("6", "Partitions of the topic when the producer creates it"),
     "KAFKA_REPLICATION_FACTOR": ("1", "Replication factor of the topics the producer creates"),
+    "KAFKA_MIN_INSYNC_REPLICAS": ("0", "min.insync.replicas of the topics it creates (0 = the broker's default; 2 with a replication factor of 3)"),
+    "KAFKA_CREATE_TOPICS": ("true", "true: create missing topics; false: topics are managed elsewhere (Strimzi KafkaTopic, Terraform) and a missing one is an error naming it"),
     # how every Kafka client connects (producer, consumer, analytics, refresh, status, slots, admin)
     "KAFKA_SECURITY_PROTOCOL": ("PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (the listener of the brokers we connect to)"),
     "KAFKA_SASL_MECHANISM": ("SCRAM-SHA-512", "SASL mechanism with SASL_*: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"),
@@ -276,6 +278,8 @@ class KafkaSettings:
     partitions: int
     replication_factor: int
     security: KafkaSecurity = KafkaSecurity()
+    min_insync_replicas: int = 0
+    create_topics: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "KafkaSettings":
@@ -286,6 +290,10 @@ class KafkaSettings:
             if not host or not host.isascii() or not _WHOLE.fullmatch(port) or not 0 < int(port[:6]) < 65536:
                 raise ConfigError(f"KAFKA_BOOTSTRAP_SERVERS={_shown(servers)}: expected host:port[,host:port…] "
                                   "(port 1..65535)")
+        rf, min_isr = _int(env, "KAFKA_REPLICATION_FACTOR", 1, 100), _int(env, "KAFKA_MIN_INSYNC_REPLICAS", 0, 100)
+        if min_isr > rf:
+            raise ConfigError(f"KAFKA_MIN_INSYNC_REPLICAS={min_isr} is above KAFKA_REPLICATION_FACTOR={rf}: no write "
+                              "could ever be acknowledged")
         return cls(
             bootstrap_servers=servers,
             topic=_topic(env, "KAFKA_TOPIC"),
@@ -293,6 +301,8 @@ class KafkaSettings:
             partitions=_int(env, "KAFKA_TOPIC_PARTITIONS", 1, 10000),
             replication_factor=_int(env, "KAFKA_REPLICATION_FACTOR", 1, 100),
             security=KafkaSecurity.from_env(env),
+            min_insync_replicas=_int(env, "KAFKA_MIN_INSYNC_REPLICAS", 0, 100),
+            create_topics=_bool(env, "KAFKA_CREATE_TOPICS"),
         )
 
 

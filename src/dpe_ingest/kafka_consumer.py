@@ -102,7 +102,8 @@ def ensure_topics(settings: KafkaSettings, timeout_ms: int = 15000) -> list[str]
                              client_id="dpe-ingest-consumer-admin", request_timeout_ms=timeout_ms,
                              bootstrap_timeout_ms=timeout_ms, **client_options(settings.security))
     try:
-        return kafka_io.ensure_topics(admin, kafka_io.data_topics(settings), settings.security)
+        return kafka_io.ensure_topics(admin, kafka_io.data_topics(settings), settings.security,
+                                      create=settings.create_topics)
     finally:
         admin.close()
 

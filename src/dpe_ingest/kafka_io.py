@@ -19,11 +19,11 @@ from typing import Any, Iterable
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.errors import InvalidReplicationFactorError, KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.partitioner.abc import Partitioner
 
 from . import logs
-from .config import KafkaSecurity, KafkaSettings
+from .config import ConfigError, KafkaSecurity, KafkaSettings
 from .kafka_security import access_error, client_options, diagnose, recording_auth_failures
 
 log = logging.getLogger("dpe_ingest.kafka")
@@ -75,13 +75,19 @@ class TopicSpec:
     configs: tuple[tuple[str, str], ...] = ()
 
 
-def ensure_topics(admin: KafkaAdminClient, specs: Iterable[TopicSpec], security: KafkaSecurity | None = None
-                  ) -> list[str]:
+def ensure_topics(admin: KafkaAdminClient, specs: Iterable[TopicSpec], security: KafkaSecurity | None = None,
+                  create: bool = True) -> list[str]:
     """Create the topics that do not exist yet; return the names created.  A refusal (no CREATE ACL)
-    is ``KafkaAccessError`` naming the topic."""
+    is ``KafkaAccessError`` naming the topic; so is a replication factor the cluster cannot hold.
+    ``create=False`` (KAFKA_CREATE_TOPICS=false: topics managed elsewhere): a missing topic is a
+    ``ConfigError`` naming every one missing, nothing is created."""
     specs = list(specs)
     existing = set(admin.list_topics())
     missing = [s for s in specs if s.name not in existing]
+    if missing and not create:
+        raise ConfigError(f"KAFKA_CREATE_TOPICS=false and these topics do not exist (or our principal may not "
+                          f"DESCRIBE them): {', '.join(s.name for s in missing)}; create them as docs/chart.md lists "
+                          "(partitions, cleanup.policy) or let the pipeline create them")
     created = []
     for spec in missing:
         try:
@@ -90,6 +96,9 @@ def ensure_topics(admin: KafkaAdminClient, specs: Iterable[TopicSpec], security:
             created.append(spec.name)
         except TopicAlreadyExistsError:
             pass  # another department's producer won the race: fine
+        except InvalidReplicationFactorError as exc:
+            raise ConfigError(f"KAFKA_REPLICATION_FACTOR={spec.replication_factor}: the cluster cannot hold topic "
+                              f"{spec.name} with that many replicas ({exc}); the bundled Kafka has one broker") from exc
         except KafkaError as exc:
             refused = access_error(exc, security, "CREATE", f"topic {spec.name} (or create it beforehand)")
             if refused is not None:
@@ -98,16 +107,23 @@ def ensure_topics(admin: KafkaAdminClient, specs: Iterable[TopicSpec], security:
     return created
 
 
+def _durability(settings: KafkaSettings) -> tuple[tuple[str, str], ...]:
+    """min.insync.replicas when set: with acks=all, a write is acknowledged once that many replicas have it."""
+    n = settings.min_insync_replicas
+    return (("min.insync.replicas", str(n)),) if n > 0 else ()
+
+
 def data_topics(settings: KafkaSettings) -> list[TopicSpec]:
     """The rows topic (KAFKA_TOPIC_PARTITIONS partitions) and the dead-letter topic (1 partition)."""
-    rf = settings.replication_factor
-    return [TopicSpec(settings.topic, settings.partitions, rf), TopicSpec(settings.dlq_topic, 1, rf)]
+    rf, durable = settings.replication_factor, _durability(settings)
+    return [TopicSpec(settings.topic, settings.partitions, rf, durable), TopicSpec(settings.dlq_topic, 1, rf, durable)]
 
 
 def pipeline_topics(settings: KafkaSettings, checkpoint_topic: str) -> list[TopicSpec]:
     """What the producer needs: the data topics and its compacted checkpoint topic."""
     return data_topics(settings) + [
-        TopicSpec(checkpoint_topic, 1, settings.replication_factor, (("cleanup.policy", "compact"),)),
+        TopicSpec(checkpoint_topic, 1, settings.replication_factor,
+                  (("cleanup.policy", "compact"),) + _durability(settings)),
     ]
 
 
@@ -382,7 +398,7 @@ class Slot:
 
         admin = wait_for_kafka(self.bootstrap, context=self.context, security=self.security)
         try:
-            ensure_topics(admin, [TopicSpec(self.topic, self.n, 1)])
+            ensure_topics(admin, [TopicSpec(self.topic, self.n, 1)], self.security)
         finally:
             admin.close()
         self.consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=self.topic,

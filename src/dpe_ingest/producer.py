@@ -197,7 +197,8 @@ class Producer:
         admin = wait_for_kafka(cfg.kafka.bootstrap_servers, timeout_s=cfg.kafka_wait_s, context=ctx,
                                security=cfg.kafka.security)
         try:
-            created = ensure_topics(admin, pipeline_topics(cfg.kafka, cfg.checkpoint_topic), cfg.kafka.security)
+            created = ensure_topics(admin, pipeline_topics(cfg.kafka, cfg.checkpoint_topic), cfg.kafka.security,
+                                    create=cfg.kafka.create_topics)
             # every ACL this Job needs, checked before its first write (a missing one is exit 2, nothing sent)
             check_topic_access(admin, cfg.kafka.security, {cfg.kafka.topic: ("WRITE",),
                                                            cfg.kafka.dlq_topic: ("WRITE",),
