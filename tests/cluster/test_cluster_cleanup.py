@@ -9,6 +9,7 @@ changes, and running containers."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from dpe_devkit.testbed.cluster import KUBELET_ROOTS
+from dpe_devkit.testbed.images import CLUSTER_IMAGES
 
 pytestmark = pytest.mark.cluster
 
@@ -100,14 +102,53 @@ def test_a_killed_owner_is_cleaned_up_by_the_next_start(tmp_path):
     assert _sysctls() == before
 
 
-def test_stop_leaves_nothing(tmp_path):
-    from dpe_devkit.testbed.cluster import Cluster
-    from dpe_devkit.testbed.images import CLUSTER_IMAGES
-
+def test_cluster_up_by_hand_serves_kubectl_loads_images_and_ctrl_c_leaves_nothing(tmp_path):
+    """``dpe-ingest testbed cluster up`` as a contributor runs it: the lines it prints, pasted into a
+    shell, reach the cluster (kubectl runs a pod of our image); ``cluster load`` finds the running
+    cluster and loads the images; Ctrl-C (SIGINT to its process group, as a terminal sends it) stops
+    it, exit 0, and ``stop()`` has left nothing behind.  (This is the suite's one start of a cluster
+    through ``Cluster``'s context-free path: start, then stop from a signal.)"""
     before = _sysctls()
-    with Cluster(tmp_path / "cluster") as c:
-        out = c.run_pod("default", "hello", CLUSTER_IMAGES["producer"], ["python", "-c", "print('hello')"])
-        assert out.strip() == "hello"
-        netns, workdir = c.netns, c.workdir
+    workdir = tmp_path / "cluster"
+    up = subprocess.Popen([sys.executable, "-m", "dpe_ingest", "testbed", "cluster", "up", "--workdir", str(workdir)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out: list[str] = []
+    try:
+        for line in up.stdout:  # until the last line of the how-to (or the end: a failed start)
+            out.append(line)
+            if line.startswith("# kubectl logs"):
+                break
+        text = "".join(out)
+        assert up.poll() is None, f"cluster up exited {up.returncode}:\n{text[-3000:]}"
+        exports = [line for line in out if line.startswith("export ")]
+        assert exports == [f"export KUBECONFIG={workdir / 'kubeconfig'}\n", exports[1]], text[-3000:]
+        netns = re.search(r"network namespace (dpe-\S+) ", text).group(1)
+        assert "helm install dpe charts/dpe-ingest -f charts/dpe-ingest/values-offline.yaml" in text, text[-3000:]
+        # the printed lines, pasted in a shell as they are, reach the cluster and run our image
+        shell = "".join(exports) + (
+            "set -e\n"
+            "kubectl get nodes -o name\n"
+            f"kubectl run hello --image={CLUSTER_IMAGES['producer']} --image-pull-policy=Never --restart=Never "
+            "--command -- python -c 'print(\"hello\")' >/dev/null\n"
+            "kubectl wait --for=jsonpath='{.status.phase}'=Succeeded pod/hello --timeout=180s >/dev/null\n"
+            "kubectl logs hello\n")
+        cp = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"})
+        assert cp.returncode == 0, cp.stderr
+        assert cp.stdout.split() == ["node/dpe-node", "hello"], cp.stdout
+        # cluster load: finds the one cluster running here and imports every image into its node
+        load = subprocess.run([sys.executable, "-m", "dpe_ingest", "testbed", "cluster", "load"],
+                              capture_output=True, text=True, timeout=900)
+        assert load.returncode == 0 and f"into {workdir}" in load.stderr, load.stderr[-3000:]
+        assert all(tag in load.stderr for tag in CLUSTER_IMAGES.values()), load.stderr[-3000:]
+        assert leftovers(workdir, netns), "the cluster is running: its namespace, mounts, processes"
+        os.killpg(up.pid, signal.SIGINT)
+        rest = up.communicate(timeout=180)[0]
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait(30)
+    assert up.returncode == 0, rest[-3000:]
+    assert rest.rstrip().endswith("testbed cluster: stopped, nothing left behind"), rest[-3000:]
     assert not leftovers(workdir, netns), leftovers(workdir, netns)
     assert _sysctls() == before
