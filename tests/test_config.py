@@ -81,3 +81,30 @@ def test_consumer_config():
 def test_documented_contract_matches_code():
     doc = (ROOT / "docs" / "configuration.md").read_text()
     assert config.markdown_table() in doc, "docs/configuration.md is stale: run python -m dpe_ingest.config"
+
+
+def test_log_and_pushgateway_settings_are_read_through_the_contract():
+    """logs.py and the producer read LOG_*, KAFKA_CLIENT_LOG_LEVEL and METRICS_PUSHGATEWAY_URL here."""
+    got = config.LogSettings.from_env({})
+    assert (got.format, got.level, got.kafka_client_level) == ("logfmt", "INFO", None)
+    got = config.LogSettings.from_env({"LOG_FORMAT": "JSON", "LOG_LEVEL": "debug", "KAFKA_CLIENT_LOG_LEVEL": "error"})
+    assert (got.format, got.level, got.kafka_client_level) == ("json", "DEBUG", "ERROR")
+    assert config.LogSettings.from_env({"LOG_FORMAT": "yaml", "LOG_LEVEL": " "}).format == "logfmt"
+    assert config.LogSettings.from_env({"LOG_LEVEL": " "}).level == "INFO"
+    assert config.pushgateway_url({}) is None
+    assert config.pushgateway_url({"METRICS_PUSHGATEWAY_URL": " http://pg:9091 "}) == "http://pg:9091"
+    assert config.setting("CONSUMER_GROUP", {}) == "dpe-sink" and config.setting("ANALYTICS_GROUP", {"ANALYTICS_GROUP": "x"}) == "x"
+    src = (ROOT / "src" / "dpe_ingest").glob("*.py")
+    readers = [f.name for f in src if f.name != "config.py" and any(
+        f'"{name}"' in f.read_text() for name in ("LOG_FORMAT", "LOG_LEVEL", "KAFKA_CLIENT_LOG_LEVEL", "METRICS_PUSHGATEWAY_URL"))]
+    assert readers in ([], ["status.py"]), readers  # status.py: its own default level (WARNING), see logs.setup(level=)
+
+
+def test_both_consumer_groups_read_the_shared_settings_once():
+    env = {"BATCH_SIZE": "7", "BATCH_IDLE_MS": "9", "RETRY_MAX_BACKOFF_S": "2", "DATABASE_URL": "postgresql://x/y"}
+    sink, an = ConsumerConfig.from_env(env), config.AnalyticsConfig.from_env(env)
+    assert isinstance(sink, config.GroupConfig) and isinstance(an, config.GroupConfig)
+    shared = ("database_url", "batch_size", "batch_idle_ms", "retry_max_backoff_s", "kafka")
+    assert [getattr(sink, f) for f in shared] == [getattr(an, f) for f in shared]
+    assert (sink.group, an.group, sink.table, an.table_prefix) == ("dpe-sink", "dpe-analytics", "dpe_data", "dpe_analytics")
+

@@ -782,7 +782,7 @@ def test_a_partition_unknown_to_the_database_starts_at_an_earlier_versions_offse
     """An earlier version kept its positions in Kafka (its offsets carry no metadata): an upgrade goes on
     from there.  Offsets that only mirror the database's, with the database's gone (dropped, or lost with
     its rows), are not trusted: the partition is read from its beginning, nothing skipped."""
-    from dpe_ingest.consumer import KAFKA_MIRROR_METADATA
+    from dpe_ingest.group_consumer import KAFKA_MIRROR_METADATA
 
     assert not metadata or metadata == KAFKA_MIRROR_METADATA
     names = new_names("start")

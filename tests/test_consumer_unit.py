@@ -10,7 +10,7 @@ import pytest
 from kafka import TopicPartition
 
 import crashing
-from dpe_ingest import analytics, consumer, deadletter
+from dpe_ingest import analytics, consumer, deadletter, group_consumer
 from dpe_ingest.sink import Invalid, Row, dedupe, parse_message
 
 
@@ -152,7 +152,7 @@ def test_consume_refuses_bad_settings_with_exit_2(monkeypatch, capsys):
 
 
 def test_safe_url_hides_the_password():
-    assert consumer._safe_url("postgresql://dpe:s3cret@db:5432/dpe") == "postgresql://dpe:***@db:5432/dpe"
+    assert group_consumer.safe_url("postgresql://dpe:s3cret@db:5432/dpe") == "postgresql://dpe:***@db:5432/dpe"
 
 
 def test_dead_letter_of_a_refused_message_names_the_source():
@@ -169,3 +169,29 @@ def test_dead_letter_ids_name_the_row_not_the_attempt():
     assert deadletter.producer_id("69", None, 3) == "producer:69/-/3"
     assert deadletter.producer_id("69", "1700000000000,abc", 3) == "producer:69/1700000000000,abc/3"
     assert deadletter.consumer_id("t", 0, 7) != deadletter.consumer_id("t", 1, 7)
+
+
+def test_one_engine_serves_both_consumer_groups():
+    """Issue 21: the sink and the analytics run one engine; neither defines its loop, rebalances,
+    waits, positions, lag or stop again, and there is one Stale and one backoff."""
+    from dpe_ingest import sink
+
+    engine = group_consumer.GroupConsumer
+    for app in (consumer.Consumer, analytics.Analytics):
+        assert issubclass(app, engine)
+        again = {"run", "request_stop", "on_partitions_assigned", "on_partitions_revoked", "_keepalive", "_sync",
+                 "_idle_done", "_progress", "lag_by_partition", "_commit_kafka", "_step", "_write"} & set(vars(app))
+        assert not again, f"{app.__name__} defines {sorted(again)} again"
+    assert sink.Stale is analytics.Stale is group_consumer.Stale
+    assert sink.DatabaseUnavailable is group_consumer.DatabaseUnavailable
+    assert [group_consumer.backoff(a, 30.0) for a in (0, 1, 5, 6, 60)] == [0.5, 1.0, 16.0, 30.0, 30.0]
+
+
+def test_the_analytics_batch_claims_like_the_sinks():
+    """A skip moves its partition's offsets as a dead letter does, and a fact carries its offset."""
+    b = group_consumer.Batch()
+    p0 = TopicPartition("t", 0)
+    fact = analytics.classify(msg(**GOOD))
+    b.add_row(p0, fact, start=3, offset=3)
+    b.add_dead(p0, 4, "not_json", start=4)
+    assert b.claim("g", "t").ranges == {0: (3, 5)} and b.all_rows() == [fact] and b.all_dead() == ["not_json"]

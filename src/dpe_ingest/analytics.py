@@ -26,22 +26,18 @@ import argparse
 import datetime as dt
 import json
 import logging
-import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any, Callable
-
-from kafka import TopicPartition
-from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
+from typing import Any
 
 from . import logs, metrics
-from . import kafka_consumer as kc
-from .config import AnalyticsConfig, ConfigError, metrics_port
+from .config import AnalyticsConfig
+from .group_consumer import Batch, GroupConsumer, OffsetClaim, Refused, Stale, Written, main_of, no_crash
 from .messages import DELETED_FLAG, Deletion, settle
-from .sink import Invalid, parse_message
+from .sink import Database, Invalid, parse_message
 
 log = logging.getLogger("dpe_ingest.analytics")
 
@@ -49,13 +45,10 @@ LABELS = ("A", "B", "C", "D", "E", "F", "G")
 UNKNOWN = "unknown"
 NO_DEPARTMENT = "none"  # rows without a department (departement NULL in dpe_data)
 SKIP_REASONS = ("not_json", "no_numero_dpe", "invalid")
+OUTCOMES = ("new", "changed", "unchanged", "deleted", "skipped")  # of a message, in Applied and the metrics
 REFRESH_COUNTS_S = 2.0
 CRASH_POINTS = ("before_db_commit", "after_db_commit")
-
-
-def no_crash(point: str, batches_done: int) -> None:
-    """Called at each of CRASH_POINTS with the batches applied so far: does nothing.  No setting
-    changes it; only a test hands Analytics another hook (tests/crashing.py: SIGKILL at a point)."""
+__all__ = ["Analytics", "CRASH_POINTS", "main", "no_crash"]
 
 
 def label_of(value: Any) -> str:
@@ -114,14 +107,6 @@ def classify(value: bytes | None, partition: int = 0, offset: int = 0) -> Fact |
 # ---------------------------------------------------------------------------------------------
 # the store: state, counts and offsets in PostgreSQL
 # ---------------------------------------------------------------------------------------------
-class Stale(Exception):
-    """The batch does not start where the stored offsets say: {tp: stored next offset (-1: none)}."""
-
-    def __init__(self, where: dict[int, int]):
-        super().__init__(f"stale positions: {where}")
-        self.where = where
-
-
 @dataclass
 class Applied:
     new: int = 0
@@ -133,38 +118,21 @@ class Applied:
     new_fg: dict[str, int] = field(default_factory=dict)
 
 
-class Store:
-    def __init__(self, database_url: str, prefix: str):
-        import psycopg2
-        from psycopg2 import sql
+class Store(Database):
+    """The analytics tables (``<prefix>_*``): state, counts and offsets."""
 
-        self.pg, self.sql = psycopg2, sql
-        self.database_url, self.prefix = database_url, prefix
-        self.conn = None
-        self.t = {name: sql.Identifier(f"{prefix}_{name}")
+    APPLICATION = "dpe-ingest-analytics"
+
+    def __init__(self, database_url: str, prefix: str, **kw):
+        super().__init__(database_url, **kw)
+        self.sql = self._pg.sql
+        self.prefix = prefix
+        self.t = {name: self.sql.Identifier(f"{prefix}_{name}")
                   for name in ("keys", "labels", "months", "skipped", "offsets")}
 
-    def connect(self):
-        if self.conn is None or self.conn.closed:
-            self.conn = self.pg.connect(self.database_url, connect_timeout=10, application_name="dpe-ingest-analytics",
-                                        keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
-            with self.conn.cursor() as cur:
-                cur.execute("SET statement_timeout = 60000")
-            self.conn.commit()
-        return self.conn
-
-    def close(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except Exception:  # noqa: BLE001
-                pass
-            self.conn = None
-
     def migrate(self) -> None:
-        conn = self.connect()
         t, q = self.t, self.sql.SQL
-        with conn.cursor() as cur:
+        with self.transaction() as conn, conn.cursor() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(hashtext('dpe_ingest.migrate'), hashtext(%s))", (self.prefix,))
             cur.execute(q("CREATE TABLE IF NOT EXISTS {} (numero_dpe text PRIMARY KEY, departement text NOT NULL, "
                           "label text NOT NULL, month text NOT NULL, date_reception date)").format(t["keys"]))
@@ -179,16 +147,13 @@ class Store:
             cur.execute(q("CREATE TABLE IF NOT EXISTS {} (topic text NOT NULL, part integer NOT NULL, "
                           "next_offset bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), "
                           "PRIMARY KEY (topic, part))").format(t["offsets"]))
-        conn.commit()
 
-    def offsets(self, topic: str) -> dict[int, int]:
-        conn = self.connect()
-        with conn.cursor() as cur:
-            cur.execute(self.sql.SQL("SELECT part, next_offset FROM {} WHERE topic = %s").format(self.t["offsets"]),
-                        (topic,))
-            out = {int(p): int(o) for p, o in cur.fetchall()}
-        conn.commit()
-        return out
+    def stored_offsets(self, group: str, topic: str) -> dict[int, int]:
+        """{partition: next offset to apply} of ``topic`` (the tables are the group's own)."""
+        with self.transaction(commit=False) as conn, conn.cursor() as cur:
+            cur.execute(self.sql.SQL("SELECT part, next_offset FROM {} WHERE topic = %s AND next_offset >= 0")
+                        .format(self.t["offsets"]), (topic,))
+            return {int(p): int(o) for p, o in cur.fetchall()}
 
     def apply(self, topic: str, starts: dict[int, int], ends: dict[int, int], facts: list[Fact],
               skipped: dict[str, int], before_commit=None) -> Applied:
@@ -196,142 +161,125 @@ class Store:
         facts into state and counts, store the new offsets.  Raises :class:`Stale` (nothing written)."""
         from psycopg2.extras import execute_values
 
-        conn = self.connect()
         t, q = self.t, self.sql.SQL
         res = Applied(skipped=sum(skipped.values()))
-        try:
-            with conn.cursor() as cur:
-                parts = sorted(starts)
-                execute_values(cur, q("INSERT INTO {} (topic, part, next_offset) VALUES %s "
-                                      "ON CONFLICT (topic, part) DO NOTHING").format(t["offsets"]).as_string(conn),
-                               [(topic, p, -1) for p in parts])
-                cur.execute(q("SELECT part, next_offset FROM {} WHERE topic = %s AND part = ANY(%s) "
-                              "ORDER BY part FOR UPDATE").format(t["offsets"]), (topic, parts))
-                stored = {int(p): int(o) for p, o in cur.fetchall()}
-                stale = {p: stored[p] for p in parts if stored[p] >= 0 and stored[p] != starts[p]}
-                if stale:
-                    raise Stale(stale)
-                # in offset order per partition: one action per key, as applying the facts in order would
-                # leave it (a deletion only removes a certificate still of its department)
-                settled = settle(facts, attrgetter("key"), attrgetter("department"), attrgetter("deleted"))
-                last: dict[str, Fact | Deletion] = {f.key: f for f in settled.upserts}
-                last.update((d.key, d) for d in settled.deletions)
-                keys = sorted(last)
-                old: dict[str, tuple] = {}
-                if keys:
-                    cur.execute(q("SELECT numero_dpe, departement, label, month, date_reception FROM {} "
-                                  "WHERE numero_dpe = ANY(%s) ORDER BY numero_dpe FOR UPDATE").format(t["keys"]),
-                                (keys,))
-                    old = {k: (d, lab, m, day) for k, d, lab, m, day in cur.fetchall()}
-                labels: dict[tuple[str, str], int] = {}
-                months: dict[tuple[str, str], int] = {}
-                upserts, deletes = [], []
+        with self.transaction() as conn, conn.cursor() as cur:
+            parts = sorted(starts)
+            execute_values(cur, q("INSERT INTO {} (topic, part, next_offset) VALUES %s "
+                                  "ON CONFLICT (topic, part) DO NOTHING").format(t["offsets"]).as_string(conn),
+                           [(topic, p, -1) for p in parts])
+            cur.execute(q("SELECT part, next_offset FROM {} WHERE topic = %s AND part = ANY(%s) "
+                          "ORDER BY part FOR UPDATE").format(t["offsets"]), (topic, parts))
+            stored = {int(p): int(o) for p, o in cur.fetchall()}
+            stale = {p: stored[p] for p in parts if stored[p] >= 0 and stored[p] != starts[p]}
+            if stale:
+                raise Stale(stale)
+            # in offset order per partition: one action per key, as applying the facts in order would
+            # leave it (a deletion only removes a certificate still of its department)
+            settled = settle(facts, attrgetter("key"), attrgetter("department"), attrgetter("deleted"))
+            last: dict[str, Fact | Deletion] = {f.key: f for f in settled.upserts}
+            last.update((d.key, d) for d in settled.deletions)
+            keys = sorted(last)
+            old: dict[str, tuple] = {}
+            if keys:
+                cur.execute(q("SELECT numero_dpe, departement, label, month, date_reception FROM {} "
+                              "WHERE numero_dpe = ANY(%s) ORDER BY numero_dpe FOR UPDATE").format(t["keys"]),
+                            (keys,))
+                old = {k: (d, lab, m, day) for k, d, lab, m, day in cur.fetchall()}
+            labels: dict[tuple[str, str], int] = {}
+            months: dict[tuple[str, str], int] = {}
+            upserts, deletes = [], []
 
-                def move(cell, sign):
-                    d, lab, m = cell[0], cell[1], cell[2]
-                    labels[(d, lab)] = labels.get((d, lab), 0) + sign
-                    months[(d, m)] = months.get((d, m), 0) + sign
+            def move(cell, sign):
+                d, lab, m = cell[0], cell[1], cell[2]
+                labels[(d, lab)] = labels.get((d, lab), 0) + sign
+                months[(d, m)] = months.get((d, m), 0) + sign
 
-                for k in keys:
-                    f, before = last[k], old.get(k)
-                    if isinstance(f, Deletion):
-                        if before is None or not f.applies_to(before[0]):
-                            res.unchanged += 1
-                            continue
-                        move(before, -1)
-                        deletes.append(k)
-                        res.deleted += 1
-                        continue
-                    now = f.cell()
-                    if before == now:
+            for k in keys:
+                f, before = last[k], old.get(k)
+                if isinstance(f, Deletion):
+                    if before is None or not f.applies_to(before[0]):
                         res.unchanged += 1
                         continue
-                    if before is None:
-                        res.new += 1
-                    else:
-                        move(before, -1)
-                        res.changed += 1
-                    move(now, +1)
-                    upserts.append((k, *now))
-                    if f.label in ("F", "G") and (before is None or before[1] not in ("F", "G")):
-                        res.new_fg[f.department] = res.new_fg.get(f.department, 0) + 1
-                if upserts:
-                    execute_values(cur, q("INSERT INTO {} (numero_dpe, departement, label, month, date_reception) "
-                                          "VALUES %s ON CONFLICT (numero_dpe) DO UPDATE SET departement = "
-                                          "EXCLUDED.departement, label = EXCLUDED.label, month = EXCLUDED.month, "
-                                          "date_reception = EXCLUDED.date_reception").format(t["keys"])
-                                   .as_string(conn), upserts, page_size=1000)
-                if deletes:
-                    cur.execute(q("DELETE FROM {} WHERE numero_dpe = ANY(%s)").format(t["keys"]), (deletes,))
-                for table, cols, deltas in ((t["labels"], ("departement", "label"), labels),
-                                            (t["months"], ("departement", "month"), months)):
-                    rows = sorted((a, b, n) for (a, b), n in deltas.items() if n)
-                    if rows:
-                        execute_values(cur, q("INSERT INTO {} (departement, {}, n) VALUES %s ON CONFLICT "
-                                              "(departement, {}) DO UPDATE SET n = {}.n + EXCLUDED.n")
-                                       .format(table, self.sql.Identifier(cols[1]), self.sql.Identifier(cols[1]),
-                                               table).as_string(conn), rows)
-                if skipped:
-                    execute_values(cur, q("INSERT INTO {} (reason, n) VALUES %s ON CONFLICT (reason) DO UPDATE "
-                                          "SET n = {}.n + EXCLUDED.n").format(t["skipped"], t["skipped"])
-                                   .as_string(conn), sorted(skipped.items()))
-                for p in parts:
-                    cur.execute(q("UPDATE {} SET next_offset = %s, updated_at = now() WHERE topic = %s AND part = %s")
-                                .format(t["offsets"]), (ends[p], topic, p))
-                if before_commit is not None:
-                    before_commit()
-            conn.commit()
-        except BaseException:
-            try:
-                conn.rollback()
-            except Exception:  # noqa: BLE001
-                self.close()
-            raise
+                    move(before, -1)
+                    deletes.append(k)
+                    res.deleted += 1
+                    continue
+                now = f.cell()
+                if before == now:
+                    res.unchanged += 1
+                    continue
+                if before is None:
+                    res.new += 1
+                else:
+                    move(before, -1)
+                    res.changed += 1
+                move(now, +1)
+                upserts.append((k, *now))
+                if f.label in ("F", "G") and (before is None or before[1] not in ("F", "G")):
+                    res.new_fg[f.department] = res.new_fg.get(f.department, 0) + 1
+            if upserts:
+                execute_values(cur, q("INSERT INTO {} (numero_dpe, departement, label, month, date_reception) "
+                                      "VALUES %s ON CONFLICT (numero_dpe) DO UPDATE SET departement = "
+                                      "EXCLUDED.departement, label = EXCLUDED.label, month = EXCLUDED.month, "
+                                      "date_reception = EXCLUDED.date_reception").format(t["keys"])
+                               .as_string(conn), upserts, page_size=1000)
+            if deletes:
+                cur.execute(q("DELETE FROM {} WHERE numero_dpe = ANY(%s)").format(t["keys"]), (deletes,))
+            for table, cols, deltas in ((t["labels"], ("departement", "label"), labels),
+                                        (t["months"], ("departement", "month"), months)):
+                rows = sorted((a, b, n) for (a, b), n in deltas.items() if n)
+                if rows:
+                    execute_values(cur, q("INSERT INTO {} (departement, {}, n) VALUES %s ON CONFLICT "
+                                          "(departement, {}) DO UPDATE SET n = {}.n + EXCLUDED.n")
+                                   .format(table, self.sql.Identifier(cols[1]), self.sql.Identifier(cols[1]),
+                                           table).as_string(conn), rows)
+            if skipped:
+                execute_values(cur, q("INSERT INTO {} (reason, n) VALUES %s ON CONFLICT (reason) DO UPDATE "
+                                      "SET n = {}.n + EXCLUDED.n").format(t["skipped"], t["skipped"])
+                               .as_string(conn), sorted(skipped.items()))
+            for p in parts:
+                cur.execute(q("UPDATE {} SET next_offset = %s, updated_at = now() WHERE topic = %s AND part = %s")
+                            .format(t["offsets"]), (ends[p], topic, p))
+            if before_commit is not None:
+                before_commit()
         return res
 
     def counts(self) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
         """(department -> label -> n, reason -> skipped): what the gauges and the alerts show."""
-        conn = self.connect()
         labels: dict[str, dict[str, int]] = {}
-        try:
-            with conn.cursor() as cur:
-                cur.execute(self.sql.SQL("SELECT departement, label, n FROM {}").format(self.t["labels"]))
-                for d, lab, n in cur.fetchall():
-                    labels.setdefault(d, {})[lab] = int(n)
-                cur.execute(self.sql.SQL("SELECT reason, n FROM {}").format(self.t["skipped"]))
-                skipped = {r: int(n) for r, n in cur.fetchall()}
-        finally:
-            conn.rollback()
+        with self.transaction(commit=False) as conn, conn.cursor() as cur:
+            cur.execute(self.sql.SQL("SELECT departement, label, n FROM {}").format(self.t["labels"]))
+            for d, lab, n in cur.fetchall():
+                labels.setdefault(d, {})[lab] = int(n)
+            cur.execute(self.sql.SQL("SELECT reason, n FROM {}").format(self.t["skipped"]))
+            skipped = {r: int(n) for r, n in cur.fetchall()}
         return labels, skipped
 
     def read(self) -> "Report":
         """Everything the report shows, read in one snapshot."""
-        conn = self.connect()
         t, q = self.t, self.sql.SQL
         rep = Report()
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                cur.execute("SELECT to_regclass(%s)", (f"{self.prefix}_offsets",))
-                if cur.fetchone()[0] is None:
-                    return rep
-                cur.execute(q("SELECT departement, label, n FROM {} WHERE n <> 0").format(t["labels"]))
-                for d, lab, n in cur.fetchall():
-                    rep.labels.setdefault(d, {})[lab] = int(n)
-                cur.execute(q("SELECT departement, month, n FROM {} WHERE n <> 0").format(t["months"]))
-                for d, m, n in cur.fetchall():
-                    rep.months.setdefault(d, {})[m] = int(n)
-                cur.execute(q("SELECT reason, n FROM {}").format(t["skipped"]))
-                rep.skipped = {r: int(n) for r, n in cur.fetchall()}
-                cur.execute(q("SELECT topic, part, next_offset FROM {} ORDER BY 1, 2").format(t["offsets"]))
-                rep.offsets = {f"{topic}:{p}": int(o) for topic, p, o in cur.fetchall()}
-                deps = sorted(rep.labels)
-                for d in deps:  # the (departement, date_reception) index answers each in one step
-                    cur.execute(q("SELECT max(date_reception) FROM {} WHERE departement = %s").format(t["keys"]), (d,))
-                    day = cur.fetchone()[0]
-                    rep.latest[d] = day.isoformat() if day is not None else None
-        finally:
-            conn.rollback()
+        with self.transaction(commit=False) as conn, conn.cursor() as cur:
+            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            cur.execute("SELECT to_regclass(%s)", (f"{self.prefix}_offsets",))
+            if cur.fetchone()[0] is None:
+                return rep
+            cur.execute(q("SELECT departement, label, n FROM {} WHERE n <> 0").format(t["labels"]))
+            for d, lab, n in cur.fetchall():
+                rep.labels.setdefault(d, {})[lab] = int(n)
+            cur.execute(q("SELECT departement, month, n FROM {} WHERE n <> 0").format(t["months"]))
+            for d, m, n in cur.fetchall():
+                rep.months.setdefault(d, {})[m] = int(n)
+            cur.execute(q("SELECT reason, n FROM {}").format(t["skipped"]))
+            rep.skipped = {r: int(n) for r, n in cur.fetchall()}
+            cur.execute(q("SELECT topic, part, next_offset FROM {} ORDER BY 1, 2").format(t["offsets"]))
+            rep.offsets = {f"{topic}:{p}": int(o) for topic, p, o in cur.fetchall()}
+            deps = sorted(rep.labels)
+            for d in deps:  # the (departement, date_reception) index answers each in one step
+                cur.execute(q("SELECT max(date_reception) FROM {} WHERE departement = %s").format(t["keys"]), (d,))
+                day = cur.fetchone()[0]
+                rep.latest[d] = day.isoformat() if day is not None else None
         return rep
 
 
@@ -475,306 +423,91 @@ class Alerts:
 # ---------------------------------------------------------------------------------------------
 # the consumer
 # ---------------------------------------------------------------------------------------------
-class Analytics:
+class Analytics(GroupConsumer):
+    """The analytics group: facts folded into the counts with their offsets, skips counted by reason."""
+
+    log = log
+    NAME = "analytics"
+    CRASH_POINTS = CRASH_POINTS
+
     def __init__(self, cfg: AnalyticsConfig, *, exit_when_idle_s: float | None = None, store: Store | None = None,
-                 crash: Callable[[str, int], None] | None = None):
-        self.cfg = cfg
-        self.crash = crash or no_crash
-        self.exit_when_idle_s = exit_when_idle_s
-        self.store = store or Store(cfg.database_url, cfg.table_prefix)
-        self.metrics = metrics.AnalyticsMetrics()
+                 crash=None):
+        # messages per transaction: 5 x BATCH_SIZE (counting is cheaper than storing whole rows)
+        super().__init__(cfg, metrics.AnalyticsMetrics(), batch_size=cfg.batch_size * 5,
+                         exit_when_idle_s=exit_when_idle_s, crash=crash, store=store)
         self.alerts = Alerts(cfg.alert_share, cfg.alert_interval_s, self.metrics.alerts)
-        self.consumer = None
-        self.unsynced: set[TopicPartition] = set()  # assigned, not yet positioned from the stored offsets
-        self.gap_ok: dict[TopicPartition, tuple[int, int]] = {}
-        self.stop = False
-        self.joined = False
-        self.last_message_at = time.monotonic()
         self.counts: dict[str, dict[str, int]] = {}
         self.counts_at = 0.0
-        self.totals = Applied()
-        self.batches = 0
-        self.last_progress_at = time.monotonic()
-        #: messages per transaction: 5 x BATCH_SIZE (counting is cheaper than storing whole rows)
-        self.max_records = cfg.batch_size * 5
 
-    def request_stop(self, signum=None, _frame=None) -> None:
-        if not self.stop:
-            logs.event(log, "stopping", "stop signal: finishing the batch in hand, then exiting",
-                       signal=signal.Signals(signum).name if signum else "stop")
-        self.stop = True
+    def open_store(self) -> Store:
+        return Store(self.cfg.database_url, self.cfg.table_prefix)
 
-    # -- rebalances (kafka-python's IO thread, inside poll): no I/O here ------------------------
-    def on_partitions_assigned(self, assigned) -> None:
-        self.joined = True
-        assigned = set(assigned)
-        self.unsynced |= assigned
-        if assigned and self.consumer is not None:
-            self.consumer.pause(*assigned)  # until positioned from the database
-        self.last_message_at = time.monotonic()
-        logs.event(log, "partitions_assigned", f"partitions assigned: {kc.partitions_text(assigned) or 'none'}",
-                   partitions=kc.partitions_text(assigned))
+    def parse(self, msg):
+        got = classify(msg.value, msg.partition, msg.offset)
+        if isinstance(got, str):
+            logs.event(log, "skipped", f"message skipped: {got}", logging.DEBUG, reason=got,
+                       partition=msg.partition, offset=msg.offset)
+            return Refused(got)
+        return got
 
-    def on_partitions_revoked(self, revoked) -> None:
-        self.unsynced -= set(revoked)
-        if revoked:
-            logs.event(log, "partitions_revoked", f"partitions revoked: {kc.partitions_text(revoked)}", partitions=kc.partitions_text(revoked))
+    def write(self, store: Store, batch: Batch, claim: OffsetClaim, crash) -> Applied:
+        """The facts, the skips and the offsets of ``batch`` in one transaction (:meth:`Store.apply`)."""
+        return store.apply(claim.topic, {p: s for p, (s, _) in claim.ranges.items()},
+                           {p: n for p, (_, n) in claim.ranges.items()}, batch.all_rows(),
+                           dict(Counter(batch.all_dead())), before_commit=lambda: crash("before_db_commit"))
 
-    # -- helpers ---------------------------------------------------------------------------------
-    def _retrying(self, fn, what: str):
-        attempt = 0
-        while True:
-            try:
-                out = fn()
-                if attempt:
-                    logs.event(log, "db_recovered", f"database back after {attempt} failed attempt(s)", what=what)
-                return out
-            except self.store.pg.Error as exc:
-                self.store.close()
-                wait = min(self.cfg.retry_max_backoff_s, 0.5 * 2 ** min(attempt, 20))
-                logs.event(log, "db_unavailable", f"database error during {what}: {logs.short_error(exc)}; retrying in "
-                           f"{wait:.1f}s", logging.WARNING, what=what, attempt=attempt + 1, retry_in=round(wait, 1),
-                           error=logs.short_error(exc))
-                attempt += 1
-                self._keepalive(wait)
-                if self.stop:
-                    raise
-
-    def _keepalive(self, seconds: float) -> None:
-        """Wait while staying a live member of the group (poll with every partition paused)."""
-        end = time.monotonic() + seconds
-        while not self.stop and time.monotonic() < end:
-            if self.consumer is None:
-                time.sleep(min(0.5, end - time.monotonic()))
-                continue
-            assigned = self.consumer.assignment()
-            if assigned:
-                self.consumer.pause(*assigned)
-            try:
-                got = self.consumer.poll(timeout_ms=int(max(0.05, min(1.0, end - time.monotonic())) * 1000),
-                                         max_records=1)
-            except KafkaError:
-                time.sleep(0.5)
-                continue
-            for tp in got:  # (should not happen: all paused) re-read them later
-                self.unsynced.add(tp)
-        if self.consumer is not None:
-            # the wait is over: fetch again what it paused (the unsynced are resumed once positioned);
-            # left paused, the rest of the topic was never applied after a database outage
-            self.consumer.resume(*[tp for tp in self.consumer.assignment() if tp not in self.unsynced])
-
-    def _sync(self) -> None:
-        """Position the newly assigned partitions at the offsets stored with the state."""
-        if not self.unsynced:
-            return
-        stored = self._retrying(lambda: self.store.offsets(self.cfg.kafka.topic), "offsets read")
-        mine = self.consumer.assignment()
-        todo = [tp for tp in self.unsynced if tp in mine]
-        begin = [tp for tp in todo if stored.get(tp.partition, -1) < 0]
-        for tp in todo:
-            if stored.get(tp.partition, -1) >= 0:
-                self.consumer.seek(tp, stored[tp.partition])
-        if begin:
-            self.consumer.seek_to_beginning(*begin)
-        if todo:
-            self.consumer.resume(*todo)
-        self.unsynced = set()
+    def written(self, w: Written) -> None:
+        res = w.result
+        self.metrics.batch_seconds.observe(w.seconds)
+        for outcome in OUTCOMES:
+            n = getattr(res, outcome)
+            if n:
+                self.metrics.messages.labels(outcome).inc(n)
+                self.totals[outcome] += n
+        self.alerts.add(res.new_fg)
+        logs.event(log, "batch", f"batch {self.totals['batches']}: {res.new} new, {res.changed} changed, {res.unchanged} "
+                   f"unchanged, {res.deleted} deleted, {res.skipped} skipped", logging.DEBUG, new=res.new,
+                   changed=res.changed, unchanged=res.unchanged, deleted=res.deleted, skipped=res.skipped)
 
     def _refresh_counts(self, force: bool = False) -> None:
         if not force and time.monotonic() - self.counts_at < REFRESH_COUNTS_S:
             return
-        labels, skipped = self._retrying(self.store.counts, "counts read")
+        reader = self._reader()
+        labels, skipped = self.db_call(reader.counts, "counts read", store=reader)
         self.counts, self.counts_at = labels, time.monotonic()
         self.metrics.set_counts(labels, skipped)
 
-    def lag_by_partition(self) -> dict[tuple[str, int], int] | None:
-        if self.consumer is None:
-            return None
-        out = {}
-        try:
-            for tp in self.consumer.assignment():
-                hw = self.consumer.highwater(tp)
-                pos = self.consumer._subscription.assignment[tp].position
-                if hw is not None and pos is not None:
-                    out[(tp.topic, tp.partition)] = max(0, hw - pos.offset)
-        except Exception:  # noqa: BLE001 - a figure for metrics and logs only
-            return None
-        return out
+    def ready(self) -> None:
+        self._refresh_counts(force=True)
 
-    # -- one batch -------------------------------------------------------------------------------
-    def handle(self, records: dict) -> None:
-        topic = self.cfg.kafka.topic
-        starts, ends, facts, skipped = {}, {}, [], {}
-        for tp, msgs in records.items():
-            if tp in self.unsynced or not msgs:
-                continue  # polled before it was positioned: read again from the stored offset
-            starts[tp.partition] = msgs[0].offset
-            ends[tp.partition] = msgs[-1].offset + 1
-            for m in msgs:
-                got = classify(m.value, m.partition, m.offset)
-                if isinstance(got, str):
-                    skipped[got] = skipped.get(got, 0) + 1
-                    logs.event(log, "skipped", f"message skipped: {got}", logging.DEBUG, reason=got,
-                               partition=m.partition, offset=m.offset)
-                else:
-                    facts.append(got)
-        if not starts:
-            return
-        t0 = time.monotonic()
-        try:
-            res = self._retrying(lambda: self._apply(topic, starts, ends, facts, skipped), "batch write")
-        except Stale as stale:
-            self._reposition(topic, starts, stale.where)
-            return
-        self.crash("after_db_commit", self.batches)
-        self.metrics.batch_seconds.observe(time.monotonic() - t0)
-        self.metrics.committed()
-        for outcome in ("new", "changed", "unchanged", "deleted", "skipped"):
-            n = getattr(res, outcome)
-            if n:
-                self.metrics.messages.labels(outcome).inc(n)
-                setattr(self.totals, outcome, getattr(self.totals, outcome) + n)
-        self.batches += 1
-        self.alerts.add(res.new_fg)
-        self._commit_kafka({TopicPartition(topic, p): o for p, o in ends.items()})
-        logs.event(log, "batch", f"batch {self.batches}: {res.new} new, {res.changed} changed, {res.unchanged} "
-                   f"unchanged, {res.deleted} deleted, {res.skipped} skipped", logging.DEBUG, new=res.new,
-                   changed=res.changed, unchanged=res.unchanged, deleted=res.deleted, skipped=res.skipped)
+    def tick(self) -> None:
+        # a summary's F/G total is read when it is written: its new F/G and its totals are of one moment
+        self._refresh_counts(force=self.alerts.due())
+        self.alerts.emit(self.counts)
 
-    def _apply(self, topic, starts, ends, facts, skipped):
-        # a start offset past the stored one that was already seen after a re-seek is a real gap
-        # (records removed by retention or compaction): accept it by moving the stored offset first
-        accepted = {p: s for p, s in starts.items()
-                    if self.gap_ok.get(TopicPartition(topic, p)) is not None
-                    and self.gap_ok[TopicPartition(topic, p)][1] == s}
-        if accepted:
-            self._move_offsets(topic, accepted)
-        done = self.batches
-        return self.store.apply(topic, starts, ends, facts, skipped,
-                                before_commit=lambda: self.crash("before_db_commit", done))
-
-    def _move_offsets(self, topic: str, where: dict[int, int]) -> None:
-        conn = self.store.connect()
-        with conn.cursor() as cur:
-            for p, off in where.items():
-                cur.execute(self.store.sql.SQL("UPDATE {} SET next_offset = %s WHERE topic = %s AND part = %s "
-                                               "AND next_offset < %s").format(self.store.t["offsets"]),
-                            (off, topic, p, off))
-        conn.commit()
-        for p in where:
-            self.gap_ok.pop(TopicPartition(topic, p), None)
-            logs.event(log, "offset_gap", f"partition {p}: records missing from the topic before offset "
-                       f"{where[p]} (retention or compaction): continuing there", logging.WARNING, partition=p,
-                       offset=where[p])
-
-    def _reposition(self, topic: str, starts: dict[int, int], stored: dict[int, int]) -> None:
-        """The batch was not where the database is: go back (or forward) to the stored offsets and
-        re-read every partition of the batch (nothing of it was written)."""
-        for p, start in starts.items():
-            tp = TopicPartition(topic, p)
-            if p in stored:
-                if start > stored[p]:
-                    self.gap_ok[tp] = (stored[p], start)  # if we land on `start` again, the gap is real
-                self.consumer.seek(tp, stored[p])
-            else:
-                self.consumer.seek(tp, start)
-        logs.event(log, "repositioned", f"batch not at the stored offsets ({stored}): re-reading from there",
-                   logging.INFO, stored=json.dumps({str(k): v for k, v in stored.items()}))
-
-    def _commit_kafka(self, offsets: dict[TopicPartition, int]) -> None:
-        """Only for the group's lag in ``dpe-ingest status`` and the metrics: never trusted on restart."""
-        try:
-            self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}, timeout_ms=5000)
-        except Exception as exc:  # noqa: BLE001 - the truth is in the database
-            logs.event(log, "commit_failed", f"Kafka offset commit failed (harmless: the offsets are stored with "
-                       f"the counts): {logs.short_error(exc)}", logging.DEBUG, error=logs.short_error(exc))
-
-    # -- the loop --------------------------------------------------------------------------------
-    def _idle_done(self) -> bool:
-        if self.exit_when_idle_s is None or not self.joined or self.unsynced:
-            return False
-        if time.monotonic() - self.last_message_at < self.exit_when_idle_s:
-            return False
-        assigned = list(self.consumer.assignment())
-        if not assigned:
-            return True
-        try:
-            ends = self.consumer.end_offsets(assigned, timeout_ms=10000)
-            stored = self.store.offsets(self.cfg.kafka.topic)
-        except Exception as exc:  # noqa: BLE001
-            logs.event(log, "idle_check_failed", f"idle check: {logs.short_error(exc)}", logging.WARNING)
-            self.last_message_at = time.monotonic()
-            return False
-        behind = [tp for tp, end in ends.items() if end > max(stored.get(tp.partition, 0), 0)]
-        if behind:
-            self.last_message_at = time.monotonic()
-            return False
-        return True
-
-    def _progress(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last_progress_at < 10.0:
-            return
-        self.last_progress_at = now
-        lag = self.lag_by_partition()
-        self.metrics.lag.set(lag)
-        t = self.totals
-        logs.event(log, "progress", f"{self.batches} batches: {t.new} new, {t.changed} changed, {t.unchanged} "
-                   f"unchanged, {t.deleted} deleted, {t.skipped} skipped", batches=self.batches, new=t.new,
-                   changed=t.changed, unchanged=t.unchanged, deleted=t.deleted, skipped=t.skipped,
-                   lag=sum(lag.values()) if lag else None, departments=len(self.counts))
-
-    def run(self) -> int:
+    def start_line(self) -> None:
         cfg = self.cfg
         logs.event(log, "start", f"analytics starting: {cfg.kafka.topic} (group {cfg.group}) -> tables "
                    f"{cfg.table_prefix}_*", topic=cfg.kafka.topic, group=cfg.group, prefix=cfg.table_prefix,
                    alert_share=cfg.alert_share, alert_interval_s=cfg.alert_interval_s)
-        reason = "signal"
-        try:
-            self._retrying(self.store.migrate, "migration")
-            self._refresh_counts(force=True)
-            k = cfg.kafka
-            kc.ensure_topics(k)
-            self.consumer = kc.make_consumer(k, cfg.group, self.max_records,
-                                             client_id=f"dpe-ingest-analytics-{cfg.group}")
-            self.consumer.subscribe([k.topic], listener=kc.RebalanceListener(self))
-            while not self.stop:
-                self._sync()
-                try:
-                    records = self.consumer.poll(timeout_ms=1000, max_records=self.max_records)
-                except KafkaError as exc:
-                    logs.event(log, "kafka_error", f"poll failed: {logs.short_error(exc)}", logging.WARNING, error=logs.short_error(exc))
-                    time.sleep(1.0)
-                    continue
-                if records:
-                    self.last_message_at = time.monotonic()
-                    self.handle(records)  # (records of a partition assigned during this poll are dropped)
-                # a summary's F/G total is read when it is written: its new F/G and its totals are of one moment
-                self._refresh_counts(force=self.alerts.due())
-                self.alerts.emit(self.counts)
-                self._progress()
-                if self._idle_done():
-                    reason = "idle"
-                    break
-        except Exception as exc:  # noqa: BLE001
-            if not self.stop:
-                raise
-            logs.event(log, "abandoned", f"stopped during a wait: {logs.short_error(exc)}", logging.WARNING)
-        finally:
-            if self.consumer is not None:
-                try:
-                    self.consumer.close(autocommit=False, timeout_ms=5000)
-                except Exception:  # noqa: BLE001
-                    pass
-            try:
-                self._refresh_counts(force=True)
-                self.alerts.emit(self.counts, force=True)
-            except Exception:  # noqa: BLE001
-                pass
-            self.store.close()
-        self._progress(force=True)
-        logs.event(log, "stop", f"analytics stopped ({reason})", reason=reason, batches=self.batches)
-        return 0
+
+    def progress_line(self, interval_s: float, lag: int | None) -> None:
+        t = {"batches": self.totals["batches"], **{o: self.totals[o] for o in OUTCOMES}}
+        logs.event(log, "progress", "{batches} batches: {new} new, {changed} changed, {unchanged} unchanged, "
+                   "{deleted} deleted, {skipped} skipped".format(**t), **t, lag=lag, departments=len(self.counts))
+
+    def stop_line(self, reason: str) -> None:
+        logs.event(log, "stop", f"analytics stopped ({reason})", reason=reason, batches=self.totals["batches"])
+
+    def close(self) -> None:
+        try:  # the last summaries, with the counts as they are now (one attempt)
+            labels, skipped = self._reader().counts()
+            self.counts = labels
+            self.metrics.set_counts(labels, skipped)
+            self.alerts.emit(self.counts, force=True)
+        except Exception:  # noqa: BLE001
+            pass
+        super().close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -803,31 +536,25 @@ def report(cfg: AnalyticsConfig) -> Report:
         store.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logs.setup()
-    if args.exit_when_idle is not None and args.exit_when_idle <= 0:
-        print("dpe-ingest analytics: --exit-when-idle must be > 0 seconds", file=sys.stderr)
-        return 2
+def _report(args, cfg: AnalyticsConfig) -> int | None:
+    """--report / --json: print the counts (exit 0, or 1 when the tables cannot be read); else None."""
+    if not (args.report or args.json):
+        return None
     try:
-        cfg = AnalyticsConfig.from_env()
-        port = metrics_port()
-    except ConfigError as exc:
-        print(f"dpe-ingest analytics: {exc}", file=sys.stderr)
-        return 2
-    if args.report or args.json:
-        try:
-            rep = report(cfg)
-        except Exception as exc:  # noqa: BLE001
-            print(f"dpe-ingest analytics: cannot read the analytics tables: {logs.short_error(exc)}", file=sys.stderr)
-            return 1
-        if args.json:
-            print(json.dumps(rep.to_json(), indent=2))
-        else:
-            sys.stdout.write(rep.render())
-        return 0
-    app = Analytics(cfg, exit_when_idle_s=args.exit_when_idle)
-    return metrics.run_service(app, port, "dpe-ingest analytics", "analytics", log)
+        rep = report(cfg)
+    except Exception as exc:  # noqa: BLE001
+        print(f"dpe-ingest analytics: cannot read the analytics tables: {logs.short_error(exc)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(rep.to_json(), indent=2))
+    else:
+        sys.stdout.write(rep.render())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_of(build_parser(), argv, AnalyticsConfig.from_env,
+                   lambda cfg, args: Analytics(cfg, exit_when_idle_s=args.exit_when_idle), log, "analytics", _report)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import datetime as dt
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, Callable, Iterable, Sequence
@@ -29,6 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 import orjson
 
 from .config import BASE_FIELDS
+from .group_consumer import DatabaseUnavailable, OffsetClaim, Stale
 from .messages import DELETED_FLAG, settle
 
 #: Columns filled from the message (``extra`` holds every other field of the JSON object).
@@ -221,29 +223,6 @@ class WriteResult:
         return self.inserted + self.updated + self.unchanged
 
 
-class DatabaseUnavailable(RuntimeError):
-    """The database cannot be reached or the connection broke: retry later with the same batch."""
-
-
-@dataclass(frozen=True)
-class OffsetClaim:
-    """A batch's place in the topic: for each partition, the offset its reading started from (where
-    the previous batch ended, or where the consumer was positioned) and the next offset after it."""
-
-    group: str
-    topic: str
-    ranges: dict[int, tuple[int, int]]  # partition -> (start, next)
-
-
-class Stale(Exception):
-    """The database's offsets are not where the batch starts, for these partitions: it was written
-    already (before a crash, or by another member of the group).  Nothing was written."""
-
-    def __init__(self, stored: dict[int, int | None]):
-        super().__init__(f"batch not at the stored offsets: {stored}")
-        self.stored = stored  # partition -> stored next offset (None: no row)
-
-
 def _psycopg2():
     try:
         import psycopg2  # noqa: F401
@@ -261,22 +240,19 @@ _TYPES = ("text", "date", "text", "text", "text", "jsonb", "integer", "bigint")
 _DATA = ("date_reception_dpe", "code_postal_ban", "etiquette_dpe", "departement", "extra")
 
 
-class Sink:
-    """One connection to PostgreSQL, the migrations and the batch upsert with its offsets."""
+class Database:
+    """One connection to PostgreSQL (the sink's, the analytics'): connection problems raise
+    :class:`DatabaseUnavailable` (retry later), a transaction that fails is rolled back."""
 
-    def __init__(self, database_url: str, table: str = "dpe_data", *, connect_timeout_s: int = 10,
-                 statement_timeout_ms: int = 60000):
+    APPLICATION = "dpe-ingest-consumer"
+
+    def __init__(self, database_url: str, *, connect_timeout_s: int = 10, statement_timeout_ms: int = 60000):
         self.database_url = database_url
-        self.table = table
         self.connect_timeout_s = connect_timeout_s
         self.statement_timeout_ms = statement_timeout_ms
         self.conn = None
         self._pg = _psycopg2()
-        self._t = self._pg.sql.Identifier(table)
-        self._o = self._pg.sql.Identifier(OFFSETS_TABLE)
-        self._sql = self._statements()
 
-    # -- connection ------------------------------------------------------------------------
     def connect(self) -> None:
         """(Re)connect; raises :class:`DatabaseUnavailable` when the server cannot be reached."""
         self.close()
@@ -285,7 +261,7 @@ class Sink:
             conn = pg.connect(
                 self.database_url,
                 connect_timeout=self.connect_timeout_s,
-                application_name="dpe-ingest-consumer",
+                application_name=self.APPLICATION,
                 keepalives=1,
                 keepalives_idle=30,
                 keepalives_interval=10,
@@ -310,6 +286,39 @@ class Sink:
         if self.conn is None or self.conn.closed:
             self.connect()
         return self.conn
+
+    @contextmanager
+    def transaction(self, commit: bool = True):
+        """The connection, for one transaction: committed at the end (``commit`` False: rolled back, a
+        read), rolled back on any error."""
+        pg = self._pg
+        conn = self._ensure()
+        try:
+            yield conn
+            if commit:
+                conn.commit()
+            else:
+                conn.rollback()
+        except (pg.OperationalError, pg.InterfaceError) as exc:
+            self.close()
+            raise DatabaseUnavailable(_one_line(exc)) from exc
+        except BaseException:
+            try:
+                conn.rollback()
+            except Exception:
+                self.close()
+            raise
+
+
+class Sink(Database):
+    """The table of the rows: its migrations and the batch upsert with its offsets."""
+
+    def __init__(self, database_url: str, table: str = "dpe_data", **kw):
+        super().__init__(database_url, **kw)
+        self.table = table
+        self._t = self._pg.sql.Identifier(table)
+        self._o = self._pg.sql.Identifier(OFFSETS_TABLE)
+        self._sql = self._statements()
 
     # -- migration -------------------------------------------------------------------------
     def migration_sql(self) -> list:
@@ -357,37 +366,18 @@ class Sink:
     def migrate(self) -> None:
         """Create the tables if needed.  Safe when several consumers start at the same moment:
         the DDL runs under a transaction-scoped advisory lock keyed on the table name."""
-        pg = self._pg
-        conn = self._ensure()
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT pg_advisory_xact_lock(hashtext('dpe_ingest.migrate'), hashtext(%s))",
-                            (self.table,))
-                for stmt in self.migration_sql():
-                    cur.execute(stmt)
-            conn.commit()
-        except (pg.OperationalError, pg.InterfaceError) as exc:
-            self.close()
-            raise DatabaseUnavailable(_one_line(exc)) from exc
-        except Exception:
-            conn.rollback()
-            raise
+        with self.transaction() as conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext('dpe_ingest.migrate'), hashtext(%s))", (self.table,))
+            for stmt in self.migration_sql():
+                cur.execute(stmt)
 
     # -- offsets ---------------------------------------------------------------------------
     def stored_offsets(self, group: str, topic: str) -> dict[int, int]:
         """{partition: next offset} the database holds for ``group`` in ``topic``."""
-        pg = self._pg
-        conn = self._ensure()
-        try:
-            with conn.cursor() as cur:
-                cur.execute(pg.sql.SQL("SELECT partition, next_offset FROM {} WHERE consumer_group = %s"
-                                       " AND topic = %s").format(self._o), (group, topic))
-                out = {int(p): int(o) for p, o in cur.fetchall()}
-            conn.rollback()
-            return out
-        except (pg.OperationalError, pg.InterfaceError) as exc:
-            self.close()
-            raise DatabaseUnavailable(_one_line(exc)) from exc
+        with self.transaction(commit=False) as conn, conn.cursor() as cur:
+            cur.execute(self._pg.sql.SQL("SELECT partition, next_offset FROM {} WHERE consumer_group = %s"
+                                         " AND topic = %s").format(self._o), (group, topic))
+            return {int(p): int(o) for p, o in cur.fetchall()}
 
     # -- batch upsert ----------------------------------------------------------------------
     def _statements(self) -> dict:
@@ -512,38 +502,26 @@ class Sink:
         result = WriteResult()
         if not unique and not gone and claim is None:
             return result
-        conn = self._ensure()
-        try:
-            with conn.cursor() as cur:
-                counts = (0, 0)
-                if unique:
-                    try:
-                        counts = self._upsert(cur, unique, claim)
-                    except (pg.DataError, pg.IntegrityError) as exc:
-                        # one bad row must not block the partition: find it, keep the others
-                        conn.rollback()
-                        if claim is not None:
-                            self._claim(cur, claim)
-                        counts = self._write_one_by_one(cur, unique, result, exc)
-                elif claim is not None:
-                    self._claim(cur, claim)
-                if gone:
-                    cur.execute(self._sql["delete"], self._deletion_params(gone))
-                    result.deleted = cur.rowcount
-                result.inserted, result.updated = counts
-                result.unchanged = len(unique) - len(result.refused) - sum(counts)
-                if before_commit is not None:
-                    before_commit(result)
-            conn.commit()
-        except (pg.OperationalError, pg.InterfaceError) as exc:
-            self.close()
-            raise DatabaseUnavailable(_one_line(exc)) from exc
-        except BaseException:
-            try:
-                conn.rollback()
-            except Exception:
-                self.close()
-            raise
+        with self.transaction() as conn, conn.cursor() as cur:
+            counts = (0, 0)
+            if unique:
+                try:
+                    counts = self._upsert(cur, unique, claim)
+                except (pg.DataError, pg.IntegrityError) as exc:
+                    # one bad row must not block the partition: find it, keep the others
+                    conn.rollback()
+                    if claim is not None:
+                        self._claim(cur, claim)
+                    counts = self._write_one_by_one(cur, unique, result, exc)
+            elif claim is not None:
+                self._claim(cur, claim)
+            if gone:
+                cur.execute(self._sql["delete"], self._deletion_params(gone))
+                result.deleted = cur.rowcount
+            result.inserted, result.updated = counts
+            result.unchanged = len(unique) - len(result.refused) - sum(counts)
+            if before_commit is not None:
+                before_commit(result)
         result.seconds = time.monotonic() - started
         return result
 
