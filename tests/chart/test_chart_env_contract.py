@@ -8,7 +8,8 @@ from dpe_ingest import config
 from chartlib import CHART, container, env_of, named, pod_spec, producer_jobs
 
 # libpq reads these itself (DATABASE_URL carries no password)
-LIBPQ = {"PGPASSWORD", "PGSSLMODE", "PGCONNECT_TIMEOUT"}
+LIBPQ = {"PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGSSLMODE", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY",
+         "PGCONNECT_TIMEOUT"}
 
 CONFIGS = {
     "defaults": {"sets": {"departments": "{69,2a}", "ademe.maxRps": "2", "ademe.dateFrom": "2024-01-01",

@@ -26,10 +26,12 @@ TEMPLATES = CHART / "templates"
 #: helper of templates/_env.tpl -> the variables it alone names
 ENV_BLOCKS = {
     "dpe-ingest.env.log": ["LOG_FORMAT", "LOG_LEVEL"],
-    "dpe-ingest.env.kafkaConnection": ["KAFKA_BOOTSTRAP_SERVERS"],
-    "dpe-ingest.env.kafka": ["KAFKA_TOPIC", "KAFKA_DLQ_TOPIC", "KAFKA_TOPIC_PARTITIONS", "KAFKA_REPLICATION_FACTOR"],
+    "dpe-ingest.env.kafkaConnection": ["KAFKA_BOOTSTRAP_SERVERS", "KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD",
+                                       "KAFKA_SSL_CA_FILE", "KAFKA_SSL_CERT_FILE", "KAFKA_SSL_KEY_FILE", "KAFKA_SSL_CHECK_HOSTNAME"],
+    "dpe-ingest.env.kafka": ["KAFKA_TOPIC", "KAFKA_DLQ_TOPIC", "KAFKA_TOPIC_PARTITIONS", "KAFKA_REPLICATION_FACTOR",
+                             "KAFKA_MIN_INSYNC_REPLICAS", "KAFKA_CREATE_TOPICS"],
     "dpe-ingest.env.kafkaWait": ["KAFKA_WAIT_S"],
-    "dpe-ingest.env.postgresql": ["DATABASE_URL", "PGPASSWORD", "PGSSLMODE"],
+    "dpe-ingest.env.postgresql": ["DATABASE_URL", "PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGSSLMODE", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY"],
 }
 
 #: value sets rendered for the checks on the rendered objects
@@ -43,6 +45,16 @@ VALUE_SETS = {
     "everything": {"sets": {"departments": "{69,none}", "refresh.schedule": "0 3 * * 0", "standin.enabled": "true",
                             "metrics.enabled": "true", "log.format": "json", "log.level": "DEBUG",
                             "producer.kafkaWaitSeconds": "42"}},
+    # issue 22: the operators' presets (SASL_SSL with a CA; libpq's variables from a Secret, a CA)
+    "presets": {"sets": {"kafka.enabled": "false", "externalKafka.strimzi.cluster": "prod", "externalKafka.strimzi.user": "dpe",
+                         "postgresql.enabled": "false", "externalPostgresql.cloudnativepg.cluster": "pg",
+                         "refresh.schedule": "0 3 * * 0", "kafka.topics.replicationFactor": "3", "kafka.createTopics": "false"}},
+    "mtls-client-certs": {"sets": {"kafka.enabled": "false", "externalKafka.strimzi.cluster": "prod",
+                                   "externalKafka.strimzi.user": "dpe", "externalKafka.strimzi.authentication": "tls",
+                                   "externalKafka.tls.checkHostname": "false",
+                                   "postgresql.enabled": "false", "externalPostgresql.host": "db.example",
+                                   "externalPostgresql.existingSecret": "db", "externalPostgresql.caSecret": "db-ca",
+                                   "externalPostgresql.clientSecret": "db-client"}},
 }
 
 
@@ -111,9 +123,10 @@ def _block(env: list[dict], first: str, names: list[str]) -> list[dict]:
 
 @pytest.mark.parametrize("values", list(VALUE_SETS))
 @pytest.mark.parametrize("first, names, expected_users", [
-    ("DATABASE_URL", ["DATABASE_URL", "PGPASSWORD", "PGSSLMODE"], {"consumer", "analytics", "refresh", "psql"}),
-    ("LOG_FORMAT", ["LOG_FORMAT", "LOG_LEVEL"], {"producer", "wait-for-kafka", "consumer", "analytics", "refresh", "standin"}),
-    ("KAFKA_BOOTSTRAP_SERVERS", ["KAFKA_BOOTSTRAP_SERVERS"], {"producer", "wait-for-kafka", "consumer", "analytics", "refresh"}),
+    ("DATABASE_URL", ["DATABASE_URL", "PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGSSLMODE", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY"], {"consumer", "analytics", "refresh", "psql"}),
+    ("LOG_FORMAT", ["LOG_FORMAT", "LOG_LEVEL"], {"producer", "wait-for-kafka", "consumer", "analytics", "refresh", "standin", "kafka"}),
+    ("KAFKA_BOOTSTRAP_SERVERS", ["KAFKA_BOOTSTRAP_SERVERS", "KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD",
+                                       "KAFKA_SSL_CA_FILE", "KAFKA_SSL_CERT_FILE", "KAFKA_SSL_KEY_FILE", "KAFKA_SSL_CHECK_HOSTNAME"], {"producer", "wait-for-kafka", "consumer", "analytics", "refresh", "kafka"}),
 ])
 def test_every_container_carries_the_whole_block_the_same(rendered, values, first, names, expected_users):
     blocks = {}
@@ -133,7 +146,8 @@ def test_every_container_carries_the_whole_block_the_same(rendered, values, firs
     if first == "DATABASE_URL":
         has_secret = values != "external-no-secret-sslmode"
         assert ("PGPASSWORD" in [e["name"] for e in block]) == has_secret, block
-        assert ("PGSSLMODE" in [e["name"] for e in block]) == (values == "external-no-secret-sslmode"), block
+        with_sslmode = {"external-no-secret-sslmode", "presets", "mtls-client-certs"}
+        assert ("PGSSLMODE" in [e["name"] for e in block]) == (values in with_sslmode), block
 
 
 # ------------------------------------------------------------------------------ one wait for Kafka
@@ -182,8 +196,9 @@ def test_the_one_wait_for_kafka_is_the_products_module(rendered, values):
         if "-c" in argv:
             scripts.append((where, " ".join(str(a) for a in argv)))
     assert python_runs, "no wait-for-kafka init container rendered"
-    for where, argv in python_runs:
-        assert where.endswith("/wait-for-kafka") and argv == ["python", "-m", "dpe_ingest.kafka_wait"], (where, argv)
+    for where, argv in python_runs:  # the init containers, and the helm test's check that Kafka answers
+        assert where.endswith("/wait-for-kafka") or where == "Pod/dpe-test-kafka/kafka", where
+        assert argv == ["python", "-m", "dpe_ingest.kafka_wait"], (where, argv)
     for where, script in scripts:  # shell scripts (the helm test's psql) run no Python either
         assert "python" not in script and "import " not in script, (where, script)
     # the module is the producer's own wait, not a copy of it

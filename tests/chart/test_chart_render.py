@@ -293,9 +293,11 @@ def test_helm_test_pods(render):
     pg = pods["dpe-test-postgresql"]["spec"]["containers"][0]
     assert "dpe_data" in str(pg["env"]) and "psql" in pg["command"][2]
     assert env_of(pg)["PGPASSWORD"] == {"secretKeyRef": {"name": "dpe-postgresql", "key": "password"}}
+    # Kafka answers with the pipeline's own connection settings (the product's wait, which knows SASL/TLS)
     kafka = pods["dpe-test-kafka"]["spec"]["containers"][0]
-    assert kafka["command"][0].endswith("kafka-topics.sh") and "--list" in kafka["command"]
-    assert "dpe-kafka:9092" in kafka["command"]
+    assert kafka["command"] == ["python", "-m", "dpe_ingest.kafka_wait"]
+    assert kafka["image"].startswith("dpe-ingest-producer:")
+    assert env_of(kafka)["KAFKA_BOOTSTRAP_SERVERS"] == "dpe-kafka:9092"
 
 
 def test_names_follow_release_and_override(render):

@@ -67,6 +67,8 @@ def test_test_pods_match_their_images(render):
             continue
         uid = spec["containers"][0]["securityContext"]["runAsUser"]
         image = spec["containers"][0]["image"]
-        assert uid == (999 if image.startswith("postgres:") else 1000), d["metadata"]["name"]
+        # psql in the postgres image (uid 999); the Kafka check in our producer image (uid 10001)
+        assert uid == (999 if image.startswith("postgres:") else 10001), d["metadata"]["name"]
+        assert image.startswith(("postgres:", "dpe-ingest-producer:")), image
         checked.append(d["metadata"]["name"])
     assert sorted(checked) == ["dpe-test-kafka", "dpe-test-postgresql"]  # helm test's two pods

@@ -15,16 +15,51 @@ variables outside its helper.  Each helper renders a list at column 0: include i
 {{- end -}}
 
 {{/* How a Kafka client reaches the brokers: KAFKA_BOOTSTRAP_SERVERS (the bundled broker's Service or
-externalKafka.bootstrapServers).  Every Kafka client of the chart includes it, the wait-for-kafka init
-container too: a connection setting added here (e.g. the client's security settings) reaches all. */}}
+externalKafka), and with a secured external Kafka KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_* (the password only
+as a secretKeyRef) and KAFKA_SSL_* (files of the Secret volumes of "dpe-ingest.kafkaConnection.volumes",
+mounted by "dpe-ingest.kafkaConnection.volumeMounts").  Every Kafka client of the chart includes it (the
+producer Jobs, the refresh CronJobs, the consumer, analytics, the wait-for-kafka init container, the helm
+test pod), with those mounts; nothing beyond the bootstrap address for PLAINTEXT. */}}
 {{- define "dpe-ingest.env.kafkaConnection" -}}
+{{- $sec := include "dpe-ingest.kafka.security" . | fromJson -}}
 - name: KAFKA_BOOTSTRAP_SERVERS
   value: {{ include "dpe-ingest.kafka.bootstrap" . | quote }}
+{{- if ne $sec.protocol "PLAINTEXT" }}
+- name: KAFKA_SECURITY_PROTOCOL
+  value: {{ $sec.protocol | quote }}
+{{- end }}
+{{- if $sec.sasl }}
+- name: KAFKA_SASL_MECHANISM
+  value: {{ $sec.mechanism | quote }}
+- name: KAFKA_SASL_USERNAME
+  value: {{ $sec.username | quote }}
+- name: KAFKA_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $sec.passwordSecret | quote }}
+      key: {{ $sec.passwordKey | quote }}
+{{- end }}
+{{- if $sec.caSecret }}
+- name: KAFKA_SSL_CA_FILE
+  value: /etc/dpe-ingest/kafka-ca/ca.crt
+{{- end }}
+{{- if $sec.clientSecret }}
+- name: KAFKA_SSL_CERT_FILE
+  value: /etc/dpe-ingest/kafka-client/tls.crt
+- name: KAFKA_SSL_KEY_FILE
+  value: /etc/dpe-ingest/kafka-client/tls.key
+{{- end }}
+{{- if and $sec.tls (not $sec.checkHostname) }}
+- name: KAFKA_SSL_CHECK_HOSTNAME
+  value: "false"
+{{- end }}
 {{- end -}}
 
-{{/* env of every dpe-ingest program that reads or writes the topics: the bootstrap address, the topics
-and how they are created, and the logs. */}}
+{{/* env of every dpe-ingest program that reads or writes the topics: the connection, the topics and how
+they are created (KAFKA_CREATE_TOPICS only when false, KAFKA_MIN_INSYNC_REPLICAS only when > 0: the
+defaults leave the producer Jobs' specs, hence their names, as they were), and the logs. */}}
 {{- define "dpe-ingest.env.kafka" -}}
+{{- $minIsr := include "dpe-ingest.kafka.minInsyncReplicas" . | int -}}
 {{ include "dpe-ingest.env.kafkaConnection" . }}
 - name: KAFKA_TOPIC
   value: {{ .Values.kafka.topic | quote }}
@@ -33,7 +68,15 @@ and how they are created, and the logs. */}}
 - name: KAFKA_TOPIC_PARTITIONS
   value: {{ .Values.kafka.topicPartitions | toString | quote }}
 - name: KAFKA_REPLICATION_FACTOR
-  value: {{ .Values.kafka.replicationFactor | toString | quote }}
+  value: {{ .Values.kafka.topics.replicationFactor | toString | quote }}
+{{- if gt $minIsr 0 }}
+- name: KAFKA_MIN_INSYNC_REPLICAS
+  value: {{ $minIsr | toString | quote }}
+{{- end }}
+{{- if not .Values.kafka.createTopics }}
+- name: KAFKA_CREATE_TOPICS
+  value: "false"
+{{- end }}
 {{ include "dpe-ingest.env.log" . }}
 {{- end -}}
 
@@ -43,23 +86,61 @@ and how they are created, and the logs. */}}
   value: {{ .Values.producer.kafkaWaitSeconds | toString | quote }}
 {{- end -}}
 
-{{/* env of the programs that connect to PostgreSQL: DATABASE_URL, the password from its Secret as
-PGPASSWORD, and libpq's PGSSLMODE when externalPostgresql.sslMode is set. */}}
+{{/* env of the programs that connect to PostgreSQL (consumer, analytics, refresh, the helm test's psql):
+DATABASE_URL (never with a password) and libpq's own variables, each a value or a secretKeyRef: PGHOST,
+PGPORT, PGDATABASE, PGUSER (external host/… or an operator's Secret), PGPASSWORD (always a Secret's key),
+PGSSLMODE, and the files of "dpe-ingest.postgresql.volumes" (mounted by "dpe-ingest.postgresql.volumeMounts"):
+PGSSLROOTCERT, PGSSLCERT, PGSSLKEY. */}}
 {{- define "dpe-ingest.env.postgresql" -}}
-{{- $secret := include "dpe-ingest.postgresql.secretRef" . | default "{}" | fromJson -}}
+{{- $c := include "dpe-ingest.postgresql.connection" . | fromJson -}}
 - name: DATABASE_URL
-  value: {{ include "dpe-ingest.postgresql.url" . | quote }}
-{{- if $secret.name }}
-- name: PGPASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ $secret.name }}
-      key: {{ $secret.key }}
+  value: {{ $c.url | quote }}
+{{- with $c.host }}
+- name: PGHOST
+  {{- include "dpe-ingest.env.valueOrSecret" . | nindent 2 }}
 {{- end }}
-{{- with .Values.externalPostgresql.sslMode }}
+{{- with $c.port }}
+- name: PGPORT
+  {{- include "dpe-ingest.env.valueOrSecret" . | nindent 2 }}
+{{- end }}
+{{- with $c.database }}
+- name: PGDATABASE
+  {{- include "dpe-ingest.env.valueOrSecret" . | nindent 2 }}
+{{- end }}
+{{- with $c.username }}
+- name: PGUSER
+  {{- include "dpe-ingest.env.valueOrSecret" . | nindent 2 }}
+{{- end }}
+{{- with $c.password }}
+- name: PGPASSWORD
+  {{- include "dpe-ingest.env.valueOrSecret" . | nindent 2 }}
+{{- end }}
+{{- with $c.sslMode }}
 - name: PGSSLMODE
   value: {{ . | quote }}
 {{- end }}
+{{- if $c.caSecret }}
+- name: PGSSLROOTCERT
+  value: /etc/dpe-ingest/postgresql-ca/ca.crt
+{{- end }}
+{{- if $c.clientSecret }}
+- name: PGSSLCERT
+  value: /etc/dpe-ingest/postgresql-client/tls.crt
+- name: PGSSLKEY
+  value: /etc/dpe-ingest/postgresql-client/tls.key
+{{- end }}
+{{- end -}}
+
+{{/* The value of one env entry: value, or valueFrom.secretKeyRef.  Argument: {value} or {secret, key}. */}}
+{{- define "dpe-ingest.env.valueOrSecret" -}}
+{{- if .secret -}}
+valueFrom:
+  secretKeyRef:
+    name: {{ .secret | quote }}
+    key: {{ .key | quote }}
+{{- else -}}
+value: {{ .value | quote }}
+{{- end -}}
 {{- end -}}
 
 {{/* env of `dpe-ingest produce`, shared by the producer Jobs and the refresh CronJobs (one list, so the

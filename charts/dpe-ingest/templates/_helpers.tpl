@@ -144,9 +144,13 @@ Endpoints
 {{- if .Values.kafka.enabled -}}
 {{- printf "%s-kafka:9092" (include "dpe-ingest.fullname" .) -}}
 {{- else -}}
+{{- $strimzi := .Values.externalKafka.strimzi | default dict -}}
 {{- $servers := .Values.externalKafka.bootstrapServers | default "" | toString | trim -}}
+{{- if and (not $servers) $strimzi.cluster -}}
+{{- $servers = printf "%s-kafka-bootstrap:%v" $strimzi.cluster ($strimzi.port | default 9093) -}}
+{{- end -}}
 {{- if not $servers -}}
-{{- fail "kafka.enabled=false needs externalKafka.bootstrapServers (host:port[,host:port…] reachable from the pods)" -}}
+{{- fail "kafka.enabled=false needs externalKafka.bootstrapServers (host:port[,host:port…] reachable from the pods) or externalKafka.strimzi.cluster" -}}
 {{- end -}}
 {{- range (splitList "," $servers) -}}
 {{- if not (regexMatch "^[^:, ]+:[0-9]+$" (trim .)) -}}
@@ -157,6 +161,137 @@ Endpoints
 {{- end -}}
 {{- end -}}
 
+{{/* How the Kafka clients authenticate and check the brokers, resolved from externalKafka (its explicit
+settings first, then the strimzi preset's, then the defaults): JSON {protocol, sasl, mechanism, username,
+passwordSecret, passwordKey, tls, caSecret, caKey, clientSecret, certKey, keyKey, checkHostname}.  The
+bundled broker is PLAINTEXT.  Refuses combinations the clients would refuse, naming the values.
+Use: include … | fromJson (env.kafkaConnection, kafkaConnection.volumes/volumeMounts). */}}
+{{- define "dpe-ingest.kafka.security" -}}
+{{- $out := dict "protocol" "PLAINTEXT" "sasl" false "tls" false -}}
+{{- if not .Values.kafka.enabled -}}
+{{- $x := .Values.externalKafka -}}
+{{- $sasl := $x.sasl | default dict -}}
+{{- $tls := $x.tls | default dict -}}
+{{- $st := $x.strimzi | default dict -}}
+{{- $preset := dict -}}
+{{- if $st.cluster -}}
+{{- if not $st.user -}}
+{{- fail (printf "externalKafka.strimzi.cluster=%s needs externalKafka.strimzi.user: the KafkaUser whose Secret (same name) the pipeline authenticates with" $st.cluster) -}}
+{{- end -}}
+{{- $_ := set $preset "caSecret" (printf "%s-cluster-ca-cert" $st.cluster) -}}
+{{- $_ := set $preset "caKey" "ca.crt" -}}
+{{- if eq $st.authentication "tls" -}}
+{{- $_ := set $preset "protocol" "SSL" -}}
+{{- $_ := set $preset "clientSecret" $st.user -}}
+{{- $_ := set $preset "certKey" "user.crt" -}}
+{{- $_ := set $preset "keyKey" "user.key" -}}
+{{- else if eq $st.authentication "scram-sha-512" -}}
+{{- $_ := set $preset "protocol" "SASL_SSL" -}}
+{{- $_ := set $preset "mechanism" "SCRAM-SHA-512" -}}
+{{- $_ := set $preset "username" $st.user -}}
+{{- $_ := set $preset "passwordSecret" $st.user -}}
+{{- $_ := set $preset "passwordKey" "password" -}}
+{{- else -}}
+{{- fail (printf "externalKafka.strimzi.authentication=%v: expected scram-sha-512 or tls (the KafkaUser's spec.authentication.type)" $st.authentication) -}}
+{{- end -}}
+{{- end -}}
+{{- $protocol := $x.securityProtocol | default $preset.protocol | default "PLAINTEXT" | upper -}}
+{{- $_ := set $out "protocol" $protocol -}}
+{{- $_ := set $out "sasl" (hasPrefix "SASL_" $protocol) -}}
+{{- $_ := set $out "tls" (or (eq $protocol "SSL") (eq $protocol "SASL_SSL")) -}}
+{{- $_ := set $out "mechanism" ($sasl.mechanism | default $preset.mechanism | default "SCRAM-SHA-512") -}}
+{{- $_ := set $out "username" ($sasl.username | default $preset.username | default "") -}}
+{{- $_ := set $out "passwordSecret" ($sasl.existingSecret | default $preset.passwordSecret | default "") -}}
+{{- $_ := set $out "passwordKey" ($sasl.passwordKey | default $preset.passwordKey | default "password") -}}
+{{- $_ := set $out "caSecret" ($tls.caSecret | default $preset.caSecret | default "") -}}
+{{- $_ := set $out "caKey" ($tls.caKey | default $preset.caKey | default "ca.crt") -}}
+{{- $_ := set $out "clientSecret" ($tls.clientSecret | default $preset.clientSecret | default "") -}}
+{{- $_ := set $out "certKey" ($tls.certKey | default $preset.certKey | default "tls.crt") -}}
+{{- $_ := set $out "keyKey" ($tls.keyKey | default $preset.keyKey | default "tls.key") -}}
+{{- $_ := set $out "checkHostname" (ne (toString $tls.checkHostname) "false") -}}
+{{- if $out.sasl -}}
+{{- if not (and $out.username $out.passwordSecret) -}}
+{{- fail (printf "externalKafka.securityProtocol=%s needs externalKafka.sasl.username and externalKafka.sasl.existingSecret (the Secret holding the password, key externalKafka.sasl.passwordKey), or externalKafka.strimzi.{cluster,user}" $protocol) -}}
+{{- end -}}
+{{- else if or $sasl.username $sasl.existingSecret -}}
+{{- fail (printf "externalKafka.sasl.username/existingSecret are set but externalKafka.securityProtocol=%s uses no SASL: set it to SASL_SSL (or SASL_PLAINTEXT)" $protocol) -}}
+{{- end -}}
+{{- if and (not $out.tls) (or $out.caSecret $out.clientSecret) -}}
+{{- fail (printf "externalKafka.tls.caSecret/clientSecret are set but externalKafka.securityProtocol=%s uses no TLS: set it to SSL or SASL_SSL" $protocol) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* The Secret volumes of the Kafka clients' TLS files (the CA, the client certificate and key), read-only,
+mode 0440: "dpe-ingest.kafkaConnection.volumeMounts" in every container that includes env.kafkaConnection,
+"dpe-ingest.kafkaConnection.volumes" in its pod.  Nothing when Kafka needs no file. */}}
+{{- define "dpe-ingest.kafkaConnection.volumeMounts" -}}
+{{- $sec := include "dpe-ingest.kafka.security" . | fromJson -}}
+{{- if $sec.caSecret }}
+- name: kafka-ca
+  mountPath: /etc/dpe-ingest/kafka-ca
+  readOnly: true
+{{- end }}
+{{- if $sec.clientSecret }}
+- name: kafka-client-cert
+  mountPath: /etc/dpe-ingest/kafka-client
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "dpe-ingest.kafkaConnection.volumes" -}}
+{{- $sec := include "dpe-ingest.kafka.security" . | fromJson -}}
+{{- if $sec.caSecret }}
+- name: kafka-ca
+  secret:
+    secretName: {{ $sec.caSecret | quote }}
+    defaultMode: 0440
+    items:
+      - {key: {{ $sec.caKey | quote }}, path: ca.crt}
+{{- end }}
+{{- if $sec.clientSecret }}
+- name: kafka-client-cert
+  secret:
+    secretName: {{ $sec.clientSecret | quote }}
+    defaultMode: 0440
+    items:
+      - {key: {{ $sec.certKey | quote }}, path: tls.crt}
+      - {key: {{ $sec.keyKey | quote }}, path: tls.key}
+{{- end }}
+{{- end -}}
+
+{{/* The pipeline's topics: JSON list of {name, partitions, config}, as the product creates them
+(kafka_io.pipeline_topics, and the producers' slots topic with producer.maxConcurrent); their
+replication factor and min.insync.replicas are kafka.topics.  For the Strimzi KafkaTopic resources. */}}
+{{- define "dpe-ingest.kafka.topicList" -}}
+{{- $v := .Values -}}
+{{- $topics := list (dict "name" $v.kafka.topic "partitions" $v.kafka.topicPartitions "config" dict)
+    (dict "name" $v.kafka.dlqTopic "partitions" 1 "config" dict)
+    (dict "name" $v.producer.checkpointTopic "partitions" 1 "config" (dict "cleanup.policy" "compact")) -}}
+{{- if $v.producer.maxConcurrent -}}
+{{- $topics = append $topics (dict "name" (printf "%s-slots-%v" $v.producer.checkpointTopic $v.producer.maxConcurrent) "partitions" $v.producer.maxConcurrent "config" dict) -}}
+{{- end -}}
+{{- toJson $topics -}}
+{{- end -}}
+
+{{/* KAFKA_MIN_INSYNC_REPLICAS: kafka.topics.minInsyncReplicas, or (null) 2 when the replication factor is 3
+or more, else 0 (the broker's default).  Refuses more than the replication factor. */}}
+{{- define "dpe-ingest.kafka.minInsyncReplicas" -}}
+{{- $t := .Values.kafka.topics -}}
+{{- $rf := int $t.replicationFactor -}}
+{{- $n := 0 -}}
+{{- if kindIs "invalid" $t.minInsyncReplicas -}}
+{{- $n = ternary 2 0 (ge $rf 3) -}}
+{{- else -}}
+{{- $n = int $t.minInsyncReplicas -}}
+{{- end -}}
+{{- if gt $n $rf -}}
+{{- fail (printf "kafka.topics.minInsyncReplicas=%d is above kafka.topics.replicationFactor=%d: no write with acks=all could ever be acknowledged" $n $rf) -}}
+{{- end -}}
+{{- $n -}}
+{{- end -}}
+
 {{- define "dpe-ingest.ademe.url" -}}
 {{- if .Values.standin.enabled -}}
 {{- printf "http://%s-standin:%v/data-fair/api/v1/datasets/dpe03existant" (include "dpe-ingest.fullname" .) .Values.standin.port -}}
@@ -165,33 +300,114 @@ Endpoints
 {{- end -}}
 {{- end -}}
 
-{{- define "dpe-ingest.postgresql.url" -}}
-{{- if .Values.postgresql.enabled -}}
-{{- printf "postgresql://%s@%s-postgresql:5432/%s" .Values.postgresql.auth.username (include "dpe-ingest.fullname" .) .Values.postgresql.auth.database -}}
-{{- else -}}
-{{- $url := .Values.externalPostgresql.url | default "" -}}
-{{- if not $url -}}
-{{- fail "postgresql.enabled=false needs externalPostgresql.url (postgresql://user@host:5432/db, password in externalPostgresql.existingSecret)" -}}
+{{/* The Secret of the bundled PostgreSQL's password: postgresql.auth.existingSecret, else the chart's own
+<release>-postgresql (postgresql/secret.yaml, key "password"). */}}
+{{- define "dpe-ingest.postgresql.secretName" -}}
+{{- .Values.postgresql.auth.existingSecret | default (printf "%s-postgresql" (include "dpe-ingest.fullname" .)) -}}
 {{- end -}}
+
+{{/* How the programs reach PostgreSQL, resolved from postgresql / externalPostgresql (explicit settings,
+then the cloudnativepg preset's): JSON {url, env: [{name, value} | {name, secret, key}], sslMode, caSecret,
+caKey, clientSecret, certKey, keyKey}.  url is DATABASE_URL; env holds libpq's own variables (PGHOST…:
+a value, or a key of a Secret); a password is only ever a Secret's key.  Refuses a half-given setting,
+naming it.  Use: include … | fromJson (env.postgresql, postgresql.volumes/volumeMounts). */}}
+{{- define "dpe-ingest.postgresql.connection" -}}
+{{- $out := dict "caSecret" "" "clientSecret" "" "sslMode" "" -}}
+{{- if .Values.postgresql.enabled -}}
+{{- $a := .Values.postgresql.auth -}}
+{{- $_ := set $out "url" (printf "postgresql://%s@%s-postgresql:5432/%s" $a.username (include "dpe-ingest.fullname" .) $a.database) -}}
+{{- $_ := set $out "password" (dict "secret" (include "dpe-ingest.postgresql.secretName" .) "key" (ternary ($a.passwordKey | default "password") "password" (not (empty $a.existingSecret)))) -}}
+{{- else -}}
+{{- $e := .Values.externalPostgresql -}}
+{{- $cnpg := ($e.cloudnativepg | default dict).cluster | default "" -}}
+{{- $preset := dict -}}
+{{- if $cnpg -}}
+{{- $preset = dict "existingSecret" (printf "%s-app" $cnpg) "userKey" "username" "hostKey" "host" "portKey" "port"
+    "databaseKey" "dbname" "caSecret" (printf "%s-ca" $cnpg) -}}
+{{- end -}}
+{{- $secret := $e.existingSecret | default $preset.existingSecret | default "" -}}
+{{- $url := $e.url | default "" -}}
+{{- if $url -}}
 {{- if not (regexMatch "^postgres(ql)?://" $url) -}}
 {{- fail (printf "externalPostgresql.url=%q: expected a libpq URL postgresql://user@host:5432/db" $url) -}}
 {{- end -}}
-{{- $url -}}
+{{- if or $cnpg $e.host $e.hostKey -}}
+{{- fail "externalPostgresql.url is given together with externalPostgresql.host/hostKey/cloudnativepg: libpq would take the URL's host; give one of them" -}}
 {{- end -}}
+{{- else -}}
+{{- /* libpq: an empty URL takes every setting from PGHOST, PGPORT, PGDATABASE, PGUSER */ -}}
+{{- $url = "postgresql://" -}}
+{{- range $item := list (list "host" "hostKey") (list "port" "portKey") (list "database" "databaseKey") (list "username" "userKey") -}}
+{{- $value := get $e (index $item 0) | default "" | toString -}}
+{{- $key := get $e (index $item 1) | default (get $preset (index $item 1)) | default "" -}}
+{{- if $value -}}
+{{- $_ := set $out (index $item 0) (dict "value" $value) -}}
+{{- else if and $key $secret -}}
+{{- $_ := set $out (index $item 0) (dict "secret" $secret "key" $key) -}}
+{{- else if eq (index $item 0) "host" -}}
+{{- fail "postgresql.enabled=false needs externalPostgresql.url (postgresql://user@host:5432/db), externalPostgresql.host (or hostKey with existingSecret) or externalPostgresql.cloudnativepg.cluster" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $out "url" $url -}}
+{{- if $secret -}}
+{{- $_ := set $out "password" (dict "secret" $secret "key" ($e.passwordKey | default "password")) -}}
+{{- end -}}
+{{- $_ := set $out "caSecret" ($e.caSecret | default $preset.caSecret | default "") -}}
+{{- $_ := set $out "caKey" ($e.caKey | default "ca.crt") -}}
+{{- $_ := set $out "clientSecret" ($e.clientSecret | default "") -}}
+{{- $_ := set $out "certKey" ($e.certKey | default "tls.crt") -}}
+{{- $_ := set $out "keyKey" ($e.keyKey | default "tls.key") -}}
+{{- $_ := set $out "sslMode" ($e.sslMode | default (ternary "verify-full" "" (not (empty $out.caSecret)))) -}}
+{{- if and (has $out.sslMode (list "disable" "allow" "prefer")) $out.caSecret -}}
+{{- fail (printf "externalPostgresql.sslMode=%s with a CA (externalPostgresql.caSecret or the cloudnativepg preset): libpq would not check the server's certificate against it; use verify-full (or verify-ca, require)" $out.sslMode) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $out -}}
 {{- end -}}
 
-{{/* The Secret of the bundled PostgreSQL's password (key "password"): postgresql/secret.yaml. */}}
-{{- define "dpe-ingest.postgresql.secretName" -}}
-{{- printf "%s-postgresql" (include "dpe-ingest.fullname" .) -}}
+{{/* DATABASE_URL (also shown by NOTES). */}}
+{{- define "dpe-ingest.postgresql.url" -}}
+{{- (include "dpe-ingest.postgresql.connection" . | fromJson).url -}}
 {{- end -}}
 
-{{/* The Secret and key holding the database password: JSON {"name": …, "key": …} or "" (none). */}}
-{{- define "dpe-ingest.postgresql.secretRef" -}}
-{{- if .Values.postgresql.enabled -}}
-{{- toJson (dict "name" (include "dpe-ingest.postgresql.secretName" .) "key" "password") -}}
-{{- else if .Values.externalPostgresql.existingSecret -}}
-{{- toJson (dict "name" .Values.externalPostgresql.existingSecret "key" (.Values.externalPostgresql.passwordKey | default "password")) -}}
+{{/* The Secret volumes of PostgreSQL's TLS files (the CA, a client certificate and key), read-only, mode
+0440 (libpq accepts a key readable by its group when root owns it, as the kubelet's files are):
+"dpe-ingest.postgresql.volumeMounts" in every container that includes env.postgresql,
+"dpe-ingest.postgresql.volumes" in its pod.  Nothing without TLS files. */}}
+{{- define "dpe-ingest.postgresql.volumeMounts" -}}
+{{- $c := include "dpe-ingest.postgresql.connection" . | fromJson -}}
+{{- if $c.caSecret }}
+- name: postgresql-ca
+  mountPath: /etc/dpe-ingest/postgresql-ca
+  readOnly: true
+{{- end }}
+{{- if $c.clientSecret }}
+- name: postgresql-client-cert
+  mountPath: /etc/dpe-ingest/postgresql-client
+  readOnly: true
+{{- end }}
 {{- end -}}
+
+{{- define "dpe-ingest.postgresql.volumes" -}}
+{{- $c := include "dpe-ingest.postgresql.connection" . | fromJson -}}
+{{- if $c.caSecret }}
+- name: postgresql-ca
+  secret:
+    secretName: {{ $c.caSecret | quote }}
+    defaultMode: 0440
+    items:
+      - {key: {{ $c.caKey | quote }}, path: ca.crt}
+{{- end }}
+{{- if $c.clientSecret }}
+- name: postgresql-client-cert
+  secret:
+    secretName: {{ $c.clientSecret | quote }}
+    defaultMode: 0440
+    items:
+      - {key: {{ $c.certKey | quote }}, path: tls.crt}
+      - {key: {{ $c.keyKey | quote }}, path: tls.key}
+{{- end }}
 {{- end -}}
 
 {{/* =============================================================================================

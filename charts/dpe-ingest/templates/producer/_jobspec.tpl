@@ -49,11 +49,13 @@ template:
           - name: tmp
             mountPath: /tmp
           {{- include "dpe-ingest.produce.budgetMount" $root | nindent 10 }}
+          {{- include "dpe-ingest.kafkaConnection.volumeMounts" $root | nindent 10 }}
           {{- include "dpe-ingest.extraItems" (list $p "extraVolumeMounts" 10) }}
     volumes:
       - name: tmp
         emptyDir: {}
       {{- include "dpe-ingest.produce.budgetVolume" $root | nindent 6 }}
+      {{- include "dpe-ingest.kafkaConnection.volumes" $root | nindent 6 }}
       {{- include "dpe-ingest.extraItems" (list $p "extraVolumes" 6) }}
 {{- end -}}
 
@@ -80,4 +82,5 @@ the root context. */}}
   volumeMounts:
     - name: tmp
       mountPath: /tmp
+    {{- include "dpe-ingest.kafkaConnection.volumeMounts" . | nindent 4 }}
 {{- end -}}
