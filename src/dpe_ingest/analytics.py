@@ -98,8 +98,6 @@ def classify(value: bytes | None, partition: int = 0, offset: int = 0) -> Fact |
         row = parse_message(value, partition, offset)
     except Invalid:
         return "invalid"
-    if getattr(row, "deleted", False):
-        return Fact(row.numero_dpe, row.departement or NO_DEPARTMENT, UNKNOWN, UNKNOWN, None, deleted=True)
     return Fact(row.numero_dpe, row.departement if row.departement is not None else NO_DEPARTMENT,
                 label_of(row.etiquette_dpe), month_of(row.date_reception_dpe), row.date_reception_dpe)
 

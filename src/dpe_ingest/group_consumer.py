@@ -262,14 +262,7 @@ class GroupConsumer:
     def tick(self) -> None:
         """Once per turn of the main loop (main thread)."""
 
-    def start_line(self) -> None:
-        raise NotImplementedError
-
-    def stop_line(self, reason: str) -> None:
-        raise NotImplementedError
-
-    def progress_line(self, interval_s: float, lag: int | None) -> None:
-        raise NotImplementedError
+    # and the lines ``start_line()``, ``stop_line(reason)``, ``progress_line(interval_s, lag)``
 
     # -- signals -------------------------------------------------------------------------------
     @property
