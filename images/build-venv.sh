@@ -5,6 +5,8 @@
 #   build-venv.sh wheel        build the wheel of /src into /tmp/wheels (once, for both images)
 #   build-venv.sh deps EXTRA   create /opt/venv, install the dependencies of pyproject.toml
 #                              (base dependencies plus the optional-dependency group EXTRA, "" = none)
+#   build-venv.sh extra EXTRA  add the optional-dependency group EXTRA to the venv of `deps ""`
+#                              (the consumer's venv is the producer's dependencies plus its extra)
 #   build-venv.sh app          install the wheel of /tmp/wheels (the first step's, copied) into
 #                              /opt/venv without its dependencies (installed by the step above),
 #                              check, drop pip
@@ -34,17 +36,19 @@ use_ca_certs() {
 }
 
 case "${1:-}" in
-deps)
-    extra="${2:-}"
-    python3 -m venv "$VENV"
+deps|extra)
+    mode="$1"
+    group="${2:-}"
+    if [ "$mode" = deps ]; then python3 -m venv "$VENV"; fi
     use_ca_certs
-    # The dependency list of pyproject.toml ([project].dependencies + the EXTRA group).
-    "$VENV/bin/python" - "$SRC/pyproject.toml" "$extra" > /tmp/requirements.txt <<'PY'
+    # The dependency list of pyproject.toml: deps, [project].dependencies + the EXTRA group; extra,
+    # the EXTRA group alone.
+    "$VENV/bin/python" - "$SRC/pyproject.toml" "$mode" "$group" > /tmp/requirements.txt <<'PY'
 import sys, tomllib
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-extra = sys.argv[2]
-reqs = list(project.get("dependencies", []))
-if extra:
+mode, extra = sys.argv[2], sys.argv[3]
+reqs = list(project.get("dependencies", [])) if mode == "deps" else []
+if extra or mode == "extra":
     groups = project.get("optional-dependencies", {})
     if extra not in groups:
         sys.exit(f"build-venv.sh: pyproject.toml has no optional-dependencies group {extra!r}")
@@ -53,6 +57,7 @@ print("\n".join(reqs))
 PY
     echo "build-venv.sh: installing into $VENV:"; sed 's/^/  /' /tmp/requirements.txt
     "$VENV/bin/python" -m pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements.txt
+    rm -f /tmp/requirements.txt /tmp/pip-ca-bundle.pem
     ;;
 wheel)
     VENV=/tmp/wheel-venv  # a venv only to run pip in, not kept
@@ -73,7 +78,7 @@ app)
     rm -rf /tmp/wheels /tmp/pip-ca-bundle.pem
     ;;
 *)
-    echo "usage: build-venv.sh wheel | build-venv.sh deps EXTRA | build-venv.sh app" >&2
+    echo "usage: build-venv.sh wheel | build-venv.sh deps EXTRA | build-venv.sh extra EXTRA | build-venv.sh app" >&2
     exit 2
     ;;
 esac

@@ -111,7 +111,11 @@ def test_the_two_images_share_every_stage_but_their_venv_and_command():
         assert [w for w, _ in ins] == ["LABEL", "COPY", "CMD"], (component, ins)
         assert ins[1][1] == f"--from={component}-venv /opt/venv /opt/venv", ins[1]
         venv_base, venv = all_stages[f"{component}-venv"]
-        assert venv_base == "builder" and ("COPY", "--from=wheel /tmp/wheels /tmp/wheels") in venv, venv
+        assert ("COPY", "--from=wheel /tmp/wheels /tmp/wheels") in venv, venv
+    # the base dependencies are installed once: the consumer's venv adds its extra to them
+    assert all_stages["deps"] == ("builder", [("RUN", 'sh /usr/local/bin/build-venv.sh deps ""')])
+    assert all_stages["producer-venv"][0] == "deps" and all_stages["consumer-venv"][0] == "consumer-deps"
+    assert all_stages["consumer-deps"] == ("deps", [("RUN", 'sh /usr/local/bin/build-venv.sh extra "consumer"')])
     # a build without --target gets the last stage: it stops and names the targets
     last_base, last = list(all_stages.values())[-1]
     assert last[-1][0] == "RUN" and "--target producer or --target consumer" in last[-1][1] and "exit 2" in last[-1][1]
@@ -128,8 +132,9 @@ def test_dockerfile_runtime_settings(component, command):
     assert "PYTHONDONTWRITEBYTECODE=1" in env and "PYTHONUNBUFFERED=1" in env
     args = [rest for word, rest in runtime if word == "ARG"]
     assert f"VERSION={VERSION}" in args, f"default VERSION label must be pyproject's {VERSION}: {args}"
-    extra = "consumer" if component == "consumer" else ""
-    assert ("RUN", f'sh /usr/local/bin/build-venv.sh deps "{extra}"') in target(f"{component}-venv")
+    venv = target(f"{component}-venv")
+    assert venv.count(("RUN", 'sh /usr/local/bin/build-venv.sh deps ""')) == 1, venv
+    assert (("RUN", 'sh /usr/local/bin/build-venv.sh extra "consumer"') in venv) == (component == "consumer"), venv
 
 
 # ---------------------------------------------------------------------------------------------
