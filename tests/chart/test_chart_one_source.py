@@ -48,13 +48,14 @@ VALUE_SETS = {
     # issue 22: the operators' presets (SASL_SSL with a CA; libpq's variables from a Secret, a CA)
     "presets": {"sets": {"kafka.enabled": "false", "externalKafka.strimzi.cluster": "prod", "externalKafka.strimzi.user": "dpe",
                          "postgresql.enabled": "false", "externalPostgresql.cloudnativepg.cluster": "pg",
-                         "refresh.schedule": "0 3 * * 0", "kafka.topics.replicationFactor": "3", "kafka.createTopics": "false"}},
+                         "refresh.schedule": "0 3 * * 0", "kafka.topics.replicationFactor": "3", "kafka.createTopics": "false",
+                         "kafdrop.enabled": "false"}},
     "mtls-client-certs": {"sets": {"kafka.enabled": "false", "externalKafka.strimzi.cluster": "prod",
                                    "externalKafka.strimzi.user": "dpe", "externalKafka.strimzi.authentication": "tls",
                                    "externalKafka.tls.checkHostname": "false",
                                    "postgresql.enabled": "false", "externalPostgresql.host": "db.example",
                                    "externalPostgresql.existingSecret": "db", "externalPostgresql.caSecret": "db-ca",
-                                   "externalPostgresql.clientSecret": "db-client"}},
+                                   "externalPostgresql.clientSecret": "db-client", "kafdrop.enabled": "false"}},
 }
 
 
