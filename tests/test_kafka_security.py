@@ -257,3 +257,87 @@ def test_min_insync_replicas_is_set_on_the_topics_created(kafka_bootstrap, names
 def test_min_insync_replicas_above_the_replication_factor_is_refused():
     with pytest.raises(ConfigError, match="KAFKA_MIN_INSYNC_REPLICAS=2 is above KAFKA_REPLICATION_FACTOR=1"):
         KafkaSettings.from_env({"KAFKA_MIN_INSYNC_REPLICAS": "2"})
+
+
+# ---------------------------------------------------------------------------------------------
+# the consumer: secured Kafka in, PostgreSQL over verified TLS out
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tls_pg(broker, tmp_path_factory):
+    from dpe_devkit.testbed import PostgresServer
+
+    server = PostgresServer(tmp_path_factory.mktemp("pg-tls"), tls=broker.ca.issue("postgres", hosts=("localhost",)))
+    server.start(timeout=120)
+    yield server
+    server.cleanup()
+
+
+def consumer_env(broker, pg, names, user: str, password: str = "dpe", **extra) -> dict:
+    env = {"KAFKA_BOOTSTRAP_SERVERS": broker.sasl_ssl_bootstrap, "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+           "KAFKA_SASL_USERNAME": user, "KAFKA_SASL_PASSWORD": PASSWORD, "KAFKA_SSL_CA_FILE": str(broker.ca.cert),
+           # CloudNativePG's way: the URL without TLS settings, the CA beside it (verify-full follows)
+           "DATABASE_URL": f"postgresql://dpe:{password}@localhost:{pg.port}/dpe", "PGSSLROOTCERT": str(broker.ca.cert),
+           "DB_TABLE": names["KAFKA_TOPIC"].replace("-", "_"), "CONSUMER_GROUP": "grp-" + names["KAFKA_TOPIC"],
+           "BATCH_IDLE_MS": "500", "RETRY_MAX_BACKOFF_S": "1", **names}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def grant_consumer(broker, user: str, names: dict, group_ops=("READ",)) -> None:
+    broker.add_user(user, PASSWORD)
+    grants = [("READ", "TOPIC", names["KAFKA_TOPIC"], "LITERAL"), ("DESCRIBE", "TOPIC", names["KAFKA_TOPIC"], "LITERAL"),
+              ("ALL", "TOPIC", names["KAFKA_DLQ_TOPIC"], "LITERAL")]
+    grants += [(op, "GROUP", "grp-" + names["KAFKA_TOPIC"], "LITERAL") for op in group_ops]
+    broker.allow(user, grants)
+
+
+def stored_count(pg, table: str) -> int:
+    import psycopg2
+
+    with psycopg2.connect(pg.url, connect_timeout=5) as conn, conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s)", (table,))
+        if cur.fetchone()[0] is None:
+            return 0
+        cur.execute(f'SELECT count(*) FROM "{table}"')
+        n = cur.fetchone()[0]
+    conn.close()
+    return n
+
+
+def test_consumer_reads_sasl_ssl_and_writes_postgresql_over_verified_tls(broker, tls_pg, names, standin_factory,
+                                                                        unique_name):
+    producer_user, consumer_user = unique_name("dpe-producer"), unique_name("dpe-consumer")
+    grant_producer(broker, producer_user, names)
+    grant_consumer(broker, consumer_user, names)
+    srv = standin_factory(Dataset({"69": 800}, seed=14))
+    cp = run(command("produce"), producer_env(broker, srv, names, KAFKA_SASL_USERNAME=producer_user), timeout=180)
+    assert cp.returncode == 0, (cp.stdout + cp.stderr)[-3000:]
+    env = consumer_env(broker, tls_pg, names, consumer_user)
+    cp = run(command("consume", "--exit-when-idle", "3"), env, timeout=240)
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 0, out[-3000:]
+    assert stored_count(tls_pg, env["DB_TABLE"]) == 800
+    assert PASSWORD not in out and ":dpe@" not in out
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("wrong database password", "PGPASSWORD"),
+    ("no READ on the group", "READ"),
+])
+def test_consumer_refusals_are_exit_2_naming_the_setting_and_write_nothing(broker, tls_pg, names, standin_factory,
+                                                                           unique_name, case, needle):
+    producer_user, consumer_user = unique_name("dpe-producer"), unique_name("dpe-consumer")
+    grant_producer(broker, producer_user, names)
+    grant_consumer(broker, consumer_user, names, group_ops=() if case == "no READ on the group" else ("READ",))
+    srv = standin_factory(Dataset({"69": 200}, seed=15))
+    assert run(command("produce"), producer_env(broker, srv, names, KAFKA_SASL_USERNAME=producer_user),
+               timeout=180).returncode == 0
+    env = consumer_env(broker, tls_pg, names, consumer_user,
+                       password="wrong" if case == "wrong database password" else "dpe")
+    cp = run(command("consume", "--exit-when-idle", "3"), env, timeout=240)
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 2, f"exit {cp.returncode}:\n{out[-3000:]}"
+    errors = events(out, "config_error")
+    assert len(errors) == 1 and needle in errors[0]["msg"], out[-3000:]
+    assert stored_count(tls_pg, env["DB_TABLE"]) == 0
+    assert PASSWORD not in out and ":wrong@" not in out

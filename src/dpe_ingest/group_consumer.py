@@ -40,6 +40,7 @@ from kafka.structs import OffsetAndMetadata
 from . import logs, metrics
 from . import kafka_consumer as kc
 from .config import ConfigError, GroupConfig, metrics_port
+from .kafka_security import access_error
 from .writer_thread import WriterThread
 
 PROGRESS_EVERY_S = 10.0
@@ -394,6 +395,10 @@ class GroupConsumer:
                                f"after {attempt} failed attempt(s)", what=what, attempts=attempt)
                 return result
             except errors as exc:
+                refused = access_error(exc, self.cfg.kafka.security, what,
+                                       f"topic {self.cfg.kafka.topic} / group {self.cfg.group}") if down == "kafka" else None
+                if refused is not None:  # a missing ACL: waiting would not grant it (exit 2)
+                    raise refused from exc
                 pause = backoff(attempt, self.cfg.retry_max_backoff_s)
                 error = logs.short_error(exc)
                 if down == "db" and not isinstance(exc, DatabaseUnavailable):
@@ -709,6 +714,10 @@ class GroupConsumer:
         try:
             records = self.consumer.poll(timeout_ms=int(wait * 1000), max_records=max(room, POLL_RECORDS))
         except KafkaError as exc:
+            refused = access_error(exc, self.cfg.kafka.security, "READ (poll)",
+                                   f"topic {self.cfg.kafka.topic} / group {self.cfg.group}")
+            if refused is not None:  # a missing ACL: waiting would not grant it (exit 2)
+                raise refused from exc
             logs.event(self.log, "kafka_error", f"poll failed: {logs.short_error(exc)}", logging.WARNING,
                        error=logs.short_error(exc))
             time.sleep(1.0)

@@ -11,7 +11,7 @@ from kafka.errors import KafkaError
 
 from . import kafka_io
 from .config import KafkaSettings
-from .kafka_security import client_options
+from .kafka_security import client_options, connecting
 
 log = logging.getLogger("dpe_ingest.consumer")
 
@@ -98,9 +98,9 @@ def send_dead_letters(producer: KafkaProducer, topic: str,
 def ensure_topics(settings: KafkaSettings, timeout_ms: int = 15000) -> list[str]:
     """Create the main topic (KAFKA_TOPIC_PARTITIONS partitions) and the DLQ topic (1 partition) if
     they are missing, exactly like the producer would: whichever starts first creates them."""
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers.split(","),
-                             client_id="dpe-ingest-consumer-admin", request_timeout_ms=timeout_ms,
-                             bootstrap_timeout_ms=timeout_ms, **client_options(settings.security))
+    admin = connecting(settings.security, settings.bootstrap_servers, lambda: KafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_servers.split(","), client_id="dpe-ingest-consumer-admin",
+        request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms, **client_options(settings.security)))
     try:
         return kafka_io.ensure_topics(admin, kafka_io.data_topics(settings), settings.security,
                                       create=settings.create_topics)

@@ -24,7 +24,7 @@ from kafka.partitioner.abc import Partitioner
 
 from . import logs
 from .config import ConfigError, KafkaSecurity, KafkaSettings
-from .kafka_security import access_error, client_options, diagnose, recording_auth_failures
+from .kafka_security import access_error, client_options, connecting
 
 log = logging.getLogger("dpe_ingest.kafka")
 
@@ -43,20 +43,11 @@ def wait_for_kafka(bootstrap: str, timeout_s: float = 180.0, context: dict | Non
     delay = 1.0
     while True:
         try:
-            with recording_auth_failures() as recorder:
-                try:
-                    return KafkaAdminClient(
-                        bootstrap_servers=bootstrap, client_id="dpe-ingest-admin", request_timeout_ms=15000,
-                        bootstrap_timeout_ms=int(max(1.0, min(10.0, deadline - time.monotonic())) * 1000),
-                        **client_options(security))
-                except (KafkaError, OSError):
-                    seen = list(recorder.seen)
-                    raise
+            return connecting(security, bootstrap, lambda: KafkaAdminClient(
+                bootstrap_servers=bootstrap, client_id="dpe-ingest-admin", request_timeout_ms=15000,
+                bootstrap_timeout_ms=int(max(1.0, min(10.0, deadline - time.monotonic())) * 1000),
+                **client_options(security)))
         except (KafkaError, OSError) as exc:
-            if security is not None and security.protocol != "PLAINTEXT":
-                refused = diagnose(security, bootstrap, seen)
-                if refused is not None:
-                    raise refused from exc
             left = deadline - time.monotonic()
             if left <= 0:
                 raise KafkaUnavailable(f"Kafka at {bootstrap} unreachable for {timeout_s:.0f}s: {exc}") from exc

@@ -20,7 +20,7 @@ import logging
 import socket
 import ssl
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from kafka import errors as Errors
 
@@ -211,3 +211,18 @@ def check_topic_access(admin: Any, sec: KafkaSecurity | None, needs: dict[str, t
         who = f"User:{sec.username}" if sec.username else "our principal"
         raise KafkaAccessError(f"Kafka does not grant {who}: {'; '.join(missing)} (add those ACLs; docs/chart.md "
                                "lists every ACL the pipeline needs)")
+
+
+def connecting(sec: KafkaSecurity | None, bootstrap: str, connect: Callable[[], Any]) -> Any:
+    """``connect()`` (a kafka-python client's constructor, which bootstraps); when it fails and the cause
+    is a setting (``diagnose``), ``KafkaAccessError`` instead of kafka-python's timeout."""
+    with recording_auth_failures() as recorder:
+        try:
+            return connect()
+        except (Errors.KafkaError, OSError) as exc:
+            seen = list(recorder.seen)
+            failure = exc
+    refused = diagnose(sec, bootstrap, seen) if sec is not None and sec.protocol != "PLAINTEXT" else None
+    if refused is not None:
+        raise refused from failure
+    raise failure

@@ -22,6 +22,7 @@ from typing import Any, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from . import logs
+from .config import ConfigError
 
 log = logging.getLogger("dpe_ingest.metrics")
 
@@ -232,6 +233,9 @@ def run_service(app: Any, port: int, prog: str, what: str, log: logging.Logger) 
     signal.signal(signal.SIGINT, app.request_stop)
     try:
         return app.run()
+    except ConfigError as exc:  # the brokers or the database refused a setting (credentials, CA, ACL): exit 2
+        logs.event(log, "config_error", f"{what}: {exc}", logging.ERROR)
+        return 2
     except Exception as exc:  # noqa: BLE001
         short = (" ".join(str(exc).split()) or type(exc).__name__)[:300]
         log.error(f"{what} failed: {short}", exc_info=True, extra={"event": "fatal", "fields": {"error": short}})

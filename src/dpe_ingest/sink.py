@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import orjson
 
+from . import pg_connection
 from .config import BASE_FIELDS
 from .group_consumer import DatabaseUnavailable, OffsetClaim, Stale
 from .messages import DELETED_FLAG, settle
@@ -258,7 +259,7 @@ class Database:
         self.close()
         pg = self._pg
         try:
-            conn = pg.connect(
+            conn = pg_connection.connect(  # a refusal that is a setting: PgAccessError (exit 2), not an outage
                 self.database_url,
                 connect_timeout=self.connect_timeout_s,
                 application_name=self.APPLICATION,
@@ -557,7 +558,7 @@ def department_keys(database_url: str, table: str, departement: str | None) -> s
 
     What a refresh compares with the API's keys to find the rows deactivated there."""
     pg = _psycopg2()
-    conn = pg.connect(database_url, connect_timeout=10)
+    conn = pg_connection.connect(database_url, connect_timeout=10)
     try:
         with conn.cursor() as cur:
             cur.execute(pg.sql.SQL("SELECT to_regclass(%s)"), (table,))
