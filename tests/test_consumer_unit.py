@@ -10,7 +10,7 @@ import pytest
 from kafka import TopicPartition
 
 import crashing
-from dpe_ingest import analytics, consumer, deadletter, group_consumer
+from dpe_ingest import analytics, consumer, deadletter, group_consumer, pg_connection
 from dpe_ingest.sink import Invalid, Row, dedupe, parse_message
 
 
@@ -152,7 +152,7 @@ def test_consume_refuses_bad_settings_with_exit_2(monkeypatch, capsys):
 
 
 def test_safe_url_hides_the_password():
-    assert group_consumer.safe_url("postgresql://dpe:s3cret@db:5432/dpe") == "postgresql://dpe:***@db:5432/dpe"
+    assert pg_connection.safe_url("postgresql://dpe:s3cret@db:5432/dpe") == "postgresql://dpe:***@db:5432/dpe"
 
 
 def test_dead_letter_of_a_refused_message_names_the_source():

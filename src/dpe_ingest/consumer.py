@@ -22,7 +22,8 @@ from . import logs, metrics
 from . import kafka_consumer as kc
 from .config import ConsumerConfig
 from .group_consumer import (Batch, DatabaseUnavailable, GroupConsumer, OffsetClaim, Refused, Written, no_crash,
-                             main_of, safe_url)
+                             main_of)
+from .pg_connection import safe_url
 from .messages import Letter, consumer_id, dead_letter
 from .sink import Invalid, Row, Sink, WriteResult, parse_message
 

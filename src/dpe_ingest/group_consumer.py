@@ -25,7 +25,6 @@ read (:meth:`GroupConsumer.parse`) and what a batch writes in which transaction
 from __future__ import annotations
 
 import logging
-import re
 import signal
 import sys
 import time
@@ -63,11 +62,6 @@ def no_crash(point: str, batches_done: int) -> None:
 def backoff(attempt: int, cap_s: float) -> float:
     """Seconds to wait before attempt ``attempt + 1``: 0.5 s doubling, at most ``cap_s``."""
     return min(cap_s, 0.5 * (2 ** min(attempt, 20)))
-
-
-def safe_url(url: str) -> str:
-    """The database URL without its password, for logs."""
-    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
 def main_of(parser, argv: list[str] | None, read_config: Callable, make_app: Callable, log: logging.Logger,

@@ -69,27 +69,33 @@ class _Recorder(logging.Handler):
             self.seen.append(record.exc_info[1])
 
 
-_recorder = _Recorder()
-_installed = threading.Lock()
+_level_lock = threading.Lock()
+_recording = 0  # recorders installed now (the level of the "kafka" logger is restored by the last one)
+_level_before = logging.NOTSET
 
 
 @contextlib.contextmanager
 def recording_auth_failures() -> Iterator[_Recorder]:
-    """While inside, the SASL failures kafka-python logs are kept (whatever KAFKA_CLIENT_LOG_LEVEL says:
-    its loggers let ERROR through to this handler only)."""
+    """While inside, the SASL failures kafka-python logs are kept, in a recorder of this call's own
+    (whatever KAFKA_CLIENT_LOG_LEVEL says: its loggers let ERROR through while any recorder listens)."""
+    global _recording, _level_before
     logger = logging.getLogger("kafka")
-    with _installed:
-        _recorder.seen.clear()
-        level = logger.level
-        logger.addHandler(_recorder)
-        if level == logging.NOTSET or level > logging.ERROR:
-            logger.setLevel(logging.ERROR)
+    recorder = _Recorder()
+    with _level_lock:
+        if _recording == 0:
+            _level_before = logger.level
+            if _level_before == logging.NOTSET or _level_before > logging.ERROR:
+                logger.setLevel(logging.ERROR)
+        _recording += 1
+        logger.addHandler(recorder)
     try:
-        yield _recorder
+        yield recorder
     finally:
-        with _installed:
-            logger.removeHandler(_recorder)
-            logger.setLevel(level)
+        with _level_lock:
+            logger.removeHandler(recorder)
+            _recording -= 1
+            if _recording == 0:
+                logger.setLevel(_level_before)
 
 
 def _hosts(bootstrap: str) -> list[tuple[str, int]]:
@@ -168,6 +174,11 @@ def diagnose(sec: KafkaSecurity | None, bootstrap: str, seen: list[BaseException
     return KafkaAccessError(f"Kafka at {bootstrap} ({sec.protocol}): {why}") if why else None
 
 
+def _principal(sec: KafkaSecurity | None) -> str:
+    """Who the brokers see, as ACLs name it (a SASL user; else the certificate's or the anonymous one)."""
+    return f"User:{sec.username}" if sec is not None and sec.username else "our principal"
+
+
 #: what each ACL-refusal error of kafka-python means, for the message
 _RESOURCE = ((Errors.TopicAuthorizationFailedError, "TOPIC"), (Errors.GroupAuthorizationFailedError, "GROUP"),
              (Errors.ClusterAuthorizationFailedError, "CLUSTER"),
@@ -180,10 +191,8 @@ def access_error(exc: BaseException, sec: KafkaSecurity | None, operation: str, 
     ``operation`` and ``resource`` say what we were doing (``WRITE``, ``topic dpe-lines-dlq``)."""
     if not isinstance(exc, Errors.AuthorizationError):
         return None
-    sec = sec or PLAINTEXT
     kind = next((name for cls, name in _RESOURCE if isinstance(exc, cls)), "resource")
-    who = f"User:{sec.username}" if sec.username else "our principal"
-    return KafkaAccessError(f"Kafka refused {operation} on {resource} to {who} ({exc.__class__.__name__}, "
+    return KafkaAccessError(f"Kafka refused {operation} on {resource} to {_principal(sec)} ({exc.__class__.__name__}, "
                             f"{kind}): grant that ACL (docs/chart.md lists every ACL the pipeline needs)")
 
 
@@ -207,9 +216,7 @@ def check_topic_access(admin: Any, sec: KafkaSecurity | None, needs: dict[str, t
             continue
         missing += [f"{op} on topic {name}" for op in needs[name] if op not in allowed]
     if missing:
-        sec = sec or PLAINTEXT
-        who = f"User:{sec.username}" if sec.username else "our principal"
-        raise KafkaAccessError(f"Kafka does not grant {who}: {'; '.join(missing)} (add those ACLs; docs/chart.md "
+        raise KafkaAccessError(f"Kafka does not grant {_principal(sec)}: {'; '.join(missing)} (add those ACLs; docs/chart.md "
                                "lists every ACL the pipeline needs)")
 
 

@@ -40,8 +40,8 @@ def connect_options(url: str, env: Mapping[str, str] | None = None) -> dict[str,
     return opts
 
 
-def shown(url: str) -> str:
-    """The URL without its password (for messages and logs)."""
+def safe_url(url: str) -> str:
+    """The URL (or keyword DSN) without its password: the one place logs, messages and ``status`` get it."""
     return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", re.sub(r"(password=)\S+", r"\1***", url))
 
 
@@ -69,7 +69,7 @@ def access_error(exc: BaseException, url: str = "") -> PgAccessError | None:
     low = text.lower()
     for needle, meaning in _REFUSALS:
         if needle.lower() in low and (needle not in ("role \"", "database \"") or "does not exist" in low):
-            where = f" at {shown(url)}" if url else ""
+            where = f" at {safe_url(url)}" if url else ""
             return PgAccessError(f"{meaning}{where}: {text.splitlines()[0] if text else type(exc).__name__}")
     return None
 

@@ -63,11 +63,9 @@ class Settings:
 
     def public(self) -> dict[str, Any]:
         """Shown in the text header and the JSON ``settings`` (no password)."""
-        import re
-
         return {"bootstrap": self.bootstrap, "topic": self.topic, "dlq_topic": self.dlq_topic,
                 "checkpoint_topic": self.checkpoint_topic, "group": self.group, "table": self.table,
-                "database": re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", self.database_url),
+                "database": pg_connection.safe_url(self.database_url),
                 "kube": self.kube, "namespace": self.namespace, "release": self.release}
 
 
