@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from canned_http import CannedServer
-from dpe_ingest import ademe, deadletter, departments
+from dpe_ingest import ademe, departments, messages
 from dpe_ingest.config import (ANALYTICS_TABLE_SUFFIXES, DB_TABLE_SUFFIXES, AnalyticsConfig, ConfigError,
                                ConsumerConfig, ProducerConfig)
 from dpe_ingest.producer import Producer, validate_row
@@ -101,9 +101,9 @@ def test_unwritable_rows_become_dead_letters(extra):
     row = {**GOOD, "extra": extra}
     numero, reason = producer._encode_row(row)
     assert numero is None and reason.startswith("a value cannot be written as JSON")
-    value, headers = deadletter.build(reason, "producer", letter_id="producer:69/-/0", payload=row,
+    value, headers = messages.build(reason, "producer", letter_id="producer:69/-/0", payload=row,
                                       department="69")
-    letter = deadletter.parse(value)
+    letter = messages.parse_dead_letter(value)
     assert letter["payload"] is None and letter["reason"].startswith(reason)
     assert "payload not kept" in letter["reason"] and dict(headers)["dlq.reason"].startswith(b"a value cannot")
 

@@ -23,7 +23,7 @@ import pytest
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from dpe_ingest import deadletter
+from dpe_ingest import messages
 from dpe_ingest.kafka_io import group_offsets
 from dpe_ingest.status_sources import Collector
 
@@ -673,10 +673,10 @@ def test_poison_messages_go_to_the_dlq_and_do_not_block_their_partition(kafka_bo
     reconcile(database_url, names["DB_TABLE"], good)
     assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic, database_url)
     letters = read_topic(kafka_bootstrap, names["KAFKA_DLQ_TOPIC"], timeout_s=SLOW)
-    docs = sorted((deadletter.parse(r.value) for r in letters), key=lambda d: d["source"]["offset"])
+    docs = sorted((messages.parse_dead_letter(r.value) for r in letters), key=lambda d: d["source"]["offset"])
     assert [(d["source"]["topic"], d["source"]["partition"], d["source"]["offset"]) for d in docs] == \
         [(topic, s.partition, s.offset) for s in bad]
-    assert [d["id"] for d in docs] == [deadletter.consumer_id(topic, s.partition, s.offset) for s in bad]
+    assert [d["id"] for d in docs] == [messages.consumer_id(topic, s.partition, s.offset) for s in bad]
     for d, s, reason in zip(docs, bad, POISON_REASONS):
         assert reason in d["reason"] and d["stage"] == "consumer"
         if d["payload_b64"] is not None:
@@ -710,9 +710,9 @@ def test_dead_letters_resent_by_a_replay_keep_their_id_and_are_counted_once(kafk
     assert_fully_committed(kafka_bootstrap, names["CONSUMER_GROUP"], sent, topic, database_url)
 
     letters = read_topic(kafka_bootstrap, names["KAFKA_DLQ_TOPIC"], timeout_s=SLOW)
-    ids = [deadletter.parse(r.value)["id"] for r in letters]
+    ids = [messages.parse_dead_letter(r.value)["id"] for r in letters]
     assert len(letters) == len(bad) + len(first), "the replay sent the crashed batch's letters again"
-    assert sorted(set(ids)) == sorted(deadletter.consumer_id(topic, s.partition, s.offset) for s in bad)
+    assert sorted(set(ids)) == sorted(messages.consumer_id(topic, s.partition, s.offset) for s in bad)
     # what `dpe-ingest status` and `scripts/run` count: each refused message once
     collector = Collector(settings=None)
     for r in letters:

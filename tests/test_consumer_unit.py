@@ -10,7 +10,7 @@ import pytest
 from kafka import TopicPartition
 
 import crashing
-from dpe_ingest import analytics, consumer, deadletter, group_consumer, pg_connection
+from dpe_ingest import analytics, consumer, group_consumer, messages, pg_connection
 from dpe_ingest.sink import Invalid, Row, dedupe, parse_message
 
 
@@ -156,19 +156,19 @@ def test_safe_url_hides_the_password():
 
 
 def test_dead_letter_of_a_refused_message_names_the_source():
-    value, headers = deadletter.build("missing numero_dpe", "consumer", payload={"a": 1},
-                                      letter_id=deadletter.consumer_id("t", 2, 5),
+    value, headers = messages.build("missing numero_dpe", "consumer", payload={"a": 1},
+                                      letter_id=messages.consumer_id("t", 2, 5),
                                       source={"topic": "t", "partition": 2, "offset": 5})
-    doc = deadletter.parse(value)
+    doc = messages.parse_dead_letter(value)
     assert doc["source"] == {"topic": "t", "partition": 2, "offset": 5} and doc["stage"] == "consumer"
     assert doc["id"] == "consumer:t/2/5"
     assert dict(headers)["dlq.reason"] == b"missing numero_dpe" and dict(headers)["dlq.id"] == b"consumer:t/2/5"
 
 
 def test_dead_letter_ids_name_the_row_not_the_attempt():
-    assert deadletter.producer_id("69", None, 3) == "producer:69/-/3"
-    assert deadletter.producer_id("69", "1700000000000,abc", 3) == "producer:69/1700000000000,abc/3"
-    assert deadletter.consumer_id("t", 0, 7) != deadletter.consumer_id("t", 1, 7)
+    assert messages.producer_id("69", None, 3) == "producer:69/-/3"
+    assert messages.producer_id("69", "1700000000000,abc", 3) == "producer:69/1700000000000,abc/3"
+    assert messages.consumer_id("t", 0, 7) != messages.consumer_id("t", 1, 7)
 
 
 def test_one_engine_serves_both_consumer_groups():

@@ -250,7 +250,7 @@ def test_message_bytes_are_json_dumps_less_its_spaces():
 
 
 def test_a_row_with_a_lone_surrogate_gets_a_dead_letter(monkeypatch):
-    from dpe_ingest import deadletter
+    from dpe_ingest import messages
     from dpe_ingest.config import ProducerConfig
     from dpe_ingest.producer import Producer, Progress, SendTracker
 
@@ -270,9 +270,9 @@ def test_a_row_with_a_lone_surrogate_gets_a_dead_letter(monkeypatch):
     prod._send_page(FakeKafka(), SendTracker(), page, 1, None, prog)
     assert (prog.rows, prog.dead) == (1, 2)
     assert [t for t, *_ in sent] == [cfg.kafka.topic, cfg.kafka.dlq_topic, cfg.kafka.dlq_topic]
-    letter = deadletter.parse(sent[1][2])
+    letter = messages.parse_dead_letter(sent[1][2])
     assert letter["reason"].startswith("unparsable code_postal_ban")
-    letter = deadletter.parse(sent[2][2])  # valid UTF-8, the surrogate escaped
+    letter = messages.parse_dead_letter(sent[2][2])  # valid UTF-8, the surrogate escaped
     assert letter["reason"].startswith("a value is not valid Unicode") and letter["payload"]["numero_dpe"] == "Z\udc00"
     assert sent[2][1] == b"Z\\udc00"
 

@@ -7,7 +7,7 @@ import json
 
 from hypothesis import given, strategies as st
 
-from dpe_ingest import deadletter
+from dpe_ingest import messages
 from dpe_ingest.config import ProducerConfig
 from dpe_ingest.producer import Producer, to_message
 from dpe_ingest.sink import DATA_COLUMNS, MAX_KEY_CHARS, Invalid, parse_message
@@ -42,9 +42,9 @@ def test_consumer_parse_message_is_a_row_or_a_dead_letter(value):
         row = parse_message(value, 0, 7)
     except Invalid as exc:
         assert exc.reason
-        letter, _ = deadletter.build(exc.reason, "consumer", letter_id=deadletter.consumer_id("t", 0, 7),
+        letter, _ = messages.build(exc.reason, "consumer", letter_id=messages.consumer_id("t", 0, 7),
                                      payload=exc.payload, raw=exc.raw, department=exc.department)
-        assert deadletter.parse(letter)["reason"].startswith(exc.reason)
+        assert messages.parse_dead_letter(letter)["reason"].startswith(exc.reason)
         return
     assert isinstance(row.numero_dpe, str) and row.numero_dpe.strip() and len(row.numero_dpe) <= MAX_KEY_CHARS
     assert row.date_reception_dpe is None or isinstance(row.date_reception_dpe, dt.date)
@@ -60,9 +60,9 @@ def test_producer_row_is_a_message_or_a_dead_letter(row):
     numero, value = PRODUCER._encode_row(row)
     if numero is None:
         assert isinstance(value, str) and value
-        letter, headers = deadletter.build(value, "producer", letter_id=deadletter.producer_id("69", None, 0),
+        letter, headers = messages.build(value, "producer", letter_id=messages.producer_id("69", None, 0),
                                            payload=row, department="69")
-        assert deadletter.parse(letter)["reason"].startswith(value)
+        assert messages.parse_dead_letter(letter)["reason"].startswith(value)
         return
     assert isinstance(value, bytes) and numero == row["numero_dpe"]
     try:

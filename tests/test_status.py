@@ -130,10 +130,10 @@ def test_consumer_dead_letters_count_as_accounted_for():
 def test_a_dead_letter_sent_again_by_a_replay_is_counted_once():
     from types import SimpleNamespace
 
-    from dpe_ingest import deadletter
+    from dpe_ingest import messages
 
     def letter(letter_id, dep="69", stage="consumer"):
-        value, _ = deadletter.build("bad", stage, letter_id=letter_id, department=dep)
+        value, _ = messages.build("bad", stage, letter_id=letter_id, department=dep)
         return SimpleNamespace(value=value)
 
     c = Collector(settings=None)

@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from . import deadletter, departments, logs, messages
+from . import departments, logs, messages
 from .ademe import (MOD_FIELD, AdemeClient, ApiAuthError, ApiInterrupted, ApiRequestError, ApiUnavailable,
                     build_qs, cursor_line)
 from .config import CONTRACT, ConfigError, ProducerConfig
@@ -514,9 +514,9 @@ class Producer:
 
     def _dead_letter(self, producer, tracker, reason, row, page, page_no, fetched_with, index, prog) -> None:
         cfg = self.cfg
-        value, headers = deadletter.build(
+        value, headers = messages.build(
             reason, "producer", payload=row, department=cfg.department,
-            letter_id=deadletter.producer_id(cfg.department, fetched_with, index),
+            letter_id=messages.producer_id(cfg.department, fetched_with, index),
             source={"api_url": page.url, "page": page_no, "after": fetched_with, "index": index})
         numero = row.get("numero_dpe") if isinstance(row, dict) else None
         tracker.add(producer.send(cfg.kafka.dlq_topic, key=numero.encode("utf-8", "backslashreplace")

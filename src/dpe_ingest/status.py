@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     except departments.InvalidDepartment as exc:
         print(f"dpe-ingest status: {exc}", file=sys.stderr)
         return 2
-    logs.setup(level=os.environ.get("LOG_LEVEL", "WARNING"))
+    logs.setup(level=None if "LOG_LEVEL" in os.environ else "WARNING")  # the contract's LOG_LEVEL; quieter by default for a CLI
     try:
         settings = Settings.from_env(os.environ, bootstrap=args.bootstrap, database_url=args.database_url,
                                      kube=args.kube, namespace=args.namespace, release=args.release,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from . import deadletter, departments
+from . import departments, messages
 from .config import CONTRACT, KafkaSecurity, KafkaSettings, setting
 from . import pg_connection
 from .kafka_security import client_options
@@ -207,7 +207,7 @@ class Collector:
 
     def _on_dead_letter(self, rec) -> None:
         try:
-            doc = deadletter.parse(rec.value)
+            doc = messages.parse_dead_letter(rec.value)
             dep = doc.get("department") or "?"
             stage = doc.get("stage") or "?"
             letter_id = doc.get("id")
