@@ -72,12 +72,14 @@ CONTRACT: dict[str, tuple[str | None, str]] = {
     "BATCH_SIZE": ("100", "Rows per database transaction"),
     "BATCH_IDLE_MS": ("1000", "A partial batch is written after this long without new messages"),
     "RETRY_MAX_BACKOFF_S": ("30", "Cap of the backoff while the database or the broker is down"),
+    "LIVENESS_STALL_S": ("60", "consume/analytics: /livez (on METRICS_PORT) answers 503 once the poll loop has not turned for this many seconds"),
+    "BATCH_COMMIT_TIMEOUT_S": ("300", "consume/analytics: /livez answers 503 once the batch being written has not committed for this many seconds (a wedged connection, or a database outage that long)"),
     # analytics consumer (dpe-ingest analytics) and metrics
     "ANALYTICS_GROUP": ("dpe-analytics", "Kafka consumer group of the analytics consumer (independent of the sink's)"),
     "ANALYTICS_TABLE_PREFIX": ("dpe_analytics", "Prefix of the analytics tables (per-key state, counts and offsets, written in one transaction): a lower-case identifier, at most 49 characters"),
     "ANALYTICS_ALERT_SHARE": ("0.3", "Alert summaries warn when a department's F+G share exceeds this (0..1)"),
     "ANALYTICS_ALERT_INTERVAL_S": ("60", "At most one alert summary line per department per this many seconds"),
-    "METRICS_PORT": ("0", "Port of the Prometheus /metrics endpoint of consume and analytics (0 = none)"),
+    "METRICS_PORT": ("0", "Port of the Prometheus /metrics endpoint of consume and analytics, and of their probes /livez and /readyz (0 = none)"),
     "METRICS_PUSHGATEWAY_URL": (None, "Optional Prometheus Pushgateway URL: the producer pushes its summary there when it exits"),
 }
 
@@ -388,6 +390,9 @@ class GroupConfig:
     batch_idle_ms: int
     retry_max_backoff_s: float
     kafka: KafkaSettings
+    #: /livez: the poll loop turned within this many seconds, and the batch in flight is younger than the other
+    liveness_stall_s: float = 60.0
+    batch_commit_timeout_s: float = 300.0
 
     @staticmethod
     def _common(env: Mapping[str, str], group_var: str) -> dict:
@@ -398,6 +403,8 @@ class GroupConfig:
             batch_idle_ms=_int(env, "BATCH_IDLE_MS", 1, 3600000),
             retry_max_backoff_s=_float(env, "RETRY_MAX_BACKOFF_S", 0.1),
             kafka=KafkaSettings.from_env(env),
+            liveness_stall_s=_float(env, "LIVENESS_STALL_S", 1.0),
+            batch_commit_timeout_s=_float(env, "BATCH_COMMIT_TIMEOUT_S", 1.0),
         )
 
 
