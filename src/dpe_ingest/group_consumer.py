@@ -40,6 +40,7 @@ from . import logs, metrics
 from . import kafka_consumer as kc
 from .config import ConfigError, GroupConfig, metrics_port
 from .kafka_security import access_error
+from .pg_connection import safe_url
 from .writer_thread import WriterThread
 
 PROGRESS_EVERY_S = 10.0
@@ -52,6 +53,13 @@ KAFKA_MIRROR_METADATA = "dpe-ingest: mirror of dpe_ingest_offsets"
 #: messages taken from kafka-python per poll (each poll is a round trip to its network thread); the
 #: ones beyond the current batch wait in memory, in order, for the next one
 POLL_RECORDS = 500
+#: with no message for this long, the main loop asks Kafka for an end offset (at most this often, waiting at
+#: most KAFKA_PROBE_TIMEOUT_MS): an idle topic and a broker gone look the same to poll() otherwise
+KAFKA_PROBE_S = 4.0
+KAFKA_PROBE_TIMEOUT_MS = 2000
+#: /readyz asks PostgreSQL (a connection of its own, this connect timeout) at most this often
+DB_CHECK_EVERY_S = 2.0
+DB_CHECK_TIMEOUT_S = 3
 
 
 def no_crash(point: str, batches_done: int) -> None:
@@ -232,6 +240,15 @@ class GroupConsumer:
         self.last_progress_at = time.monotonic()
         self.need_migrate = True
         self.joined = False  # the group assigned us partitions (possibly none) at least once
+        # what the probes read (/livez, /readyz: metrics.serve's threads) and the outage lines
+        self.loop_at = time.monotonic()  # the main thread last turned its loop (or a wait's)
+        self.batch_since: float | None = None  # the batch in flight was handed to the writer then
+        self.assigned_text = ""
+        self.db_outage = logs.Outage(self.log, "db", "PostgreSQL", safe_url(cfg.database_url))
+        self.kafka_outage = logs.Outage(self.log, "kafka", "Kafka", cfg.kafka.bootstrap_servers)
+        self.kafka_ok_at = time.monotonic()  # Kafka last answered (messages, a probe)
+        self.kafka_probe_at = 0.0
+        self._db_check: tuple[float, bool, str] = (float("-inf"), False, "")
 
     # -- what an application provides ------------------------------------------------------------
     def open_store(self):
@@ -305,6 +322,7 @@ class GroupConsumer:
             self.read_pos.pop(tp, None)
             self.to_commit.pop(tp, None)
         self.unsynced -= revoked
+        self.assigned_text = ""
         # a batch of these partitions being written goes on: the database's offsets decide, for it and
         # for the next owner's first batch, which one is written
         if revoked:
@@ -321,6 +339,7 @@ class GroupConsumer:
     def on_partitions_assigned(self, assigned) -> None:
         assigned = set(assigned)
         self.joined = True
+        self.assigned_text = kc.partitions_text(assigned)
         # positioned from the database by the main loop (_sync) before any of their messages is used
         self.unsynced |= assigned
         if assigned and self.consumer is not None:
@@ -337,6 +356,7 @@ class GroupConsumer:
         end = time.monotonic() + seconds
         while True:
             self._check_deadline()
+            self._watch()
             left = end - time.monotonic()
             if left <= 0:
                 return
@@ -378,15 +398,17 @@ class GroupConsumer:
     def _retry(self, fn: Callable, what: str, errors: tuple, down: str, wait: Callable[[float], None],
                idle_exits: bool, fields: Callable[[], dict] = dict):
         """``fn()``, again after a capped backoff while it raises one of ``errors`` (each logged as
-        ``<down>_unavailable``, or ``db_error`` for a database error that is not a connection problem)."""
+        ``<down>_unavailable``, or ``db_error`` for a database error that is not a connection problem);
+        while the backoff lasts, ``<down>_waiting`` at least every 10 s (:class:`dpe_ingest.logs.Outage`),
+        and ``<down>_recovered`` once ``fn()`` succeeds after a failure."""
+        outage = self.db_outage if down == "db" else self.kafka_outage
         attempt = 0
         while True:
             self._check_deadline(idle_exits=idle_exits)
             try:
                 result = fn()
-                if attempt:
-                    logs.event(self.log, f"{down}_recovered", f"{'database' if down == 'db' else 'Kafka'} back "
-                               f"after {attempt} failed attempt(s)", what=what, attempts=attempt)
+                if attempt or outage.down:
+                    outage.recovered(what, attempts=attempt)
                 return result
             except errors as exc:
                 refused = access_error(exc, self.cfg.kafka.security, what,
@@ -398,17 +420,17 @@ class GroupConsumer:
                 if down == "db" and not isinstance(exc, DatabaseUnavailable):
                     # not a connection problem (table dropped, permissions, …): migrate again and retry
                     self.need_migrate = True
-                    logs.event(self.log, "db_error", f"database error during {what}: {error}; retrying in "
-                               f"{pause:.1f}s", logging.ERROR, what=what, attempt=attempt + 1,
-                               retry_in=round(pause, 1), error=error, **fields())
+                    outage.failed(what, error, detail=f"; retrying in {pause:.1f}s", level=logging.ERROR,
+                                  event_name="db_error", attempt=attempt + 1, retry_in=round(pause, 1), **fields())
                 else:
-                    where = "database" if down == "db" else "Kafka"
-                    logs.event(self.log, f"{down}_unavailable", f"{where} unavailable during {what}: {error}; "
-                               f"retrying in {pause:.1f}s" + (" (batch kept)" if down == "db" else ""),
-                               logging.WARNING, what=what, attempt=attempt + 1, retry_in=round(pause, 1),
-                               error=error, **fields())
+                    outage.failed(what, error, detail=f"; retrying in {pause:.1f}s"
+                                  + (" (batch kept)" if down == "db" else ""),
+                                  attempt=attempt + 1, retry_in=round(pause, 1), **fields())
             attempt += 1
-            wait(pause)
+            end = time.monotonic() + pause
+            while (left := end - time.monotonic()) > 0:  # in slices: a line at least every 10 s
+                wait(min(left, 1.0))
+                outage.waiting(what, **fields())
 
     def db_call(self, fn: Callable, what: str, store=None, on_writer: bool = False, batch_rows: int | None = None):
         """``fn()``, retried while the database is unavailable (migrating first when needed).  Between
@@ -534,6 +556,7 @@ class GroupConsumer:
         """Hand the current batch to the writer thread (which must be free) and start a new one."""
         batch, self.batch = self.batch, Batch()
         self.in_flight_messages = batch.count
+        self.batch_since = time.monotonic()
         if self.writer is None:
             self.writer = WriterThread()
         self.writer.submit(lambda: self._write(batch))
@@ -546,6 +569,8 @@ class GroupConsumer:
         if not ok:
             return False
         self.in_flight_messages = 0
+        self.batch_since = None
+        self.db_outage.recovered("batch write")  # (a line only if the batch was said to be waiting)
         self.written_batches += 1
         if w.stale:
             self._after_stale(w)
@@ -622,9 +647,90 @@ class GroupConsumer:
     def _drain(self) -> None:
         """Wait for the batch in flight (keeping the group alive)."""
         while self.in_flight:
+            self._watch()
             if not self._collect(timeout=0.5) and self.in_flight:
                 self._check_deadline()
                 self._poll_paused(0.01)
+
+    # -- health: what the loop watches, what /livez and /readyz answer ---------------------------
+    def _watch(self) -> None:
+        """Each turn of the main thread (its loop, or a wait): the loop is alive; a batch in flight for
+        10 s or more is said to wait for PostgreSQL (a line at least every 10 s); Kafka is asked whether it
+        answers when no message came for a while (a line at least every 10 s while it does not)."""
+        now = self.loop_at = time.monotonic()
+        since = self.batch_since
+        if since is not None and now - since >= logs.WAIT_LOG_S:
+            self.db_outage.waiting("batch commit", since=since, batch_rows=self.in_flight_messages)
+        self._probe_kafka(now)
+
+    def _probe_kafka(self, now: float) -> None:
+        if self.consumer is None or self.stopping:
+            return
+        if now - self.kafka_ok_at < KAFKA_PROBE_S or now - self.kafka_probe_at < KAFKA_PROBE_S:
+            return
+        try:
+            self.consumer.end_offsets([TopicPartition(self.cfg.kafka.topic, 0)], timeout_ms=KAFKA_PROBE_TIMEOUT_MS)
+        except (KafkaError, OSError) as exc:
+            self.kafka_probe_at = time.monotonic()
+            # a line per failed probe (about every KAFKA_PROBE_S + its timeout), and at least every 10 s
+            self.kafka_outage.failed("poll", logs.short_error(exc), since=self.kafka_ok_at,
+                                     min_gap_s=KAFKA_PROBE_S + 1.0,
+                                     detail=" (no answer to an end-offset request; kafka-python retries)")
+            self.kafka_outage.waiting("poll")
+            return
+        self.kafka_ok_at = self.kafka_probe_at = time.monotonic()
+        self.kafka_outage.recovered("poll")
+
+    def live(self) -> tuple[bool, str]:
+        """/livez: the main loop turned within LIVENESS_STALL_S and the batch in flight (if any) is younger
+        than BATCH_COMMIT_TIMEOUT_S.  Read from another thread: only plain attributes."""
+        now = time.monotonic()
+        stalled = now - self.loop_at
+        if stalled > self.cfg.liveness_stall_s:
+            return False, (f"the poll loop has not turned for {stalled:.0f}s "
+                           f"(LIVENESS_STALL_S={self.cfg.liveness_stall_s:g})")
+        since = self.batch_since
+        if since is not None and now - since > self.cfg.batch_commit_timeout_s:
+            return False, (f"the batch in flight ({self.in_flight_messages} messages) has not committed for "
+                           f"{now - since:.0f}s (BATCH_COMMIT_TIMEOUT_S={self.cfg.batch_commit_timeout_s:g})")
+        batch = "" if since is None else f"; batch in flight for {now - since:.1f}s"
+        return True, f"the poll loop turned {stalled:.1f}s ago{batch}"
+
+    def ready(self) -> tuple[bool, str]:
+        """/readyz: a member of the group (its assignment received; an empty one when the group has more
+        members than partitions), Kafka answering, and PostgreSQL answering a query now."""
+        if self.stopping:
+            return False, "stopping"
+        if not self.joined:
+            return False, "not a member of the consumer group yet (no assignment received)"
+        if self.kafka_outage.down:
+            return False, f"Kafka at {self.cfg.kafka.bootstrap_servers} not answering for {self.kafka_outage.waited():.0f}s"
+        ok, why = self.db_answers()
+        if not ok:
+            return False, f"PostgreSQL at {safe_url(self.cfg.database_url)} does not answer: {why}"
+        return True, f"assigned: {self.assigned_text or 'none'}; PostgreSQL answers"
+
+    def db_answers(self) -> tuple[bool, str]:
+        """PostgreSQL answers ``SELECT 1`` on a connection of its own (connect timeout DB_CHECK_TIMEOUT_S),
+        asked at most every DB_CHECK_EVERY_S (the answer is kept meanwhile)."""
+        at, ok, why = self._db_check
+        if time.monotonic() - at < DB_CHECK_EVERY_S:
+            return ok, why
+        from . import pg_connection
+
+        try:
+            conn = pg_connection.connect(self.cfg.database_url, connect_timeout=DB_CHECK_TIMEOUT_S)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+                    cur.fetchone()
+            finally:
+                conn.close()
+            ok, why = True, ""
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready; the reason is shown
+            ok, why = False, logs.short_error(exc, 200)
+        self._db_check = (time.monotonic(), ok, why)
+        return ok, why
 
     # -- lag / progress ------------------------------------------------------------------------
     def lag(self) -> int | None:
@@ -717,7 +823,9 @@ class GroupConsumer:
             time.sleep(1.0)
             records = {}
         if records:
-            self.last_message_at = time.monotonic()
+            self.last_message_at = self.kafka_ok_at = time.monotonic()
+            if self.kafka_outage.down:
+                self.kafka_outage.recovered("poll")
             n = 0
             for tp, msgs in records.items():
                 if tp not in self.read_pos or tp in self.unsynced:
@@ -746,6 +854,7 @@ class GroupConsumer:
             self.ready()
             self._connect_kafka()
             while not self.stopping:
+                self._watch()
                 self._step()
                 self._commit_kafka()
                 self.tick()

@@ -104,6 +104,90 @@ class ClientLines(logging.Filter):
         return True
 
 
+#: while something we depend on keeps us waiting, a line at least this often (issue 23)
+WAIT_LOG_S = 10.0
+
+
+class Outage:
+    """One server this process depends on (``name`` ``kafka`` or ``db``, called ``label`` at ``where`` in
+    the lines) while it keeps the process waiting.  :meth:`failed` logs ``<name>_unavailable`` (WARNING) for
+    a failure, :meth:`waiting` logs ``<name>_waiting`` (WARNING) when no line was written for nearly
+    :data:`WAIT_LOG_S` (so a line at least every 10 s, whatever the backoff), :meth:`recovered` logs one
+    ``<name>_recovered`` line; every line names the server and says how long the wait has lasted
+    (``waited_s``).  Several threads may report on the same outage (a lock)."""
+
+    def __init__(self, logger: logging.Logger, name: str, label: str, where: str, every_s: float | None = None,
+                 clock=time.monotonic):
+        import threading
+
+        self.logger, self.name, self.label, self.where = logger, name, label, where
+        self.every_s = WAIT_LOG_S if every_s is None else every_s
+        self.clock = clock
+        self.since: float | None = None  # when the outage began (None: not in one)
+        self.last_line = float("-inf")
+        self.lines = 0
+        self._lock = threading.Lock()
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def waited(self) -> float:
+        since = self.since
+        return 0.0 if since is None else max(0.0, self.clock() - since)
+
+    def _line(self, event_name: str, msg: str, level: int, now: float, fields: dict) -> None:
+        self.last_line, self.lines = now, self.lines + 1
+        what = fields.pop("what")  # first: lines are grepped for event=… what="…"
+        event(self.logger, event_name, msg, level, what=what, **{self.name_field: self.where},
+              waited_s=round(now - self.since, 1), **fields)
+
+    @property
+    def name_field(self) -> str:
+        return "bootstrap" if self.name == "kafka" else "database"
+
+    def failed(self, what: str, error: str, *, since: float | None = None, min_gap_s: float = 0.0,
+               detail: str = "", level: int = logging.WARNING, event_name: str | None = None, **fields: Any) -> None:
+        """A failure of ``what``: the outage begins (at ``since``, default now) if it had not; logged
+        unless a line was written less than ``min_gap_s`` ago."""
+        with self._lock:
+            now = self.clock()
+            if self.since is None:
+                self.since = now if since is None else min(since, now)
+            if now - self.last_line < min_gap_s:
+                return
+            self._line(event_name or f"{self.name}_unavailable",
+                       f"{self.label} at {self.where} unavailable for {now - self.since:.0f}s during {what}: "
+                       f"{error}{detail}", level, now, {"what": what, "error": error, **fields})
+
+    def waiting(self, what: str, *, since: float | None = None, **fields: Any) -> None:
+        """Still waiting for ``what``: a line if none was written for ``every_s`` - 1 s.  ``since``: the
+        outage began then, if it was not known yet (a call that has not returned for a while)."""
+        if self.since is None and since is None:
+            return
+        with self._lock:
+            now = self.clock()
+            if self.since is None:
+                self.since = min(since, now)
+            elif now - self.last_line < self.every_s - 1.0:
+                return
+            self._line(f"{self.name}_waiting", f"still waiting for {self.label} at {self.where}: "
+                       f"{now - self.since:.0f}s so far ({what})", logging.WARNING, now, {"what": what, **fields})
+
+    def recovered(self, what: str, **fields: Any) -> None:
+        """``what`` succeeded: one ``<name>_recovered`` line if an outage was going on."""
+        if self.since is None:
+            return
+        with self._lock:
+            if self.since is None:
+                return
+            now = self.clock()
+            if self.lines:
+                self._line(f"{self.name}_recovered", f"{self.label} at {self.where} answers again after "
+                           f"{now - self.since:.0f}s ({what})", logging.INFO, now, {"what": what, **fields})
+            self.since, self.last_line, self.lines = None, float("-inf"), 0
+
+
 def event(logger: logging.Logger, name: str, msg: str, level: int = logging.INFO, **fields: Any) -> None:
     """Log one event: ``event(log, "page", "page 3 …", department="69", page=3)``."""
     logger.log(level, msg, extra={"event": name, "fields": fields})

@@ -6,7 +6,8 @@
   (``event=done``) and, when ``METRICS_PUSHGATEWAY_URL`` is set, pushes it to a Pushgateway.
 
 Each object owns its own :class:`~prometheus_client.CollectorRegistry` (several consumers may live in
-one test process); :func:`serve` exposes one on ``/metrics`` (``METRICS_PORT``, 0 = none).
+one test process); :func:`serve` exposes one on ``/metrics`` (``METRICS_PORT``, 0 = none), with the probes ``/livez`` and
+``/readyz`` of a consumer (:meth:`dpe_ingest.group_consumer.GroupConsumer.live` / ``ready``).
 :func:`exported_names` lists every sample name the code can export: the Grafana dashboard of the
 chart may use only those (a test checks it).
 """
@@ -17,7 +18,9 @@ import logging
 import signal
 import sys
 import time
+from socketserver import ThreadingMixIn
 from typing import Any, Iterable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -192,14 +195,52 @@ def push_producer_summary(url: str | None, department: str, rows: int, dead: int
     return True
 
 
-def serve(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0"):
-    """Serve ``registry`` on http://addr:port/metrics (a daemon thread); returns the server (None when port is 0)."""
+class _Quiet(WSGIRequestHandler):
+    """No line per request (the kubelet asks every few seconds)."""
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        pass
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a request in progress never holds the process at exit
+
+
+def probe_app(registry: CollectorRegistry, probes: Any = None):
+    """The WSGI app of the metrics port: ``/livez`` and ``/readyz`` answer ``probes.live()`` /
+    ``probes.ready()`` (``(ok, reason)``: 200 or 503 with the reason as text), everything else is
+    prometheus_client's ``/metrics``."""
+    from prometheus_client import make_wsgi_app
+
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        check = {"/livez": "live", "/readyz": "ready"}.get(environ.get("PATH_INFO", ""))
+        if check is None or probes is None:
+            return metrics_app(environ, start_response)
+        try:
+            ok, reason = getattr(probes, check)()
+        except Exception as exc:  # noqa: BLE001 - a probe that fails says why
+            ok, reason = False, f"{check} check failed: {logs.short_error(exc)}"
+        body = f"{'ok' if ok else 'not ' + check}: {reason}\n".encode()
+        start_response("200 OK" if ok else "503 Service Unavailable",
+                       [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+def serve(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0", probes: Any = None):
+    """Serve ``registry`` on http://addr:port/metrics and, with ``probes`` (an object with ``live()`` and
+    ``ready()``), /livez and /readyz (daemon threads); returns the server (None when port is 0)."""
     if not port:
         return None
-    from prometheus_client import start_http_server
+    import threading
 
-    server, _thread = start_http_server(port, addr=addr, registry=registry)
-    logs.event(log, "metrics_listening", f"metrics on http://{addr}:{port}/metrics", port=port)
+    server = make_server(addr, port, probe_app(registry, probes), _Server, handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    paths = "/metrics, /livez, /readyz" if probes is not None else "/metrics"
+    logs.event(log, "metrics_listening", f"{paths} on http://{addr}:{port}", port=port)
     return server
 
 
@@ -221,11 +262,11 @@ def exported_names() -> set[str]:
 
 
 def run_service(app: Any, port: int, prog: str, what: str, log: logging.Logger) -> int:
-    """Run a long-lived consumer (``dpe-ingest consume`` or ``analytics``): its /metrics on ``port``
-    (0 = none; 2 when the port cannot be bound), SIGTERM/SIGINT ask ``app.request_stop``, then
+    """Run a long-lived consumer (``dpe-ingest consume`` or ``analytics``): its /metrics, /livez and
+    /readyz on ``port`` (0 = none; 2 when the port cannot be bound), SIGTERM/SIGINT ask ``app.request_stop``, then
     ``app.run()``'s exit code; a crash is logged as one ``fatal`` event and exits 1."""
     try:
-        serve(app.metrics.registry, port)
+        serve(app.metrics.registry, port, probes=app if hasattr(app, "live") else None)
     except OSError as exc:
         print(f"{prog}: METRICS_PORT={port}: {exc}", file=sys.stderr)
         return 2
