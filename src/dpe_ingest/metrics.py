@@ -206,6 +206,10 @@ class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a request in progress never holds the process at exit
 
 
+#: the probes' paths on the metrics port (the chart's livenessProbe/readinessProbe) -> the method answering
+PROBE_PATHS = {"/livez": "live", "/readyz": "ready"}
+
+
 def probe_app(registry: CollectorRegistry, probes: Any = None):
     """The WSGI app of the metrics port: ``/livez`` and ``/readyz`` answer ``probes.live()`` /
     ``probes.ready()`` (``(ok, reason)``: 200 or 503 with the reason as text), everything else is
@@ -215,7 +219,7 @@ def probe_app(registry: CollectorRegistry, probes: Any = None):
     metrics_app = make_wsgi_app(registry)
 
     def app(environ, start_response):
-        check = {"/livez": "live", "/readyz": "ready"}.get(environ.get("PATH_INFO", ""))
+        check = PROBE_PATHS.get(environ.get("PATH_INFO", ""))
         if check is None or probes is None:
             return metrics_app(environ, start_response)
         try:

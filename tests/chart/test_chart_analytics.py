@@ -63,7 +63,8 @@ def test_analytics_is_on_by_default_with_its_own_group_and_no_metrics_objects(re
     assert cfg.group == "dpe-analytics" != consumer_env["CONSUMER_GROUP"]
     assert cfg.table_prefix == "dpe_analytics" and cfg.alert_share == 0.3
     assert env["DATABASE_URL"] == consumer_env["DATABASE_URL"]
-    assert "PGPASSWORD" in env and "METRICS_PORT" not in env
+    assert "PGPASSWORD" in env
+    assert env["METRICS_PORT"] == "9100"  # for its probes (issue 23); no metrics objects below
     assert pod_spec(dep)["securityContext"]["runAsNonRoot"] is True
     assert not by_kind(docs, "ServiceMonitor")
     assert not [s for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-metrics")]
