@@ -681,7 +681,7 @@ class GroupConsumer:
         self.kafka_ok_at = self.kafka_probe_at = time.monotonic()
         self.kafka_outage.recovered("poll")
 
-    def live(self) -> tuple[bool, str]:
+    def livez(self) -> tuple[bool, str]:
         """/livez: the main loop turned within LIVENESS_STALL_S and the batch in flight (if any) is younger
         than BATCH_COMMIT_TIMEOUT_S.  Read from another thread: only plain attributes."""
         now = time.monotonic()
@@ -696,7 +696,7 @@ class GroupConsumer:
         batch = "" if since is None else f"; batch in flight for {now - since:.1f}s"
         return True, f"the poll loop turned {stalled:.1f}s ago{batch}"
 
-    def ready(self) -> tuple[bool, str]:
+    def readyz(self) -> tuple[bool, str]:
         """/readyz: a member of the group (its assignment received; an empty one when the group has more
         members than partitions), Kafka answering, and PostgreSQL answering a query now."""
         if self.stopping:

@@ -7,7 +7,7 @@
 
 Each object owns its own :class:`~prometheus_client.CollectorRegistry` (several consumers may live in
 one test process); :func:`serve` exposes one on ``/metrics`` (``METRICS_PORT``, 0 = none), with the probes ``/livez`` and
-``/readyz`` of a consumer (:meth:`dpe_ingest.group_consumer.GroupConsumer.live` / ``ready``).
+``/readyz`` of a consumer (:meth:`dpe_ingest.group_consumer.GroupConsumer.livez` / ``readyz``).
 :func:`exported_names` lists every sample name the code can export: the Grafana dashboard of the
 chart may use only those (a test checks it).
 """
@@ -207,12 +207,12 @@ class _Server(ThreadingMixIn, WSGIServer):
 
 
 #: the probes' paths on the metrics port (the chart's livenessProbe/readinessProbe) -> the method answering
-PROBE_PATHS = {"/livez": "live", "/readyz": "ready"}
+PROBE_PATHS = {"/livez": "livez", "/readyz": "readyz"}
 
 
 def probe_app(registry: CollectorRegistry, probes: Any = None):
-    """The WSGI app of the metrics port: ``/livez`` and ``/readyz`` answer ``probes.live()`` /
-    ``probes.ready()`` (``(ok, reason)``: 200 or 503 with the reason as text), everything else is
+    """The WSGI app of the metrics port: ``/livez`` and ``/readyz`` answer ``probes.livez()`` /
+    ``probes.readyz()`` (``(ok, reason)``: 200 or 503 with the reason as text), everything else is
     prometheus_client's ``/metrics``."""
     from prometheus_client import make_wsgi_app
 
@@ -226,7 +226,7 @@ def probe_app(registry: CollectorRegistry, probes: Any = None):
             ok, reason = getattr(probes, check)()
         except Exception as exc:  # noqa: BLE001 - a probe that fails says why
             ok, reason = False, f"{check} check failed: {logs.short_error(exc)}"
-        body = f"{'ok' if ok else 'not ' + check}: {reason}\n".encode()
+        body = f"{'ok' if ok else 'not ' + check[:-1]}: {reason}\n".encode()
         start_response("200 OK" if ok else "503 Service Unavailable",
                        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
         return [body]
@@ -235,8 +235,8 @@ def probe_app(registry: CollectorRegistry, probes: Any = None):
 
 
 def serve(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0", probes: Any = None):
-    """Serve ``registry`` on http://addr:port/metrics and, with ``probes`` (an object with ``live()`` and
-    ``ready()``), /livez and /readyz (daemon threads); returns the server (None when port is 0)."""
+    """Serve ``registry`` on http://addr:port/metrics and, with ``probes`` (an object with ``livez()`` and
+    ``readyz()``), /livez and /readyz (daemon threads); returns the server (None when port is 0)."""
     if not port:
         return None
     import threading
@@ -270,7 +270,7 @@ def run_service(app: Any, port: int, prog: str, what: str, log: logging.Logger) 
     /readyz on ``port`` (0 = none; 2 when the port cannot be bound), SIGTERM/SIGINT ask ``app.request_stop``, then
     ``app.run()``'s exit code; a crash is logged as one ``fatal`` event and exits 1."""
     try:
-        serve(app.metrics.registry, port, probes=app if hasattr(app, "live") else None)
+        serve(app.metrics.registry, port, probes=app if hasattr(app, "livez") else None)
     except OSError as exc:
         print(f"{prog}: METRICS_PORT={port}: {exc}", file=sys.stderr)
         return 2

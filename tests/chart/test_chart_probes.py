@@ -25,7 +25,7 @@ def test_probes_reach_livez_and_readyz_on_the_metrics_port_by_default(render, co
     env = _plain_env(c)
     (port,) = [p for p in c["ports"] if p["name"] == "metrics"]
     assert int(env["METRICS_PORT"]) == port["containerPort"] == config.metrics_port(env)
-    paths = {c["livenessProbe"]["httpGet"]["path"]: "live", c["readinessProbe"]["httpGet"]["path"]: "ready"}
+    paths = {c["livenessProbe"]["httpGet"]["path"]: "livez", c["readinessProbe"]["httpGet"]["path"]: "readyz"}
     assert paths == metrics.PROBE_PATHS  # the paths the product answers, each with its own check
     for probe in ("livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"]["port"] == "metrics"
