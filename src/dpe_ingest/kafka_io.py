@@ -204,7 +204,9 @@ def make_producer(bootstrap: str, security: KafkaSecurity | None = None, **overr
 
 #: while the broker does not acknowledge, a line at least this often (and one when it does again)
 WAIT_LOG_S = 10.0
-_FLUSH_SLICE_S = 5.0
+#: flush() waits in slices this long; a line once WAIT_LOG_S - one slice passed since the last (or the
+#: start): the lines come every ~7.5 s, never more than WAIT_LOG_S apart even when a slice overruns
+_FLUSH_SLICE_S = 2.5
 
 
 def flush_logging(producer: KafkaProducer, timeout_s: float, what: str, bootstrap: str | None = None,
@@ -225,7 +227,7 @@ def flush_logging(producer: KafkaProducer, timeout_s: float, what: str, bootstra
             now = time.monotonic()
             if now >= deadline:
                 raise KafkaUnavailable(f"Kafka at {where} did not acknowledge {what} in {timeout_s:.0f}s") from exc
-            if now - last_line >= WAIT_LOG_S - _FLUSH_SLICE_S / 2:
+            if now - last_line >= WAIT_LOG_S - _FLUSH_SLICE_S:
                 logs.event(log, "kafka_waiting", f"waiting {now - started:.0f}s for Kafka at {where} to acknowledge "
                            f"{what} (gives up after {timeout_s:.0f}s)", logging.WARNING, bootstrap=bootstrap,
                            waited_s=round(now - started, 1), timeout_s=timeout_s, **(context or {}))
