@@ -31,6 +31,10 @@ def test_probes_reach_livez_and_readyz_on_the_metrics_port_by_default(render, co
         assert c[probe]["httpGet"]["port"] == "metrics"
         assert c[probe]["periodSeconds"] == 10 and c[probe]["failureThreshold"] == 3 and c[probe]["timeoutSeconds"] == 5
     assert c["livenessProbe"]["initialDelaySeconds"] == 10
+    # a container the liveness probe failed is killed after 10 s, not the pod's 30-60 s grace
+    assert c["livenessProbe"]["terminationGracePeriodSeconds"] == 10 < pod_spec(
+        named(docs, "Deployment", f"dpe-{component}"))["terminationGracePeriodSeconds"]
+    assert "terminationGracePeriodSeconds" not in c["readinessProbe"]  # the API refuses it there
     read = (config.ConsumerConfig if component == "consumer" else config.AnalyticsConfig).from_env(env)
     assert (read.liveness_stall_s, read.batch_commit_timeout_s) == (60.0, 300.0)
     # no Service, no ServiceMonitor for the probes alone: those stay with metrics.enabled
