@@ -123,6 +123,12 @@ def pipeline_topics(settings: KafkaSettings, checkpoint_topic: str) -> list[Topi
     ]
 
 
+def slots_topic(settings: KafkaSettings, checkpoint_topic: str, n: int) -> TopicSpec:
+    """The producers' slots (PRODUCER_MAX_CONCURRENT=n): n partitions, as durable as the other topics
+    (KAFKA_REPLICATION_FACTOR replicas, KAFKA_MIN_INSYNC_REPLICAS)."""
+    return TopicSpec(f"{checkpoint_topic}-slots-{n}", n, settings.replication_factor, _durability(settings))
+
+
 _M32 = 0xFFFFFFFF
 _WORDS: dict[int, struct.Struct] = {}  # number of 4-byte words -> its little-endian Struct
 
@@ -381,9 +387,11 @@ class Slot:
     page run.
     """
 
-    def __init__(self, bootstrap: str, topic: str, n: int, context: dict | None = None,
+    def __init__(self, bootstrap: str, spec: TopicSpec, context: dict | None = None,
                  security: KafkaSecurity | None = None):
-        self.bootstrap, self.topic, self.n, self.context = bootstrap, topic, n, context or {}
+        """``spec``: the slots topic (:func:`slots_topic`), created when missing."""
+        self.bootstrap, self.spec, self.context = bootstrap, spec, context or {}
+        self.topic, self.n = spec.name, spec.partitions
         self.security = security
         self.consumer = None
         self._stop = None
@@ -396,7 +404,7 @@ class Slot:
 
         admin = wait_for_kafka(self.bootstrap, context=self.context, security=self.security)
         try:
-            ensure_topics(admin, [TopicSpec(self.topic, self.n, 1)], self.security)
+            ensure_topics(admin, [self.spec], self.security)
         finally:
             admin.close()
         self.consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=self.topic,

@@ -34,7 +34,7 @@ from .ademe import (MOD_FIELD, AdemeClient, ApiAuthError, ApiInterrupted, ApiReq
                     build_qs, cursor_line)
 from .config import CONTRACT, ConfigError, ProducerConfig
 from .kafka_io import (CheckpointStore, KafkaUnavailable, SendTracker, Slot, ensure_topics, make_producer,
-                       pipeline_topics, wait_for_kafka)
+                       pipeline_topics, slots_topic, wait_for_kafka)
 from .kafka_security import check_topic_access
 
 log = logging.getLogger("dpe_ingest.producer")
@@ -210,8 +210,8 @@ class Producer:
                        **ctx)
         slot = None
         if cfg.max_concurrent > 0:  # producer.maxConcurrent: wait for one of the slots
-            slot = Slot(cfg.kafka.bootstrap_servers, f"{cfg.checkpoint_topic}-slots-{cfg.max_concurrent}",
-                        cfg.max_concurrent, context=ctx, security=cfg.kafka.security)
+            slot = Slot(cfg.kafka.bootstrap_servers, slots_topic(cfg.kafka, cfg.checkpoint_topic, cfg.max_concurrent),
+                        context=ctx, security=cfg.kafka.security)
             slot.acquire(stop=self.stop)
         producer = make_producer(cfg.kafka.bootstrap_servers, cfg.kafka.security)
         _warm_up(producer, (cfg.kafka.topic, cfg.checkpoint_topic))
