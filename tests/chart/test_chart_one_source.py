@@ -234,6 +234,8 @@ def test_producer_job_and_refresh_cronjob_share_failure_policy_and_budget(render
     job_spec, cron_spec = job["spec"], cron["spec"]["jobTemplate"]["spec"]
     policy = job_spec["podFailurePolicy"]
     assert policy["rules"][0]["onExitCodes"] == {"containerName": "producer", "operator": "In", "values": [2, 3]}
+    # the Job's second rule is its wait-for-kafka init container's (the CronJob has none)
+    assert policy["rules"].pop(1)["onExitCodes"]["containerName"] == "wait-for-kafka"
     policy["rules"][0]["onExitCodes"]["containerName"] = "refresh"
     assert cron_spec["podFailurePolicy"] == policy
     volume = {"name": "api-budget", "configMap": {"name": "dpe-api-budget", "optional": True}}

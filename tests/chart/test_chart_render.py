@@ -89,15 +89,22 @@ def test_job_options(render):
 
 
 def test_jobs_fail_at_once_on_exit_codes_that_a_retry_cannot_fix(render):
-    from dpe_ingest import producer
+    from dpe_ingest import kafka_wait, producer
 
     job = producer_jobs(render.template())["69"]
     rules = job["spec"]["podFailurePolicy"]["rules"]
-    fail = next(r for r in rules if r["action"] == "FailJob")
-    assert fail["onExitCodes"] == {"containerName": "producer", "operator": "In",
-                                   "values": [producer.EXIT_CONFIG, producer.EXIT_REFUSED]}
+    fail = [r["onExitCodes"] for r in rules if r["action"] == "FailJob"]
+    # the init container's too: wait-for-kafka exits 2 on a refused password or CA (issue 22; without its
+    # rule the Job retried that pod backoffLimit times)
+    assert fail == [{"containerName": name, "operator": "In", "values": [producer.EXIT_CONFIG, producer.EXIT_REFUSED]}
+                    for name in ("producer", "wait-for-kafka")]
+    assert kafka_wait.EXIT_CONFIG == producer.EXIT_CONFIG
     assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
     assert pod_spec(job)["restartPolicy"] == "Never"  # podFailurePolicy requires it
+    # no init container, no rule naming it (the API refuses a containerName the pod does not have)
+    job = producer_jobs(render.template(sets={"producer.waitForKafka": "false"}))["69"]
+    assert [r["onExitCodes"]["containerName"] for r in job["spec"]["podFailurePolicy"]["rules"]
+            if r["action"] == "FailJob"] == ["producer"]
 
 
 def test_wait_for_kafka_init_container(render):

@@ -462,17 +462,20 @@ imagePullSecrets:
 {{- end -}}
 
 {{/* podFailurePolicy of the Jobs that run `dpe-ingest produce` (producer Jobs, refresh CronJobs): exit 2 (bad
-setting, e.g. department code) and 3 (the API refused the request) cannot succeed on a retry: fail the
-Job at once.  An evicted or preempted pod does not count against backoffLimit.  Argument: the container's
-name. */}}
+setting, e.g. department code, a Kafka password or CA) and 3 (the API refused the request) cannot succeed
+on a retry: fail the Job at once, from the main container or the wait-for-kafka init container (which
+exits 2 on a refused password or certificate).  An evicted or preempted pod does not count against
+backoffLimit.  Argument: the names of the pod's containers that run our code. */}}
 {{- define "dpe-ingest.produce.podFailurePolicy" -}}
 podFailurePolicy:
   rules:
+    {{- range . }}
     - action: FailJob
       onExitCodes:
         containerName: {{ . }}
         operator: In
         values: [2, 3]
+    {{- end }}
     - action: Ignore
       onPodConditions:
         - type: DisruptionTarget

@@ -7,7 +7,7 @@ backoffLimit: {{ $p.backoffLimit }}
 {{- /* this YAML comment is part of the spec hashed into the Job's name: keep it, or every Job is replaced */}}
 # Exit 2 (bad setting, e.g. department code) and 3 (the API refused the request) cannot succeed on a
 # retry: fail the Job at once.  An evicted or preempted pod does not count against backoffLimit.
-{{ include "dpe-ingest.produce.podFailurePolicy" "producer" }}
+{{ include "dpe-ingest.produce.podFailurePolicy" (ternary (list "producer" "wait-for-kafka") (list "producer") $p.waitForKafka) }}
 {{- if not (kindIs "invalid" $p.ttlSecondsAfterFinished) }}
 ttlSecondsAfterFinished: {{ $p.ttlSecondsAfterFinished }}
 {{- end }}
