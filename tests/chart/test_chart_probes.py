@@ -83,8 +83,9 @@ def _pods_selected(docs: list[dict], selector: dict) -> set[str]:
         spec = pod_spec(doc)
         if spec is None:
             continue
-        labels = (doc["spec"]["jobTemplate"]["spec"]["template"] if doc["kind"] == "CronJob"
-                  else doc["spec"]["template"])["metadata"]["labels"]
+        meta = {"CronJob": lambda d: d["spec"]["jobTemplate"]["spec"]["template"]["metadata"],
+                "Pod": lambda d: d["metadata"]}.get(doc["kind"], lambda d: d["spec"]["template"]["metadata"])(doc)
+        labels = meta.get("labels", {})
         if selector.items() <= labels.items():
             out.add(f"{doc['kind']}/{doc['metadata']['name']}")
     return out
