@@ -501,3 +501,210 @@ def tarball_tags(tarball: Path) -> list[str]:
             raise LaunchError(f"{tarball} has no manifest.json: not a docker save tarball")
         manifest = json.load(member)
     return sorted(tag for entry in manifest for tag in (entry.get("RepoTags") or []))
+
+
+# ---------------------------------------------------------------------------------------------
+# Kafdrop: built from its own source (no reachable registry has its image)
+# ---------------------------------------------------------------------------------------------
+KAFDROP_VERSION = "4.1.0"  # the chart's kafdrop.image.tag
+KAFDROP_TAG = f"dpe-test/kafdrop:{KAFDROP_VERSION}"
+KAFDROP_SOURCE_ENV = "DPE_KAFDROP_SOURCE"
+KAFDROP_DIR = "images/test-kafdrop"
+# what Kafdrop's pom pulls from Confluent's own Maven repository (not Maven Central): its Avro and
+# schema-registry Protobuf serializers.  The build drops them and the confluent repository, and
+# compiles images/test-kafdrop/overrides/ (our classes of the same names, which refuse those formats)
+# over the three classes that use them.  org.jetbrains:annotations, which came only through them
+# (kotlin-stdlib), is declared for the one @NotNull of KafkaHighLevelConsumer.
+_CONFLUENT_DEPENDENCIES = ("kafka-avro-serializer", "kafka-schema-registry-client", "kafka-protobuf-serializer")
+_JETBRAINS_ANNOTATIONS = ("org.jetbrains", "annotations", "24.1.0")
+_KAFDROP_RECIPE_VERSION = "1"  # bump when _kafdrop_pom or the build command changes
+
+
+def _user_source_cache() -> Path:
+    """Kafdrop's source kept outside any checkout (like Go's build cache): a later clone on this
+    machine builds from it without being given the source again."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "dpe-ingest" / f"kafdrop-{KAFDROP_VERSION}-src.tar.gz"
+
+
+def _kafdrop_pom(text: str) -> str:
+    """Kafdrop's pom.xml buildable from Maven Central alone (see _CONFLUENT_DEPENDENCIES)."""
+    out, n = re.subn(r"\s*<dependency>(?:(?!</dependency>).)*?<groupId>io\.confluent</groupId>.*?</dependency>",
+                     "", text, flags=re.S)
+    removed = set(re.findall(r"<groupId>io\.confluent</groupId>\s*<artifactId>([^<]+)</artifactId>", text))
+    if n != len(_CONFLUENT_DEPENDENCIES) or removed != set(_CONFLUENT_DEPENDENCIES) or "io.confluent" in out:
+        raise LaunchError(f"Kafdrop {KAFDROP_VERSION}'s pom.xml does not declare the Confluent dependencies "
+                          f"expected ({', '.join(_CONFLUENT_DEPENDENCIES)}; found {sorted(removed)}): not its "
+                          "source at that tag?")
+    out, n = re.subn(r"\s*<repository>(?:(?!</repository>).)*?<id>confluent</id>.*?</repository>", "", out, flags=re.S)
+    if n != 1:
+        raise LaunchError(f"Kafdrop {KAFDROP_VERSION}'s pom.xml has no confluent repository to drop")
+    group, artifact, version = _JETBRAINS_ANNOTATIONS
+    dep = (f"\n        <dependency>\n            <groupId>{group}</groupId>\n            <artifactId>{artifact}"
+           f"</artifactId>\n            <version>{version}</version>\n            <scope>provided</scope>\n"
+           "        </dependency>")
+    out, n = re.subn(r"(<dependencies>)", lambda m: m.group(1) + dep, out, count=1)
+    if n != 1:
+        raise LaunchError(f"Kafdrop {KAFDROP_VERSION}'s pom.xml has no <dependencies>")
+    return out
+
+
+def _extract_kafdrop_source(origin: Path, dest: Path) -> None:
+    """Kafdrop's tree at tag KAFDROP_VERSION into ``dest`` from ``origin``: a git repository (bare or
+    not: ``git archive`` of the tag), a source tree, or a tarball of one."""
+    import tarfile
+
+    dest.mkdir(parents=True)
+    if origin.is_dir() and ((origin / "HEAD").is_file() or (origin / ".git").exists()):
+        git_dir = origin / ".git" if (origin / ".git").exists() else origin
+        archive = subprocess.run(["git", f"--git-dir={git_dir}", "archive", "--format=tar", KAFDROP_VERSION],
+                                 capture_output=True, timeout=300)
+        if archive.returncode != 0:
+            raise LaunchError(f"{KAFDROP_SOURCE_ENV}={origin}: git archive {KAFDROP_VERSION} failed: "
+                              f"{archive.stderr.decode(errors='replace').strip()[-500:]}")
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True, timeout=300)
+    elif origin.is_dir():
+        shutil.copytree(origin, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".git", "target"))
+    elif origin.is_file():
+        with tarfile.open(origin) as tf:
+            tf.extractall(dest, filter="data")
+        tops = list(dest.iterdir())
+        if len(tops) == 1 and tops[0].is_dir() and not (dest / "pom.xml").exists():  # one top directory
+            for child in tops[0].iterdir():
+                child.rename(dest / child.name)
+            tops[0].rmdir()
+    else:
+        raise LaunchError(f"{KAFDROP_SOURCE_ENV}={origin}: no such directory or file")
+    pom = dest / "pom.xml"
+    head = pom.read_text(errors="replace")[:3000] if pom.is_file() else ""
+    if not re.search(r"<artifactId>kafdrop</artifactId>\s*<version>" + re.escape(KAFDROP_VERSION) + "</version>", head):
+        raise LaunchError(f"{origin} is not Kafdrop {KAFDROP_VERSION}'s source (its pom.xml does not say "
+                          f"kafdrop {KAFDROP_VERSION})")
+
+
+def _kafdrop_source(dest: Path, quiet: bool) -> None:
+    """Kafdrop's source into ``dest``: from $DPE_KAFDROP_SOURCE when set (then also kept in the user's
+    cache), else from the user's cache.  No registry serves it: it is given once."""
+    keep = _user_source_cache()
+    given = os.environ.get(KAFDROP_SOURCE_ENV, "").strip()
+    if given:
+        _say(quiet, f"Kafdrop {KAFDROP_VERSION} source from {given}")
+        _extract_kafdrop_source(Path(given).expanduser(), dest)
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        part = keep.with_name(f".{keep.name}.{os.getpid()}.part")
+        run(["tar", "-czf", part, "-C", dest, "."], "keeping Kafdrop's source", timeout=300)
+        os.replace(part, keep)
+    elif keep.is_file():
+        _extract_kafdrop_source(keep, dest)
+    else:
+        raise LaunchError(
+            f"Kafdrop {KAFDROP_VERSION}'s source is needed once to build {KAFDROP_TAG} (no registry serves "
+            f"Kafdrop): set {KAFDROP_SOURCE_ENV} to a clone of obsidiandynamics/kafdrop (GitHub; a git "
+            f"repository with tag {KAFDROP_VERSION}, a source tree at that tag, or a tarball of it), then run "
+            f"dpe-ingest testbed fetch; it is then kept in {keep}")
+
+
+def _kafdrop_overrides() -> list[Path]:
+    top = _root() / KAFDROP_DIR / "overrides"
+    return sorted(p for p in top.rglob("*.java"))
+
+
+def _kafdrop_jar_key() -> str:
+    h = hashlib.sha256(f"kafdrop\0{KAFDROP_VERSION}\0{_KAFDROP_RECIPE_VERSION}\0".encode())
+    _digest_files(h, _root(), [f"{KAFDROP_DIR}/overrides"])
+    return h.hexdigest()[:16]
+
+
+def kafdrop_jar(quiet: bool = True) -> Path:
+    """Kafdrop's executable jar, built once with Maven (Maven Central) from its source at tag
+    KAFDROP_VERSION, with the changes of _kafdrop_pom and images/test-kafdrop/overrides; cached under
+    .cache/kafdrop-<version>/ by the digest of those changes (the Maven log there too)."""
+    home = cache_dir() / f"kafdrop-{KAFDROP_VERSION}"
+    key = _kafdrop_jar_key()
+    jar = home / key / f"kafdrop-{KAFDROP_VERSION}.jar"
+    if jar.is_file():
+        return jar
+    with file_lock(home.with_name(home.name + ".lock"), f"building Kafdrop {KAFDROP_VERSION}"):
+        if jar.is_file():
+            return jar
+        mvn = shutil.which("mvn")
+        if not mvn:
+            raise LaunchError("mvn (Apache Maven) and a JDK 17 are needed once to build Kafdrop: "
+                              "apt-get install -y maven openjdk-17-jdk-headless (scripts/setup --tests does it)")
+        if shutil.which("javac") is None:
+            raise LaunchError("a JDK 17 (javac) is needed once to build Kafdrop: apt-get install -y openjdk-17-jdk-headless")
+        t0 = time.monotonic()
+        home.mkdir(parents=True, exist_ok=True)
+        work = home / "build"
+        shutil.rmtree(work, ignore_errors=True)
+        src = work / "src"
+        _kafdrop_source(src, quiet)
+        (src / "pom.xml").write_text(_kafdrop_pom((src / "pom.xml").read_text()))
+        top = _root() / KAFDROP_DIR / "overrides"
+        for path in _kafdrop_overrides():
+            target = src / "src/main/java" / path.relative_to(top)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        t_src = time.monotonic() - t0
+        _say(quiet, f"building Kafdrop {KAFDROP_VERSION} with Maven (Maven Central; log {home / 'mvn.log'})")
+        run([mvn, "-B", "-ntp", "-f", src / "pom.xml", "-Dmaven.test.skip=true", "package"],
+            f"building Kafdrop {KAFDROP_VERSION} with Maven", timeout=BUILD_TIMEOUT, log_path=home / "mvn.log")
+        built = src / "target" / jar.name
+        if not built.is_file():
+            raise LaunchError(f"mvn finished but made no {built} (log {home / 'mvn.log'})")
+        jar.parent.mkdir(parents=True, exist_ok=True)
+        part = jar.with_name(f".{jar.name}.part")
+        shutil.copyfile(built, part)
+        os.replace(part, jar)
+        shutil.rmtree(work, ignore_errors=True)
+        for old in home.iterdir():  # jars of older recipes
+            if old.is_dir() and old.name != key:
+                shutil.rmtree(old, ignore_errors=True)
+        _say(quiet, f"Kafdrop {KAFDROP_VERSION} jar built in {time.monotonic() - t0:.0f}s "
+                    f"(source {t_src:.0f}s): {jar}")
+    return jar
+
+
+def _kafdrop_recipe(base_digest: str, jar: Path) -> _Recipe:
+    src = _root() / KAFDROP_DIR
+    h = hashlib.sha256(f"kafdrop\0{base_digest}\0".encode())
+    _digest_files(h, src, ["Dockerfile", "kafdrop.sh"])
+    h.update(f"{jar.parent.name}\0{jar.stat().st_size}\0".encode())
+    # the context: the Dockerfile and start script plus the jar (not the overrides: they are in the jar)
+    return _Recipe("kafdrop", src / "Dockerfile", src, ["--build-arg", f"BASE_IMAGE={BASE_TAG}"], h.hexdigest(),
+                   {jar.name: jar})
+
+
+def ensure_kafdrop_image(quiet: bool = True) -> Path:
+    """KAFDROP_TAG built (jar first: kafdrop_jar) and saved as one ``docker save`` tarball under
+    .cache/images (cached by the digest of its inputs: warm, no engine is started), ready for
+    ``ctr -n k8s.io images import`` into the test cluster.  Kept apart from CLUSTER_IMAGES: only the
+    tests that run Kafdrop need it, and its source is given once (kafdrop_jar)."""
+    jar = kafdrop_jar(quiet)
+    base = _base_digest()
+    if base is not None:
+        tar = cache_dir() / "images" / f"kafdrop-{_kafdrop_recipe(base, jar).digest[:16]}.tar"
+        if tar.is_file():
+            return tar
+    t0 = time.monotonic()
+    with docker_engine(quiet) as engine:
+        base = ensure_base_image(engine, quiet)
+        recipe = _kafdrop_recipe(base, jar)
+        tar = cache_dir() / "images" / f"kafdrop-{recipe.digest[:16]}.tar"
+        if tar.is_file():
+            return tar
+        if _built_from(engine, KAFDROP_TAG) != recipe.digest:
+            _build(engine, recipe, KAFDROP_TAG, quiet)
+            engine.docker("image", "prune", "--force", "--filter", f"label={LABEL}", check=False)
+        part = tar.with_name(f".{tar.name}.{os.getpid()}.part")
+        try:
+            engine.docker("save", "-o", str(part), KAFDROP_TAG, timeout=BUILD_TIMEOUT)
+            part.chmod(0o644)
+            os.replace(part, tar)
+        finally:
+            part.unlink(missing_ok=True)
+    for old in tar.parent.glob("kafdrop-*.tar"):
+        if old != tar:
+            old.unlink(missing_ok=True)
+    _say(quiet, f"{KAFDROP_TAG} ready in {time.monotonic() - t0:.0f}s: {tar}")
+    return tar

@@ -1,0 +1,21 @@
+/*
+ * dpe-test/kafdrop (images/test-kafdrop): written for this test image, in place of Kafdrop's class of
+ * the same name and constructor, which wraps a Confluent serializer (see ConfluentFormatUnavailable).
+ */
+package kafdrop.util;
+
+import java.nio.ByteBuffer;
+
+public final class ProtobufSchemaRegistryMessageDeserializer implements MessageDeserializer {
+  private static final String FORMAT = "PROTOBUF (schema registry)";
+  private final String topicName;
+
+  public ProtobufSchemaRegistryMessageDeserializer(String topicName, String schemaRegistryUrl, String schemaRegistryAuth) {
+    this.topicName = topicName;
+  }
+
+  @Override
+  public String deserializeMessage(ByteBuffer buffer) {
+    throw new ConfluentFormatUnavailable(FORMAT, topicName);
+  }
+}
