@@ -135,6 +135,46 @@ def test_a_user_without_write_on_the_dlq_is_exit_2_before_any_row(broker, names,
     assert f"User:{user}" in msg
 
 
+def _topics_made_elsewhere(broker, names, which=("KAFKA_TOPIC", "KAFKA_DLQ_TOPIC", "PRODUCER_CHECKPOINT_TOPIC")):
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)  # the platform team's (super user) door
+    try:
+        admin.create_topics([NewTopic(names[k], 2 if k == "KAFKA_TOPIC" else 1, 1) for k in which])
+    finally:
+        admin.close()
+
+
+def test_topics_managed_elsewhere_a_topic_we_may_not_see_is_the_acl_to_grant(broker, names, standin_factory,
+                                                                              unique_name):
+    """KAFKA_CREATE_TOPICS=false and docs/chart.md's ACLs but WRITE on the DLQ: the DLQ exists, yet our
+    principal cannot even DESCRIBE it (WRITE gives that).  The line names the missing WRITE, not a topic
+    to create."""
+    user = unique_name("dpe-producer")
+    broker.add_user(user, PASSWORD)
+    broker.allow(user, [("WRITE", "TOPIC", names["KAFKA_TOPIC"], "LITERAL"),
+                        ("READ", "TOPIC", names["PRODUCER_CHECKPOINT_TOPIC"], "LITERAL"),
+                        ("WRITE", "TOPIC", names["PRODUCER_CHECKPOINT_TOPIC"], "LITERAL")])
+    _topics_made_elsewhere(broker, names)
+    srv = standin_factory(Dataset({"69": 100}, seed=14))
+    msg = _refused(broker, names, srv, f"WRITE on topic {names['KAFKA_DLQ_TOPIC']}", KAFKA_SASL_USERNAME=user,
+                   KAFKA_CREATE_TOPICS="false")
+    assert f"User:{user}" in msg and "do not exist" not in msg
+
+
+def test_topics_managed_elsewhere_a_missing_one_is_named_with_an_authorizer(broker, names, standin_factory,
+                                                                            unique_name):
+    """The counterpart: every ACL granted, the checkpoint topic never created: named as missing."""
+    user = unique_name("dpe-producer")
+    grant_producer(broker, user, names)
+    _topics_made_elsewhere(broker, names, ("KAFKA_TOPIC", "KAFKA_DLQ_TOPIC"))
+    srv = standin_factory(Dataset({"69": 100}, seed=15))
+    msg = _refused(broker, names, srv, "KAFKA_CREATE_TOPICS=false", KAFKA_SASL_USERNAME=user,
+                   KAFKA_CREATE_TOPICS="false")
+    assert names["PRODUCER_CHECKPOINT_TOPIC"] in msg and names["KAFKA_DLQ_TOPIC"] not in msg, msg
+
+
 # ---------------------------------------------------------------------------------------------
 # the settings themselves
 # ---------------------------------------------------------------------------------------------

@@ -196,13 +196,16 @@ class Producer:
         self.meta = self.client.dataset_info()
         admin = wait_for_kafka(cfg.kafka.bootstrap_servers, timeout_s=cfg.kafka_wait_s, context=ctx,
                                security=cfg.kafka.security)
+        # every ACL this Job needs, checked before its first write (a missing one is exit 2, nothing sent)
+        needs = {cfg.kafka.topic: ("WRITE",), cfg.kafka.dlq_topic: ("WRITE",), cfg.checkpoint_topic: ("READ", "WRITE")}
         try:
+            if not cfg.kafka.create_topics:
+                # topics managed elsewhere: one our principal may not see (no ACL on it: WRITE or READ give
+                # DESCRIBE) is an ACL to grant, not a topic to create
+                check_topic_access(admin, cfg.kafka.security, needs)
             created = ensure_topics(admin, pipeline_topics(cfg.kafka, cfg.checkpoint_topic), cfg.kafka.security,
                                     create=cfg.kafka.create_topics)
-            # every ACL this Job needs, checked before its first write (a missing one is exit 2, nothing sent)
-            check_topic_access(admin, cfg.kafka.security, {cfg.kafka.topic: ("WRITE",),
-                                                           cfg.kafka.dlq_topic: ("WRITE",),
-                                                           cfg.checkpoint_topic: ("READ", "WRITE")})
+            check_topic_access(admin, cfg.kafka.security, needs)
         finally:
             admin.close()
         if created:
