@@ -129,3 +129,171 @@ def test_kafka_client_warnings_reach_our_log_once_per_kind_every_30s():
     assert "coordinator dead" in lines[1]
     assert "suppressed=4" in lines[2]  # the four held back are counted on the next line that passes
     assert logs.ClientLines("kafka", 30.0).filter(logging.LogRecord("dpe_ingest.x", 30, "", 0, "m", (), None))
+
+
+# ---------------------------------------------------------------------------------------------
+# a broker stopped and restarted, PostgreSQL stopped and restarted: the producer, the consumer and the
+# analytics say so at least every 10 s, naming the server, and once when it answers again; nothing is
+# lost or written twice
+# ---------------------------------------------------------------------------------------------
+LINE_GAP_S = 10.5  # "at least every 10 s", on the lines' own millisecond timestamps (+ the line's own write)
+
+
+def _outage_lines(text: str, names: tuple[str, ...], field: str, value: str) -> list[dict]:
+    """Our warning/error lines of these events naming the server (``field`` = ``value``), in time order."""
+    out = [e for name in names for e in events(text, name)
+           if e.get(field) == value and e.get("level") in ("warning", "error")]
+    return sorted(out, key=_ts)
+
+
+def _assert_spoke_through(text: str, who: str, lines: list[dict], down_at: float, up_at: float,
+                          recovered: list[dict]) -> None:
+    """Lines from at most LINE_GAP_S after ``down_at`` until the server came back at ``up_at``, never
+    more than LINE_GAP_S apart, then one recovery line after ``up_at``."""
+    during = [_ts(e) for e in lines if down_at <= _ts(e) <= up_at + 1.0]
+    assert during, f"{who}: no line while the server was down:\n{text[-4000:]}"
+    assert during[0] - down_at <= LINE_GAP_S, (who, down_at, during[:3])
+    gaps = [round(b - a, 2) for a, b in zip(during, during[1:])]
+    assert all(g <= LINE_GAP_S for g in gaps), (who, gaps)
+    assert up_at - during[-1] <= LINE_GAP_S, (who, up_at, during[-1])
+    assert any(_ts(r) >= up_at - 1.0 for r in recovered), f"{who}: no recovery line after {up_at}:\n{text[-4000:]}"
+    print(f"{who}: {len(during)} lines while down {up_at - down_at:.0f}s, gaps {gaps}")
+
+
+@pytest.mark.kafka
+def test_a_producer_says_kafka_is_down_while_the_broker_is_stopped_and_delivers_exactly(
+        kafka_broker_factory, standin_factory, tmp_path):
+    broker = kafka_broker_factory()
+    ds = Dataset({"69": 20_000}, default_rows=0, seed=23)
+    srv = standin_factory(ds)
+    topic = f"stop-{os.getpid()}-{int(time.time())}"
+    env = {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "ADEME_API_URL": srv.url, "DEPARTMENT": "69",
+           "ADEME_PAGE_SIZE": "500", "ADEME_MAX_RPS": "20", "KAFKA_TOPIC": topic, "KAFKA_DLQ_TOPIC": topic + "-dlq",
+           "PRODUCER_CHECKPOINT_TOPIC": topic + "-ckpt", "KAFKA_TOPIC_PARTITIONS": "3"}
+    log_path = tmp_path / "producer.log"
+    proc = start(command("produce"), env, log_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not events(log_path.read_text(errors="replace"), "page"):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.05)
+        broker.kill()  # SIGKILL: connections refused until it is back
+        down_at = time.time()
+        time.sleep(25)
+        broker.restart()
+        up_at = time.time()
+        assert proc.wait(timeout=300) == 0, log_path.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log_path.read_text(errors="replace")
+    assert [e for e in events(text, "page") if _ts(e) < down_at], "the outage did not land mid-run"
+    lines = _outage_lines(text, ("kafka_waiting", "kafka_wait"), "bootstrap", broker.bootstrap)
+    assert lines, text[-4000:]
+    _assert_spoke_through(text, "producer", lines, down_at, up_at, events(text, "kafka_recovered"))
+    records = read_topic(broker.bootstrap, topic)
+    keys = [r.key.decode() for r in records]
+    assert sorted(keys) == sorted(ds.current_rows("69")), "every row of the department exactly once"
+
+
+def _group_run(env: dict, tmp_path, tag: str):
+    from kafka_util import start as start_proc
+
+    sink = start_proc(command("consume"), env, tmp_path / f"sink-{tag}.log")
+    analytics = start_proc(command("analytics"), env, tmp_path / f"analytics-{tag}.log")
+    return {"consume": (sink, tmp_path / f"sink-{tag}.log"), "analytics": (analytics, tmp_path / f"analytics-{tag}.log")}
+
+
+def _wait(pred, what: str, procs: dict, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        for name, (p, log) in procs.items():
+            assert p.poll() is None, f"{name} exited {p.returncode} while waiting for {what}:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def _stop_all(procs: dict) -> None:
+    for name, (p, log) in procs.items():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for name, (p, log) in procs.items():
+        try:
+            assert p.wait(120) == 0, f"{name}:\n{log.read_text()[-4000:]}"
+        finally:
+            if p.poll() is None:
+                p.kill()
+
+
+def _counted(database_url: str, prefix: str) -> int:
+    import psycopg2
+
+    import reconcile as rec
+
+    try:
+        return sum(sum(v.values()) for v in rec.read_counts(database_url, prefix)["labels"].values())
+    except psycopg2.Error:
+        return -1
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+@pytest.mark.parametrize("server", ["kafka", "postgresql"])
+def test_consumer_and_analytics_say_which_server_is_down_every_10s_and_when_it_is_back(
+        server, kafka_broker_factory, kafka_bootstrap, postgres_factory, database_url, tmp_path):
+    from test_analytics import assert_exact, names
+    from test_consumer import doc, produce, reconcile, table_count
+
+    broker = kafka_broker_factory() if server == "kafka" else None
+    pg = postgres_factory() if server == "postgresql" else None
+    bootstrap = broker.bootstrap if broker else kafka_bootstrap
+    db = pg.url if pg else database_url
+    n = names()
+    # the default backoff cap (30 s): the lines keep their 10 s whatever the backoff
+    env = {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "DATABASE_URL": db, "LOG_FORMAT": "logfmt",
+           "RETRY_MAX_BACKOFF_S": "30", **n}
+    from test_consumer import create_topic
+
+    create_topic(bootstrap, n["KAFKA_TOPIC"], 3)
+    sent = produce(bootstrap, n["KAFKA_TOPIC"], [doc(i, tag="O") for i in range(1500)])
+    procs = _group_run(env, tmp_path, server)
+    try:
+        _wait(lambda: table_count(db, n["DB_TABLE"]) == 1500 and _counted(db, n["ANALYTICS_TABLE_PREFIX"]) == 1500,
+              "the first 1500 messages written and counted", procs)
+        if broker:
+            broker.kill()
+        else:
+            pg.kill()
+        down_at = time.time()
+        if pg:  # the consumers need PostgreSQL only when they have something to write
+            sent += produce(bootstrap, n["KAFKA_TOPIC"], [doc(i, tag="O") for i in range(1500, 2000)])
+        time.sleep(25)
+        if broker:
+            broker.restart()
+        else:
+            pg.restart()
+        up_at = time.time()
+        if broker:
+            sent += produce(bootstrap, n["KAFKA_TOPIC"], [doc(i, tag="O") for i in range(1500, 2000)])
+        _wait(lambda: table_count(db, n["DB_TABLE"]) == 2000 and _counted(db, n["ANALYTICS_TABLE_PREFIX"]) == 2000,
+              "every message written and counted after the outage", procs)
+    finally:
+        _stop_all(procs)
+    for name, (p, log) in procs.items():
+        text = log.read_text(errors="replace")
+        if broker:
+            lines = _outage_lines(text, ("kafka_unavailable", "kafka_waiting"), "bootstrap", bootstrap)
+            recovered = events(text, "kafka_recovered")
+        else:
+            lines = _outage_lines(text, ("db_unavailable", "db_waiting", "db_error"), "database",
+                                  _safe(db))
+            recovered = events(text, "db_recovered")
+        _assert_spoke_through(text, name, lines, down_at, up_at, recovered)
+    reconcile(db, n["DB_TABLE"], sent)
+    assert_exact(env, db)
+
+
+def _safe(url: str) -> str:
+    from dpe_ingest.pg_connection import safe_url
+
+    return safe_url(url)
