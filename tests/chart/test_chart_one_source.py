@@ -212,7 +212,7 @@ def test_templates_are_grouped_by_component():
     """templates/<component>/… for what belongs to one component; at the top only shared helpers, NOTES
     and what spans every component (one ServiceAccount per component)."""
     top = sorted(p.name for p in TEMPLATES.iterdir() if p.is_file())
-    assert top == ["NOTES.txt", "_env.tpl", "_helpers.tpl", "serviceaccounts.yaml"], top
+    assert top == ["NOTES.txt", "_env.tpl", "_helpers.tpl", "_networkpolicy.tpl", "serviceaccounts.yaml"], top
     dirs = sorted(p.name for p in TEMPLATES.iterdir() if p.is_dir())
     assert dirs == ["analytics", "consumer", "kafdrop", "kafka", "metrics", "postgresql", "producer", "refresh",
                     "standin", "tests"], dirs
