@@ -7,6 +7,10 @@ The same idea as Kubernetes' ``hack/local-up-cluster.sh``, in the test harness:
   containerd 2 (runc, the CNI bridge/host-local plugins), CoreDNS (host process behind a selectorless
   ``kube-dns`` Service at 10.96.0.10) and local-path-provisioner (the default StorageClass
   ``standard``, as on kind), all built from the Go module proxy (``testbed.gobuild``);
+- NetworkPolicies are enforced, by kube-router's firewall alone (``--run-router=false
+  --run-service-proxy=false``; the bridge CNI routes, kube-proxy serves the Services): a process of the
+  node like kube-proxy, in its network namespace, filtering the pods' traffic with iptables and ipsets
+  in the FORWARD/INPUT/OUTPUT chains (the bridge's frames go through them: ``bridge-nf-call-iptables``);
 - images cannot be pulled: ours and the test images are built with docker and imported into
   containerd (``testbed.images``); the pause image is a tiny static binary;
 - **no packet can leave the machine**: containerd, the kubelet, kube-proxy, CoreDNS, the CNI bridge
@@ -22,9 +26,9 @@ The same idea as Kubernetes' ``hack/local-up-cluster.sh``, in the test harness:
     with Cluster(workdir) as cluster:
         cluster.kubectl("get", "nodes")     # or KUBECONFIG=cluster.kubeconfig helm install ...
 
-Needs root, Linux with cgroups (v1 or v2), ``ip``/``nsenter``, iptables, runc and the CNI plugins
-(Debian: iproute2, util-linux, iptables, runc, containernetworking-plugins), openssl, a docker engine
-for the images.  ``Cluster.log`` tells what happened, with timings.
+Needs root, Linux with cgroups (v1 or v2), ``ip``/``nsenter``, iptables, ipset, runc and the CNI plugins
+(Debian: iproute2, util-linux, iptables, ipset, runc, containernetworking-plugins), openssl, a docker
+engine for the images.  ``Cluster.log`` tells what happened, with timings.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ API_SERVICE_IP = "10.96.0.1"
 DNS_SERVICE_IP = "10.96.0.10"
 CLUSTER_DOMAIN = "cluster.local"
 API_PORT = 6443
+KUBE_ROUTER_HEALTH_PORT = 20244  # kube-router's own default, inside the node's namespace
 STORAGE_CLASS = "standard"
 
 CNI_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
@@ -84,7 +89,7 @@ def host_problems() -> list[str]:
     if os.geteuid() != 0:
         problems.append("root is needed (network namespace, mounts, cgroups, containers)")
     for tool, pkg in (("ip", "iproute2"), ("nsenter", "util-linux"), ("iptables", "iptables"),
-                      ("runc", "runc"), ("openssl", "openssl"), ("conntrack", "conntrack")):
+                      ("ipset", "ipset"), ("runc", "runc"), ("openssl", "openssl"), ("conntrack", "conntrack")):
         if not _which(tool, f"/usr/sbin/{tool}", f"/sbin/{tool}"):
             problems.append(f"{tool} not found (Debian package {pkg})")
     if not cni_dir():
@@ -245,7 +250,7 @@ class Cluster:
         self.say(f"starting a single-node cluster in {self.workdir} (network namespace {self.netns})")
         try:
             t = time.monotonic()
-            for name in ("kubernetes", "etcd", "containerd", "coredns", "local-path-provisioner"):
+            for name in ("kubernetes", "etcd", "containerd", "coredns", "local-path-provisioner", "kube-router"):
                 self.bin.update(gobuild.ensure(name, self.quiet))
             self._step("binaries", t)
             t = time.monotonic()
@@ -333,6 +338,16 @@ class Cluster:
             "--configmap-name=local-path-config"])
         self._wait("the node", self._node_ready, timeout)
         self._step("node Ready", t)
+
+        t = time.monotonic()
+        # the policy engine reads its node (name, InternalIP = the pods' HostIP) at start: after the node
+        self._spawn("kube-router", [
+            self.bin["kube-router"], f"--kubeconfig={kc}", f"--hostname-override={NODE_NAME}",
+            "--run-firewall=true", "--run-router=false", "--run-service-proxy=false", "--enable-cni=false",
+            "--enable-ipv4=true", "--enable-ipv6=false", f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--health-port={KUBE_ROUTER_HEALTH_PORT}", "--metrics-port=0", "--v=1"])
+        self._wait("kube-router's network policy firewall", self._policy_engine_ready, 120)
+        self._step("network policy engine ready", t)
 
         t = time.monotonic()
         self._wait("the default ServiceAccount", lambda: self.kubectl(
@@ -571,6 +586,14 @@ state = "{cd / 'state'}"
                              stdin=subprocess.DEVNULL)
         return res.returncode == 0
 
+    def _policy_engine_ready(self) -> bool:
+        """kube-router answers its health check and has hooked its chains into the filter table."""
+        if not self._node_http(f"http://127.0.0.1:{KUBE_ROUTER_HEALTH_PORT}/healthz"):
+            return False
+        res = subprocess.run(self.in_node(["iptables", "-t", "filter", "-S", "FORWARD"]), capture_output=True,
+                             text=True, timeout=20, stdin=subprocess.DEVNULL)
+        return res.returncode == 0 and "-j KUBE-ROUTER-FORWARD" in res.stdout
+
     def _node_ready(self) -> bool:
         node = self.api_get(f"/api/v1/nodes/{NODE_NAME}")
         return any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", []))
@@ -587,7 +610,7 @@ state = "{cd / 'state'}"
     def stop(self) -> None:
         """Stop everything and undo what the components did outside the work directory.  Idempotent."""
         t = time.monotonic()
-        for name in ("local-path-provisioner", "kubelet", "kube-proxy", "coredns", "kube-scheduler",
+        for name in ("kube-router", "local-path-provisioner", "kubelet", "kube-proxy", "coredns", "kube-scheduler",
                      "kube-controller-manager"):
             terminate(self.procs.pop(name, None), timeout=15)
         self._kill_containers()

@@ -8,7 +8,9 @@ No binary release can be downloaded here, but every part of a single-node cluste
   published version instead, the usual way of building Kubernetes components out of tree);
 - ``etcd``; ``containerd`` (containerd, its runc shim and ctr; no btrfs/devmapper/zfs, no cgo);
 - ``coredns`` with only the plugins the test cluster's Corefile uses;
-- ``local-path-provisioner`` (the default StorageClass of kind, here too).
+- ``local-path-provisioner`` (the default StorageClass of kind, here too);
+- ``kube-router``, only its network-policy firewall (iptables + ipset; ``testbed.cluster`` runs it with
+  ``--run-router=false --run-service-proxy=false``): the engine that enforces NetworkPolicies on the node.
 
 Each group is built once (cold: ~15 min for ``kubernetes`` on 2 cores) and recorded by a stamp naming
 its version and recipe; modules are kept in ``<cache>/go`` and compiled packages in Go's build cache
@@ -37,6 +39,7 @@ ETCD_VERSION = "v3.6.16"
 CONTAINERD_VERSION = "v2.4.2"
 COREDNS_VERSION = "v1.15.0"
 LOCAL_PATH_VERSION = "v0.0.30"
+KUBE_ROUTER_VERSION = "v2.1.0"  # the newest the module proxy serves here (v2.1.1+ were refused)
 
 _KUBE_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy", "kubectl")
 
@@ -111,6 +114,33 @@ def _prepare_kubernetes(build: GoBuild, go: str, work: Path, env: dict, log: Pat
         fh.write("".join(f"replace {m} => {m} {STAGING_VERSION}\n" for m in staging))
 
 
+def _pin_requirements(build: GoBuild, go: str, work: Path, env: dict, log: Path) -> None:
+    """The build module requires every module at the version the module's own go.mod requires, as when
+    it is built as the main module: without them, ``go mod tidy`` resolves the packages of a dependency
+    without a go.mod (kube-router's ``github.com/docker/docker +incompatible``) at their latest
+    versions (grpc, OpenTelemetry, genproto of 2026), a combination upstream never built."""
+    out = run([go, "mod", "download", "-json", build.module], f"downloading {build.module}", timeout=3600,
+              env=env, cwd=work, log_path=log)
+    gomod = json.loads(out[out.index("{"):out.rindex("}") + 1]).get("GoMod")
+    if not gomod:
+        raise LaunchError(f"go mod download {build.module} did not give its go.mod")
+    pins, in_block = [], False
+    for line in Path(gomod).read_text().splitlines():
+        line = line.split("//")[0].strip()
+        if line == "require (":
+            in_block = True
+        elif in_block and line == ")":
+            in_block = False
+        elif in_block or line.startswith("require "):
+            parts = line.removeprefix("require ").split()
+            if len(parts) == 2:
+                pins.append(parts)
+    if not pins:
+        raise LaunchError(f"no requirements found in the go.mod of {build.module}")
+    with open(work / "go.mod", "a") as fh:
+        fh.write("require (\n" + "".join(f"\t{m} {v}\n" for m, v in pins) + ")\n")
+
+
 BUILDS: dict[str, GoBuild] = {b.name: b for b in (
     GoBuild("kubernetes", K8S_VERSION, f"k8s.io/kubernetes@{K8S_VERSION}",
             {c: f"k8s.io/kubernetes/cmd/{c}" for c in _KUBE_COMMANDS}, _prepare_kubernetes,
@@ -129,6 +159,9 @@ BUILDS: dict[str, GoBuild] = {b.name: b for b in (
             f"github.com/rancher/local-path-provisioner@{LOCAL_PATH_VERSION}",
             {"local-path-provisioner": "github.com/rancher/local-path-provisioner"},
             ldflags=f"-s -w -X main.VERSION={LOCAL_PATH_VERSION}"),
+    GoBuild("kube-router", KUBE_ROUTER_VERSION, f"github.com/cloudnativelabs/kube-router/v2@{KUBE_ROUTER_VERSION}",
+            {"kube-router": "github.com/cloudnativelabs/kube-router/v2/cmd/kube-router"}, _pin_requirements,
+            ldflags=f"-s -w -X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version={KUBE_ROUTER_VERSION}"),
 )}
 
 
