@@ -440,6 +440,12 @@ def test_strimzi_cloudnativepg_example_runs_through_sasl_ssl_acls_and_verify_ful
 
     def start(name, spec, c):
         env = kubelet.env(spec, c)
+        if "METRICS_PORT" in env:  # each pod has a network namespace of its own; here they share one
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                env["METRICS_PORT"] = str(s.getsockname()[1])
         out = open(logs / f"{name}.log", "wb")
         procs.append(subprocess.Popen(_argv(c), env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path))
         return procs[-1]

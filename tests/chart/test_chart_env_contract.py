@@ -64,5 +64,6 @@ def test_every_producer_setting_is_wired(render):
     consumer_env = env_of(container(named(docs, "Deployment", "dpe-consumer")))
     consumer_vars = {"DATABASE_URL", "DB_TABLE", "CONSUMER_GROUP", "BATCH_SIZE", "BATCH_IDLE_MS",
                      "RETRY_MAX_BACKOFF_S", "KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPIC", "KAFKA_DLQ_TOPIC",
-                     "KAFKA_TOPIC_PARTITIONS", "KAFKA_REPLICATION_FACTOR", "LOG_FORMAT", "LOG_LEVEL"}
+                     "KAFKA_TOPIC_PARTITIONS", "KAFKA_REPLICATION_FACTOR", "LOG_FORMAT", "LOG_LEVEL",
+                     "METRICS_PORT", "LIVENESS_STALL_S", "BATCH_COMMIT_TIMEOUT_S"}  # the probes (issue 23)
     assert consumer_vars | {"PGPASSWORD"} == set(consumer_env)
