@@ -1,18 +1,13 @@
-"""A release of the chart on the test node, in a namespace of its own: what test_cluster_kafdrop.py
-and test_cluster_production.py do with it (helm, kubectl, psql in the PostgreSQL pod, the exact
-reconciliation of ``tests/reconcile.py``, an HTTP port of a Service through ``kubectl port-forward``)."""
+"""A release of the chart on the test node, in a namespace of its own: what test_cluster_day2.py and
+test_cluster_production.py do with it (helm, kubectl, psql in the PostgreSQL pod, the exact
+reconciliation of ``tests/reconcile.py``)."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
-import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import yaml
@@ -25,8 +20,6 @@ CHART = HERE.parents[1] / "charts" / "dpe-ingest"
 TEST_VALUES = HERE / "values-test-cluster.yaml"
 RESTRICTED = {f"pod-security.kubernetes.io/{m}": "restricted" for m in ("enforce", "warn", "audit")}
 SLOW = 600  # generous bound of a wait, only reached on failure
-#: what a browser asks for: Kafdrop maps some paths twice, its page and its JSON API (produces JSON)
-BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
 _VALUES = yaml.safe_load(TEST_VALUES.read_text())
 EXTRA_FIELDS = tuple(f for f in _VALUES["ademe"]["extraFields"].split(",") if f)
 
@@ -135,55 +128,3 @@ class NodeRelease:
         pods = self.get("pods", "-l", f"app.kubernetes.io/component={component}")["items"]
         return [p for p in pods if not p["metadata"].get("deletionTimestamp") and any(
             c["type"] == "Ready" and c["status"] == "True" for c in (p.get("status") or {}).get("conditions", []))]
-
-
-class PortForward:
-    """``kubectl port-forward svc/NAME :PORT`` on 127.0.0.1 for the time of a ``with`` block;
-    ``get``/``post`` send HTTP requests through it (status, body; HTTP errors are answers too)."""
-
-    def __init__(self, release: NodeRelease, service: str, port: int):
-        self.release, self.service, self.port = release, service, port
-        self.local = 0
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "PortForward":
-        c = self.release.cluster
-        self.proc = subprocess.Popen([str(c.bin["kubectl"]), f"--kubeconfig={c.kubeconfig}", "-n", self.release.ns,
-                                      "port-forward", "--address", "127.0.0.1", f"svc/{self.service}", f":{self.port}"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     stdin=subprocess.DEVNULL)
-        first: list[str] = []
-        reader = threading.Thread(target=lambda: first.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(60)
-        m = re.search(r"Forwarding from 127\.0\.0\.1:(\d+)", first[0] if first else "")
-        if not m:
-            self.__exit__()
-            raise AssertionError(f"kubectl port-forward svc/{self.service}: {first}")
-        self.local = int(m.group(1))
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep its pipe drained
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def request(self, path: str, data: dict | None = None, accept: str = BROWSER) -> tuple[int, str]:
-        body = urllib.parse.urlencode(data).encode() if data is not None else None
-        req = urllib.request.Request(f"http://127.0.0.1:{self.local}{path}", data=body, headers={"Accept": accept})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                return resp.status, resp.read().decode("utf-8", errors="replace")
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode("utf-8", errors="replace")
-
-    def get(self, path: str, accept: str = BROWSER) -> tuple[int, str]:
-        return self.request(path, accept=accept)
-
-    def post(self, path: str, data: dict) -> tuple[int, str]:
-        return self.request(path, data=data)

@@ -92,13 +92,8 @@ def _fetch(quiet: bool = False, helm_too: bool = True) -> int:
 
         return f"actionlint {ACTIONLINT_VERSION} at {ensure_actionlint(quiet)}"
 
-    def kafdrop() -> str:
-        from .images import KAFDROP_VERSION, kafdrop_jar
-
-        return f"Kafdrop {KAFDROP_VERSION} jar (built from its source) {kafdrop_jar(quiet)}"
-
     steps = [("kafka", kafka), ("postgres", postgres)] + (
-        [("helm", helm), ("kube", kube), ("actionlint", actionlint), ("kafdrop", kafdrop)] if helm_too else [])
+        [("helm", helm), ("kube", kube), ("actionlint", actionlint)] if helm_too else [])
     for name, step in steps:
         try:
             line = step()
