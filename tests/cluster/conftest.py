@@ -16,6 +16,18 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(line)
 
 
+#: pytest-timeout's bound for a test on the node: the first one also starts the cluster (on a fresh
+#: machine that builds and imports the test images first, minutes on 2 cores), and a module installs a
+#: release and waits for its Jobs; every wait inside has its own bound, this one only catches a hang
+CLUSTER_TEST_TIMEOUT_S = 1800
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("cluster") is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(CLUSTER_TEST_TIMEOUT_S))
+
+
 @pytest.fixture(scope="session")
 def summary_line():
     """``summary_line(text)``: a line shown at the end of the run, even when the test passes (the
