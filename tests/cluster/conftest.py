@@ -23,6 +23,9 @@ CLUSTER_TEST_TIMEOUT_S = 1800
 
 
 def pytest_collection_modifyitems(items):
+    # the tests on the session's cluster last: it holds the node lock from its first use to the end of
+    # the run, and test_cluster_cleanup.py starts clusters of its own (which wait for that lock)
+    items[:] = sorted(items, key=lambda item: "cluster" in getattr(item, "fixturenames", ()))
     for item in items:
         if item.get_closest_marker("cluster") is not None and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(CLUSTER_TEST_TIMEOUT_S))
