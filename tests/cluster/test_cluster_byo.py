@@ -30,7 +30,6 @@ import json
 import os
 import re
 import secrets
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from dpe_ingest.standin.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chart"))
 from test_chart_byo import doc_acls, doc_examples  # noqa: E402 - the doc's example and ACL table, read once
+from noderelease import NodeRelease  # noqa: E402
 
 pytestmark = pytest.mark.cluster
 
@@ -81,14 +81,16 @@ def always_grants(names: dict[str, str]) -> list[tuple[str, str, str, str]]:
     return sorted(set(grants))
 
 
-class Byo:
-    """The secured servers, the operators' work, the release and the ways a user looks at them."""
+class Byo(NodeRelease):
+    """The secured servers, the operators' work, the release and the ways a user looks at them (helm,
+    kubectl and describe: :class:`noderelease.NodeRelease`'s)."""
 
     def __init__(self, cluster, helm: str, workdir: Path, say) -> None:
         from dpe_devkit.testbed.secure_cluster import CnpgPostgres, StrimziKafka
         from dpe_devkit.testbed.tls import TestCA
 
-        self.cluster, self.helm_bin, self.workdir, self.say = cluster, helm, workdir, say
+        super().__init__(cluster, helm, NS, RELEASE, OURS["standin"]["rowsPerDepartment"], ANALYTICS_PREFIX)
+        self.workdir, self.say = workdir, say
         self.kafka = StrimziKafka(workdir / "kafka", NS)
         self.pg = CnpgPostgres(workdir / "pg", NS)
         self.operator = self.kafka.operator(cluster)
@@ -101,31 +103,6 @@ class Byo:
         self.values_file.write_text(yaml.safe_dump(doc_examples()["values-byo.yaml"]))  # the doc's, as it is
         self.ours_file = workdir / "values-ours.yaml"
         self.ours_file.write_text(yaml.safe_dump(OURS))
-
-    # -- tools -------------------------------------------------------------------------------------------
-    def helm(self, *args: str, timeout: float = SLOW, check: bool = True) -> subprocess.CompletedProcess:
-        home = str(self.cluster.workdir / "helm")
-        env = dict(os.environ, KUBECONFIG=str(self.cluster.kubeconfig), HELM_CACHE_HOME=home, HELM_CONFIG_HOME=home,
-                   HELM_DATA_HOME=home)
-        res = subprocess.run([self.helm_bin, *args, "--namespace", NS], capture_output=True, text=True,
-                             timeout=timeout, env=env, stdin=subprocess.DEVNULL)
-        if check and res.returncode != 0:
-            raise AssertionError(f"helm {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}\n"
-                                 f"{self.describe()}")
-        return res
-
-    def kubectl(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-        return self.cluster.kubectl("-n", NS, *args, check=check, timeout=timeout)
-
-    def get(self, *args: str) -> dict:
-        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
-
-    def describe(self) -> str:
-        parts = []
-        for args in (["get", "pods,jobs,pvc", "-o", "wide"], ["get", "events", "--sort-by=.lastTimestamp"]):
-            res = self.kubectl(*args, check=False)
-            parts.append(res.stdout[-6000:] + res.stderr[-2000:])
-        return "\n".join(parts)
 
     def values_args(self, departments: list[str], **sets: str) -> list[str]:
         args = ["-f", str(CHART / "values-offline.yaml"), "-f", str(HERE / "values-test-cluster.yaml"),
@@ -185,10 +162,6 @@ class Byo:
     def psql(self, sql: str) -> str:
         return self.kubectl("exec", self.pg.pod, "-c", "postgres", "--", "psql", "-U", self.pg.user,
                             "-d", self.pg.database, "-v", "ON_ERROR_STOP=1", "-At", "-c", sql).stdout
-
-    def stored(self) -> dict[str, int]:
-        out = self.psql("SELECT departement, count(*) FROM dpe_data GROUP BY 1")
-        return {dep: int(n) for dep, n in (line.split("|") for line in out.split())}
 
     def check_rows(self, departments: list[str]) -> dict[str, dict]:
         want = rec.expected_rows(DATASET, departments, EXTRA_FIELDS)

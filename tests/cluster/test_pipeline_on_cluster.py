@@ -26,6 +26,7 @@ import yaml
 
 import reconcile as rec
 from dpe_ingest.standin.data import Dataset
+from noderelease import NodeRelease
 
 pytestmark = pytest.mark.cluster
 
@@ -43,53 +44,19 @@ EXTRA_FIELDS = tuple(f for f in _VALUES["ademe"]["extraFields"].split(",") if f)
 ANALYTICS_PREFIX = "dpe_analytics"  # the chart's analytics.tablePrefix
 
 
-class Release:
-    """The release under test and the ways a user looks at it."""
+class Release(NodeRelease):
+    """The release under test and the ways a user looks at it (helm, kubectl, psql: NodeRelease's)."""
 
     def __init__(self, cluster, helm: str, say=print):
-        self.cluster, self.helm_bin, self.say = cluster, helm, say
+        super().__init__(cluster, helm, NS, RELEASE, _VALUES["standin"]["rowsPerDepartment"], ANALYTICS_PREFIX)
+        self.say = say
         self.departments: list[str] = []
-
-    # -- tools -------------------------------------------------------------------------------------------
-    def helm(self, *args: str, timeout: float = SLOW, check: bool = True) -> subprocess.CompletedProcess:
-        env = dict(os.environ, KUBECONFIG=str(self.cluster.kubeconfig), HELM_CACHE_HOME=str(self.cluster.workdir / "helm"),
-                   HELM_CONFIG_HOME=str(self.cluster.workdir / "helm"), HELM_DATA_HOME=str(self.cluster.workdir / "helm"))
-        res = subprocess.run([self.helm_bin, *args, "--namespace", NS], capture_output=True, text=True,
-                             timeout=timeout, env=env, stdin=subprocess.DEVNULL)
-        if check and res.returncode != 0:
-            raise AssertionError(f"helm {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}\n"
-                                 f"{self.describe()}")
-        return res
-
-    def kubectl(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-        return self.cluster.kubectl("-n", NS, *args, check=check, timeout=timeout)
-
-    def get(self, *args: str) -> dict:
-        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
-
-    def describe(self) -> str:
-        """What a user would look at when something is stuck: pods, Jobs, events."""
-        parts = []
-        for args in (["get", "pods,jobs,pvc", "-o", "wide"], ["get", "events", "--sort-by=.lastTimestamp"]):
-            res = self.kubectl(*args, check=False)
-            parts.append(res.stdout[-6000:] + res.stderr[-2000:])
-        return "\n".join(parts)
 
     def values_args(self, departments: list[str]) -> list[str]:
         return ["-f", str(CHART / "values-offline.yaml"), "-f", str(HERE / "values-test-cluster.yaml"),
                 "--set", "departments={" + ",".join(departments) + "}"]
 
-    # -- what is in the pipeline ---------------------------------------------------------------------------
-    def psql(self, sql: str) -> str:
-        pod = f"{RELEASE}-postgresql-0"
-        return self.kubectl("exec", pod, "-c", "postgresql", "--", "psql", "-U", "dpe", "-d", "dpe",
-                            "-v", "ON_ERROR_STOP=1", "-At", "-c", sql).stdout
-
-    def stored(self) -> dict[str, int]:
-        """Rows per department (the cheap progress reading; check_rows is the reconciliation)."""
-        out = self.psql("SELECT departement, count(*) FROM dpe_data GROUP BY 1")
-        return {dep: int(n) for dep, n in (line.split("|") for line in out.split())}
-
+    # -- what is in the pipeline (psql and stored: NodeRelease's) ----------------------------------------
     def table_rows(self) -> dict[str, dict]:
         """Every row of dpe_data, every stored column."""
         return rec.parse_rows(self.psql(rec.rows_sql("dpe_data")).splitlines())
@@ -134,15 +101,6 @@ class Release:
         port = str(self.get("service", f"{RELEASE}-standin")["spec"]["ports"][0]["port"])
         res = self.kubectl("exec", f"deploy/{RELEASE}-standin", "--", "python", "-c", code, port, *departments)
         return json.loads(res.stdout)
-
-    def jobs(self) -> dict[str, dict]:
-        """The newest producer Job of each department."""
-        found: dict[str, dict] = {}
-        for job in self.get("jobs", "-l", "app.kubernetes.io/component=producer")["items"]:
-            dep = job["metadata"]["labels"]["dpe-ingest/department"]
-            if dep not in found or job["metadata"]["creationTimestamp"] > found[dep]["metadata"]["creationTimestamp"]:
-                found[dep] = job
-        return found
 
     def wait_jobs_complete(self, departments: list[str], timeout: float = SLOW) -> dict[str, dict]:
         deadline = time.monotonic() + timeout
