@@ -57,22 +57,32 @@ def _ts(fields: dict) -> float:
 
 
 @pytest.mark.kafka
+def _producer_paging(broker, srv, department: str, prefix: str, tmp_path, **extra: str):
+    """(topic, process, log path) of ``dpe-ingest produce`` for ``department``, once it has logged its
+    first page (its topics on ``broker``, fresh names from ``prefix``)."""
+    topic = f"{prefix}-{os.getpid()}-{int(time.time())}"
+    env = {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "ADEME_API_URL": srv.url, "DEPARTMENT": department,
+           "ADEME_PAGE_SIZE": "500", "KAFKA_TOPIC": topic, "KAFKA_DLQ_TOPIC": topic + "-dlq",
+           "PRODUCER_CHECKPOINT_TOPIC": topic + "-ckpt", "KAFKA_TOPIC_PARTITIONS": "3", **extra}
+    log_path = tmp_path / "producer.log"
+    proc = start(command("produce"), env, log_path)
+    deadline = time.monotonic() + 120
+    while not events(log_path.read_text(errors="replace"), "page"):
+        if proc.poll() is not None or time.monotonic() >= deadline:
+            proc.kill()
+            proc.wait(30)
+            raise AssertionError(log_path.read_text()[-3000:])
+        time.sleep(0.05)
+    return topic, proc, log_path
+
+
 def test_a_producer_blocked_by_a_frozen_broker_logs_every_10s_and_its_recovery(kafka_broker_factory,
                                                                              standin_factory, tmp_path):
     broker = kafka_broker_factory()
     ds = Dataset({"38": 20_000}, default_rows=0, seed=21)
     srv = standin_factory(ds)
-    topic = f"outage-{os.getpid()}-{int(time.time())}"
-    env = {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "ADEME_API_URL": srv.url, "DEPARTMENT": "38",
-           "ADEME_PAGE_SIZE": "500", "KAFKA_TOPIC": topic, "KAFKA_DLQ_TOPIC": topic + "-dlq",
-           "PRODUCER_CHECKPOINT_TOPIC": topic + "-ckpt", "KAFKA_TOPIC_PARTITIONS": "3"}
-    log_path = tmp_path / "producer.log"
-    proc = start(command("produce"), env, log_path)
+    topic, proc, log_path = _producer_paging(broker, srv, "38", "outage", tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while not events(log_path.read_text(errors="replace"), "page"):
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.05)
         os.kill(broker.proc.pid, signal.SIGSTOP)  # frozen: connections stay open, nothing answers
         frozen_at = time.time()
         try:
@@ -166,17 +176,8 @@ def test_a_producer_says_kafka_is_down_while_the_broker_is_stopped_and_delivers_
     broker = kafka_broker_factory()
     ds = Dataset({"69": 20_000}, default_rows=0, seed=23)
     srv = standin_factory(ds)
-    topic = f"stop-{os.getpid()}-{int(time.time())}"
-    env = {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "ADEME_API_URL": srv.url, "DEPARTMENT": "69",
-           "ADEME_PAGE_SIZE": "500", "ADEME_MAX_RPS": "20", "KAFKA_TOPIC": topic, "KAFKA_DLQ_TOPIC": topic + "-dlq",
-           "PRODUCER_CHECKPOINT_TOPIC": topic + "-ckpt", "KAFKA_TOPIC_PARTITIONS": "3"}
-    log_path = tmp_path / "producer.log"
-    proc = start(command("produce"), env, log_path)
+    topic, proc, log_path = _producer_paging(broker, srv, "69", "stop", tmp_path, ADEME_MAX_RPS="20")
     try:
-        deadline = time.monotonic() + 120
-        while not events(log_path.read_text(errors="replace"), "page"):
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.05)
         broker.kill()  # SIGKILL: connections refused until it is back
         down_at = time.time()
         time.sleep(25)
