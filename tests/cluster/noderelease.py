@@ -83,7 +83,8 @@ class NodeRelease:
                 found[dep] = job
         return found
 
-    def wait_jobs_complete(self, departments: list[str], timeout: float = SLOW) -> None:
+    def wait_jobs_complete(self, departments: list[str], timeout: float = SLOW) -> dict[str, dict]:
+        """The newest Job of each department once those of ``departments`` all succeeded (none failed)."""
         deadline = time.monotonic() + timeout
         while True:
             jobs = self.jobs()
@@ -91,7 +92,7 @@ class NodeRelease:
             assert not failed, f"producer Jobs with failed pods: {failed}\n{self.describe()}"
             done = {d for d, j in jobs.items() if (j.get("status") or {}).get("succeeded")}
             if set(departments) <= done:
-                return
+                return jobs
             assert time.monotonic() < deadline, f"Jobs not complete after {timeout}s: " \
                                                 f"{sorted(set(departments) - done)}\n{self.describe()}"
             time.sleep(2)

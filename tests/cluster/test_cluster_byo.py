@@ -200,19 +200,6 @@ class Byo(NodeRelease):
                 found[dep] = job
         return found
 
-    def wait_jobs_complete(self, departments: list[str], timeout: float = SLOW) -> dict[str, dict]:
-        deadline = time.monotonic() + timeout
-        while True:
-            jobs = self.jobs()
-            failed = [d for d, j in jobs.items() if (j.get("status") or {}).get("failed")]
-            assert not failed, f"producer Jobs with failed pods: {failed}\n{self.describe()}"
-            done = {d for d, j in jobs.items() if (j.get("status") or {}).get("succeeded")}
-            if set(departments) <= done:
-                return jobs
-            assert time.monotonic() < deadline, f"Jobs not complete after {timeout}s: {sorted(set(departments) - done)}" \
-                                                f"\n{self.describe()}"
-            time.sleep(2)
-
     def wait_reconciled(self, departments: list[str], timeout: float = SLOW) -> dict[str, dict]:
         """Every Job complete, the table's counts equal what the stand-in serves, then every row and
         column against the dataset, then the analytics tables against the dataset's counts."""

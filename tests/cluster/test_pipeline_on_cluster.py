@@ -102,19 +102,6 @@ class Release(NodeRelease):
         res = self.kubectl("exec", f"deploy/{RELEASE}-standin", "--", "python", "-c", code, port, *departments)
         return json.loads(res.stdout)
 
-    def wait_jobs_complete(self, departments: list[str], timeout: float = SLOW) -> dict[str, dict]:
-        deadline = time.monotonic() + timeout
-        while True:
-            jobs = self.jobs()
-            failed = [d for d, j in jobs.items() if (j.get("status") or {}).get("failed")]
-            assert not failed, f"producer Jobs with failed pods: {failed}\n{self.describe()}"
-            done = {d for d, j in jobs.items() if (j.get("status") or {}).get("succeeded")}
-            if set(departments) <= done:
-                return jobs
-            assert time.monotonic() < deadline, f"Jobs not complete after {timeout}s: {sorted(set(departments) - done)}\n" \
-                                                f"{self.describe()}"
-            time.sleep(2)
-
     def wait_reconciled(self, departments: list[str], timeout: float = SLOW) -> dict[str, int]:
         """Every Job complete, then the table equals what the stand-in serves, department by department:
         the counts first (while the consumer catches up), then every row and column against the
