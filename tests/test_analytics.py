@@ -18,7 +18,8 @@ import pytest
 from kafka import KafkaProducer
 
 from dpe_ingest import analytics
-from dpe_ingest.analytics import Alerts, Report, classify
+from dpe_ingest.analytics import Alerts, classify
+from dpe_ingest.analytics_report import Report
 from dpe_ingest.standin import Dataset, Faults
 import crashing
 import reconcile as rec

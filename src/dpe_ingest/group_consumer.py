@@ -176,9 +176,6 @@ class Batch:
     def all_dead(self) -> list:
         return [d for ds in self.dead.values() for d in ds]
 
-    def n_dead(self) -> int:
-        return sum(len(d) for d in self.dead.values())
-
 
 @dataclass
 class Written:

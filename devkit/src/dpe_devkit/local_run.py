@@ -625,7 +625,8 @@ class Run:
     def analytics_summary(self, status) -> tuple[str, str | None]:
         """The analytics report of the departments run, and whether its counts per label agree with
         ``dpe_data`` (a sentence when they do not)."""
-        from dpe_ingest.analytics import LABELS, UNKNOWN, Report, report
+        from dpe_ingest.analytics import report
+        from dpe_ingest.analytics_report import LABELS, UNKNOWN, Report
         from dpe_ingest.config import AnalyticsConfig
 
         try:
