@@ -10,7 +10,12 @@ No binary release can be downloaded here, but every part of a single-node cluste
 - ``coredns`` with only the plugins the test cluster's Corefile uses;
 - ``local-path-provisioner`` (the default StorageClass of kind, here too);
 - ``kube-router``, only its network-policy firewall (iptables + ipset; ``testbed.cluster`` runs it with
-  ``--run-router=false --run-service-proxy=false``): the engine that enforces NetworkPolicies on the node.
+  ``--run-router=false --run-service-proxy=false``): the engine that enforces NetworkPolicies on the node;
+- ``prometheus-operator`` (the operator and ``prometheus-config-reloader``), ``prometheus`` (Prometheus
+  and ``promtool``, only the Kubernetes service discovery), ``pushgateway``: the monitoring stack the
+  observability tests run on the node (``testbed.images``' ``monitoring`` images; ``promtool test
+  rules`` in the chart tests).  ``module_dir(name)`` is the module's source in the module cache (the
+  operator's CRDs and RBAC examples: ``example/``).
 
 Each group is built once (cold: ~15 min for ``kubernetes`` on 2 cores) and recorded by a stamp naming
 its version and recipe; modules are kept in ``<cache>/go`` and compiled packages in Go's build cache
@@ -40,6 +45,19 @@ CONTAINERD_VERSION = "v2.4.2"
 COREDNS_VERSION = "v1.15.0"
 LOCAL_PATH_VERSION = "v0.0.30"
 KUBE_ROUTER_VERSION = "v2.1.0"  # the newest the module proxy serves here (v2.1.1+ were refused)
+# the operator, its config reloader, and its CRDs (example/).  v0.93.0, not v0.94.0: the operator's
+# module needs its two sub-modules at its own version (pkg/apis/monitoring, pkg/client: its go.mod
+# replaces them by ./pkg/…, which the module zip leaves out), and the module proxy refuses
+# pkg/client@v0.94.0 (403 "This module version is not available"); all three are served at v0.93.0
+PROMETHEUS_OPERATOR_VERSION = "v0.93.0"
+PROMETHEUS_MODULE_VERSION = "v0.310.0"  # github.com/prometheus/prometheus v0.310.0 = Prometheus v3.10.0
+PROMETHEUS_VERSION = "v3.10.0"
+PUSHGATEWAY_VERSION = "v1.11.1"
+# Prometheus with only the service discoveries the operator's configs use (kubernetes; file and http
+# are always in, plugins/minimum.go): ``remove_all_sd`` drops the cloud SDs (AWS, Azure, GCE, …,
+# plugins/plugin_*.go: ``//go:build !remove_all_sd || enable_<name>_sd``).  No ``builtinassets``: the
+# web UI is not embedded (the tests use the HTTP API only).
+_PROMETHEUS_TAGS = ("netgo", "remove_all_sd", "enable_kubernetes_sd")
 
 _KUBE_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy", "kubectl")
 
@@ -141,6 +159,47 @@ def _pin_requirements(build: GoBuild, go: str, work: Path, env: dict, log: Path)
         fh.write("require (\n" + "".join(f"\t{m} {v}\n" for m, v in pins) + ")\n")
 
 
+def _pin_requirements_and_replaces(build: GoBuild, go: str, work: Path, env: dict, log: Path) -> None:
+    """``_pin_requirements``, plus the module's own ``replace`` lines that pin another version (Prometheus:
+    ``cloud.google.com/go``, else two modules hold the same package); a replace by a local directory
+    (the operator's ``./pkg/apis/monitoring`` and ``./pkg/client``, published as modules of their own
+    at the same version) is left out: the pinned requirement takes the published module."""
+    _pin_requirements(build, go, work, env, log)
+    gomod = Path(json.loads(_download(build, go, work, env, log))["GoMod"])
+    text = gomod.read_text()
+    replaces = re.findall(r"^\s*(?:replace\s+)?([\w./-]+)(?:\s+v\S+)?\s+=>\s+([\w./-]+)\s+(v\S+)\s*$", text, re.M)
+    if replaces:
+        with open(work / "go.mod", "a") as fh:
+            fh.write("".join(f"replace {old} => {new} {ver}\n" for old, new, ver in replaces))
+
+
+def _download(build: GoBuild, go: str, work: Path, env: dict, log: Path) -> str:
+    out = run([go, "mod", "download", "-json", build.module], f"downloading {build.module}", timeout=3600,
+              env=env, cwd=work, log_path=log)
+    return out[out.index("{"):out.rindex("}") + 1]
+
+
+def module_dir(name: str) -> Path:
+    """The source of build ``name``'s module in the module cache (downloaded when missing)."""
+    build = BUILDS[name]
+    env = go_env(GOFLAGS="-modcacherw -mod=mod")
+    work = Path(tempfile.mkdtemp(prefix=f"{name}-mod."))
+    try:
+        (work / "go.mod").write_text("module dpe.local/mod\n\ngo 1.26.0\n")
+        got = json.loads(_download(build, find_go(), work, env, cache_dir() / f"{name}-build.log"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if not got.get("Dir") or not Path(got["Dir"]).is_dir():
+        raise LaunchError(f"go mod download {build.module} gave no source directory")
+    return Path(got["Dir"])
+
+
+def _version_ldflags(version: str) -> str:
+    return (f"-s -w -X github.com/prometheus/common/version.Version={version.lstrip('v')} "
+            "-X github.com/prometheus/common/version.Branch=HEAD "
+            "-X github.com/prometheus/common/version.BuildUser=dpe-testbed")
+
+
 BUILDS: dict[str, GoBuild] = {b.name: b for b in (
     GoBuild("kubernetes", K8S_VERSION, f"k8s.io/kubernetes@{K8S_VERSION}",
             {c: f"k8s.io/kubernetes/cmd/{c}" for c in _KUBE_COMMANDS}, _prepare_kubernetes,
@@ -162,6 +221,19 @@ BUILDS: dict[str, GoBuild] = {b.name: b for b in (
     GoBuild("kube-router", KUBE_ROUTER_VERSION, f"github.com/cloudnativelabs/kube-router/v2@{KUBE_ROUTER_VERSION}",
             {"kube-router": "github.com/cloudnativelabs/kube-router/v2/cmd/kube-router"}, _pin_requirements,
             ldflags=f"-s -w -X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version={KUBE_ROUTER_VERSION}"),
+    GoBuild("prometheus-operator", PROMETHEUS_OPERATOR_VERSION,
+            f"github.com/prometheus-operator/prometheus-operator@{PROMETHEUS_OPERATOR_VERSION}",
+            {"prometheus-operator": "github.com/prometheus-operator/prometheus-operator/cmd/operator",
+             "prometheus-config-reloader":
+                 "github.com/prometheus-operator/prometheus-operator/cmd/prometheus-config-reloader"},
+            _pin_requirements_and_replaces, ldflags=_version_ldflags(PROMETHEUS_OPERATOR_VERSION)),
+    GoBuild("prometheus", PROMETHEUS_VERSION, f"github.com/prometheus/prometheus@{PROMETHEUS_MODULE_VERSION}",
+            {"prometheus": "github.com/prometheus/prometheus/cmd/prometheus",
+             "promtool": "github.com/prometheus/prometheus/cmd/promtool"},
+            _pin_requirements_and_replaces, tags=_PROMETHEUS_TAGS, ldflags=_version_ldflags(PROMETHEUS_VERSION)),
+    GoBuild("pushgateway", PUSHGATEWAY_VERSION, f"github.com/prometheus/pushgateway@{PUSHGATEWAY_VERSION}",
+            {"pushgateway": "github.com/prometheus/pushgateway"}, _pin_requirements,
+            ldflags=_version_ldflags(PUSHGATEWAY_VERSION)),
 )}
 
 
