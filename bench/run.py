@@ -12,7 +12,8 @@ memory (the kernel's high-water mark, ``VmHWM``).  Ratios compare rows/s measure
 
 Layout: this file is the command line; ``bench/harness.py`` what the sections share (servers and
 stand-in, processes and their memory, recording, results); one file per section
-(``section_main.py``, ``section_refresh.py``, ``section_analytics.py``, ``section_connect.py``), each
+(``section_main.py``, ``section_refresh.py``, ``section_analytics.py``, ``section_connect.py``,
+``section_france.py``), each
 importing the harness only; ``bench/baselines.py`` the programs we are compared with.
 """
 
@@ -24,12 +25,13 @@ import time
 
 import section_analytics
 import section_connect
+import section_france
 import section_main
 import section_refresh
 from harness import HERE, Bench, results, write_results
 
 #: every section, in the order they run
-SECTIONS = ("refresh", "analytics", "connect", "main")
+SECTIONS = ("refresh", "analytics", "connect", "main", "france")
 
 
 def run(args: argparse.Namespace, sections: set[str]) -> dict:
@@ -47,6 +49,9 @@ def run(args: argparse.Namespace, sections: set[str]) -> dict:
             section_main.measure(b, before=args.before, consumer_measured=peer)
         elif "connect" in sections:
             section_connect.measure(b)
+        if "france" in sections:
+            section_france.measure(b, rows=args.france_rows,
+                                   page_sizes=tuple(int(x) for x in args.france_pages.split(",")) if args.france_pages else None)
         return results(b, time.perf_counter() - t_all, section_connect.SETTINGS if "connect" in sections else {})
 
 
@@ -58,10 +63,15 @@ def main() -> int:
     p.add_argument("--scale", default="10000,100000,1000000", help="department sizes of the scale test")
     p.add_argument("--sections", default="main,refresh,analytics,connect",
                    help="what to measure: main (producer, consumer, end to end, scale), refresh, analytics, "
-                        "connect (the Kafka Connect + Debezium JDBC sink peer, beside our consumer)")
+                        "connect (the Kafka Connect + Debezium JDBC sink peer, beside our consumer), france (every "
+                        "department under one data-fair budget, the chart's defaults: bench/section_france.py)")
     p.add_argument("--before", default="e274184", metavar="REV",
                    help="also run the end-to-end measurement with this commit's code (default: the commit "
                         "before issue 13's changes; '' for none)")
+    p.add_argument("--france-rows", type=int, default=250_000,
+                   help="france: rows of all France, split by population (250000)")
+    p.add_argument("--france-pages", default="",
+                   help="france: page sizes to run (default: the chart's, then the course's 500 if different)")
     p.add_argument("--out", default=str(HERE / "results.json"))
     args = p.parse_args()
     sections = set(args.sections.split(","))

@@ -124,27 +124,83 @@ def build_qs(department: str, date_from: str | None = None, date_to: str | None 
 MAX_INTERVAL_S = 7 * 24 * 3600.0
 
 
+#: requests a producer may send at once before its pace applies (its start-up: the dataset's metadata, the
+#: refresh mark, the count of rows without a department, the first page); 120 producers x 4 = 480 stay under
+#: data-fair's 600-request bucket, which starts full
+STARTUP_BURST = 4
+#: requests without rows (the dataset's metadata, the refresh mark, the count of rows without a department)
+#: a producer sends at start, before its first page: they go at once (RateLimiter.start_up)
+STARTUP_FREE = 3
+#: the pace aims this close to the limits themselves (data-fair's bucket absorbs the jitter; more would
+#: queue responses on its throttle until its 100 pending sends tear them down)
+HEADROOM = 0.97
+
+
 class RateLimiter:
-    """At most ``rps`` calls per second (0 = unlimited), shared by threads.
+    """Paces one producer's requests to its share of the release's API budget, shared by threads.
+
+    Three limits, each a token bucket refilled at ``share`` x the release's rate (data-fair's own buckets):
+    requests (``rps``: the lower of ``ADEME_MAX_RPS`` and the budget file's maxTotalRps x share), bytes
+    (``bandwidth`` x share, debited by :meth:`record_bytes` when a response arrived) and compute
+    (``compute_ms`` per ``window_s`` x share, debited by the cost estimated for each request).  A request
+    goes once every bucket is out of debt.  ``share``: a callable giving the share now (``BudgetShare``:
+    0 = wait for one, None = not in the group); without it, or while it answers None, the static share
+    1 / the budget file's departments applies.  The bucket of requests holds ``burst`` tokens, full at
+    the start.
 
     ``budget_file``: a JSON file ``{"maxTotalRps": R, "departments": N}`` (the chart mounts it from a
-    ConfigMap) re-read every ``reload_s``: the producer's share of the budget every producer shares is
-    R / N; with ``rps`` too, the lower of the two applies.
+    ConfigMap) re-read every ``reload_s``.
     """
 
     def __init__(self, rps: float, clock: Callable[[], float] = time.monotonic, sleep=time.sleep,
-                 budget_file: str | None = None, reload_s: float = 15.0, context: dict | None = None):
+                 budget_file: str | None = None, reload_s: float = 15.0, context: dict | None = None,
+                 share: Callable[[], float | None] | None = None, bandwidth: float = 0.0, compute_ms: float = 0.0,
+                 window_s: float = 60.0, burst: int = 1):
         self.own_rps = rps
-        self.interval = min(1.0 / rps, MAX_INTERVAL_S) if rps > 0 else 0.0
-        self._next = 0.0
         self._lock = threading.Lock()
         self._clock, self._sleep = clock, sleep
         self.budget_file, self.reload_s, self.context = budget_file, reload_s, context or {}
         self._checked = None
         self._budget_text = None
-        self.rps = rps
+        self.total_rps = 0.0  # the budget file's maxTotalRps
+        self.departments = 1  # the budget file's departments: the static share is 1 / this
+        self.share_of = share
+        self.bandwidth, self.compute_ms, self.window_s = bandwidth, compute_ms, window_s
+        self.burst = max(1, int(burst))
+        self._tokens = float(self.burst)
+        self._bytes_debt = 0.0
+        self._compute_debt = 0.0
+        self._last = clock()
+        self.waited_for_share = False
+        self._free = STARTUP_FREE
         if budget_file:
             self._reload(force=True)
+
+    # -------------------------------------------------------------------------------- the share, the rates
+    def share(self) -> float:
+        got = self.share_of() if self.share_of is not None else None
+        if got is None:
+            return 1.0 / max(1, self.departments)
+        return max(0.0, min(1.0, got))
+
+    def rates(self, share: float | None = None) -> tuple[float, float, float]:
+        """(requests/s, bytes/s, compute ms/s) this producer may use now (0 = not limited)."""
+        s = self.share() if share is None else share
+        shared = self.total_rps * s if self.total_rps > 0 else 0.0
+        rates = [r for r in (self.own_rps, shared) if r > 0]
+        rps = min(rates) if rates else 0.0
+        bw = self.bandwidth * s * HEADROOM if self.bandwidth > 0 else 0.0
+        cpu = self.compute_ms / self.window_s * s * HEADROOM if self.compute_ms > 0 else 0.0
+        return rps, bw, cpu
+
+    @property
+    def rps(self) -> float:
+        return self.rates()[0]
+
+    @property
+    def interval(self) -> float:
+        rps = self.rps
+        return min(1.0 / rps, MAX_INTERVAL_S) if rps > 0 else 0.0
 
     def _reload(self, force: bool = False) -> None:
         now = self._clock()
@@ -159,34 +215,131 @@ class RateLimiter:
         if text == self._budget_text:
             return
         self._budget_text = text
-        shared = 0.0
+        total, n = 0.0, 1
         try:
             doc = json.loads(text) if text else {}
             total, n = float(doc.get("maxTotalRps") or 0), int(doc.get("departments") or 1)
             if not math.isfinite(total):
                 raise ValueError(total)
-            shared = total / max(1, n) if total > 0 else 0.0
         except (ValueError, TypeError, AttributeError, OverflowError, RecursionError):
+            total, n = 0.0, 1
             log.warning("ignoring unreadable API budget file %s", self.budget_file)
-        rates = [r for r in (self.own_rps, shared) if r > 0]
-        self.rps = min(rates) if rates else 0.0
-        # at most a week between two requests (time.sleep overflows far beyond)
-        self.interval = min(1.0 / self.rps, MAX_INTERVAL_S) if self.rps > 0 else 0.0
+        self.total_rps, self.departments = max(0.0, total), max(1, n)
         logs.event(log, "api_budget", f"API request rate of this producer: {self.rps:.3f}/s "
                    f"(shared budget {text.strip() if text else 'none'})", rps=round(self.rps, 4),
                    **self.context)
 
-    def wait(self) -> None:
+    # -------------------------------------------------------------------------------- pacing
+    def _drip(self, now: float, rps: float, bw: float, cpu: float) -> None:
+        dt = max(0.0, now - self._last)
+        self._last = now
+        if rps > 0:
+            self._tokens = min(float(self.burst), self._tokens + dt * rps)
+        else:
+            self._tokens = float(self.burst)
+        self._bytes_debt = max(0.0, self._bytes_debt - dt * bw) if bw > 0 else 0.0
+        self._compute_debt = max(0.0, self._compute_debt - dt * cpu) if cpu > 0 else 0.0
+
+    def delay(self) -> float:
+        """Seconds until a request may go (inf: no share yet)."""
+        with self._lock:
+            return self._delay_locked(self._clock())
+
+    def _delay_locked(self, now: float) -> float:
+        s = self.share()
+        if s <= 0:
+            self._drip(now, 0.0, 0.0, 0.0)
+            return math.inf
+        rps, bw, cpu = self.rates(s)
+        self._drip(now, rps, bw, cpu)
+        need = 0.0
+        if rps > 0 and self._tokens < 1.0:
+            need = (1.0 - self._tokens) / rps
+        if bw > 0 and self._bytes_debt > 0:
+            need = max(need, self._bytes_debt / bw)
+        if cpu > 0 and self._compute_debt > 0:
+            need = max(need, self._compute_debt / cpu)
+        return min(need, MAX_INTERVAL_S)
+
+    def start_up(self) -> bool:
+        """Whether one of the start-up requests is left: they go at once, their cost paid from what
+        data-fair's buckets hold when the release starts (600 requests and 20 s of compute, full at the
+        start: a release of 120 producers spends at most 360 small requests of ~20 ms there)."""
+        with self._lock:
+            if self._free <= 0:
+                return False
+            self._free -= 1
+            return True
+
+    def wait(self, cost_ms: float = 0.0) -> None:
+        """Wait until this producer's share allows one more request costing ``cost_ms`` of compute."""
         if self.budget_file:
             self._reload()
-        if not self.interval:
+        logged = False
+        while True:
+            with self._lock:
+                now = self._clock()
+                need = self._delay_locked(now)
+                if need <= 1e-9:
+                    if self.rates()[0] > 0:
+                        self._tokens -= 1.0
+                    self._compute_debt += max(0.0, cost_ms)
+                    return
+            if need == math.inf:
+                if not logged:
+                    logs.event(log, "budget_wait", "waiting for a share of the API budget (every partition of "
+                               "the budget group is held by other producers)", **self.context)
+                    logged = self.waited_for_share = True
+                need = 0.5
+            # in slices: a share that grows (a department finished) shortens the wait at once
+            self._sleep(min(need, 1.0) if self.share_of is not None else need)
+
+    def refund(self, cost_ms: float) -> None:
+        """A request data-fair refused (a 429) is billed no compute: what it was charged is given back."""
+        with self._lock:
+            self._compute_debt = max(0.0, self._compute_debt - max(0.0, cost_ms))
+
+    def stagger(self, n_bytes: float, rng: random.Random | None = None) -> float:
+        """A producer that just got its share starts owing a random part of one page (``n_bytes``): the first
+        pages of producers that start together are spread over one round of their pace instead of all
+        landing on data-fair's throttle at once (past 100 queued responses it tears them down).  Returns
+        the debt added."""
+        if self.bandwidth <= 0 or n_bytes <= 0:
+            return 0.0
+        debt = (rng or random).uniform(0.0, n_bytes)
+        with self._lock:
+            self._bytes_debt += debt
+        return debt
+
+    def record_bytes(self, n: int) -> None:
+        """A response of ``n`` bytes arrived: the bandwidth bucket owes them."""
+        if self.bandwidth <= 0 or n <= 0:
             return
         with self._lock:
-            now = self._clock()
-            start = max(now, self._next)
-            self._next = start + self.interval
-        if start > now:
-            self._sleep(start - now)
+            s = self.share()
+            self._drip(self._clock(), *self.rates(s)) if s > 0 else None
+            self._bytes_debt += n
+
+    def seconds_for_bytes(self, n: float) -> float:
+        """What this producer's share of the bandwidth takes to carry ``n`` bytes (0 = not paced)."""
+        s = self.share()
+        if self.bandwidth <= 0 or s <= 0:
+            return 0.0
+        return n / (self.bandwidth * s)
+
+    def lockout_wait(self, cost_ms: float, in_a_row: int) -> float | None:
+        """How long a compute lock-out lasts, seen from this producer (None: no compute budget known).
+
+        Paced, every producer of the release has at most one request in flight, so the release's
+        overdraft is at most one page per producer: ``cost_ms / share``; the budget refills at
+        ``compute_ms / window_s``.  That is what the lock-out costs.  A second lock-out in a row means the
+        estimate was short: twice as long, up to one window (the longest a lock-out lasts)."""
+        if self.compute_ms <= 0:
+            return None
+        s = self.share() or 1.0 / max(1, self.departments)
+        refill = self.compute_ms / self.window_s  # ms per s
+        base = max(cost_ms, 1.0) / s / refill
+        return min(self.window_s, base * 2 ** max(0, in_a_row - 1))
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -236,12 +389,22 @@ class AdemeClient:
     rate_window_s: float = 60.0  # data-fair's rate-limit window: a compute lock-out lasts up to one
     stop: threading.Event | None = None  # set: a wait before the next request ends with ApiInterrupted
     budget_file: str | None = None  # the shared budget (maxTotalRps / departments), re-read
+    share: Callable[[], float | None] | None = None  # this producer's share of the budget now (BudgetShare)
+    bandwidth: float = 0.0  # data-fair's bytes/s per client (0 = not paced)
+    compute_ms: float = 0.0  # data-fair's compute budget per window (0 = unknown)
+    cost_base_ms: float = 20.0  # estimated compute of one search request
+    cost_per_row_ms: float = 0.1  # ... plus this per row of the page size asked for
 
     def __post_init__(self) -> None:
         self.dataset_url = self.dataset_url.rstrip("/")
         self.lines_url = self.dataset_url + "/lines"
         self.limiter = RateLimiter(self.max_rps, sleep=self._pause, budget_file=self.budget_file,
-                                   context=self.context)
+                                   context=self.context, share=self.share, bandwidth=self.bandwidth,
+                                   compute_ms=self.compute_ms, window_s=self.rate_window_s, burst=STARTUP_BURST)
+        self.bytes_per_row = 400.0  # of a /lines page, learnt from each page read
+        self.bytes_received = 0
+        self.throttled_kinds: dict[str, int] = {}
+        self.timeouts = 0  # requests abandoned for their read timeout (data-fair bills them all the same)
         who = self.context.get("department")
         agent = f"dpe-ingest ({who}; +https://github.com/dpe-ingest)" if who else "dpe-ingest (+https://github.com/dpe-ingest)"
         self.session.headers["User-Agent"] = agent
@@ -264,7 +427,7 @@ class AdemeClient:
             return
         self.sleep(seconds)
 
-    def throttle_delay(self, resp: requests.Response) -> tuple[float, str]:
+    def throttle_delay(self, resp: requests.Response, cost_ms: float | None = None) -> tuple[float, str]:
         """How long to wait after a 429, and which limit it was."""
         retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
         if retry_after is not None:
@@ -272,8 +435,13 @@ class AdemeClient:
             return min(retry_after, max(self.retry_max_s, self.rate_window_s)) + self.rng.uniform(0.0, 1.0), \
                 "retry_after"
         if resp.text.startswith(COMPUTE_BUDGET_429):
-            # locked out until the budget is positive again: at most one window from the last debit
-            return self.rate_window_s * self.rng.uniform(1.05, 1.3), "compute_budget"
+            # locked out until the budget is positive again: what the release's overdraft takes to refill
+            # (RateLimiter.lockout_wait), at most one window from the last debit
+            cost = self.cost_base_ms + self.cost_per_row_ms * 500 if cost_ms is None else cost_ms
+            wait = self.limiter.lockout_wait(cost, self._in_a_row_429)
+            if wait is None:
+                return self.rate_window_s * self.rng.uniform(1.05, 1.3), "compute_budget"
+            return wait * self.rng.uniform(1.0, 1.3), "compute_budget"
         n = self._in_a_row_429
         cap = self.rate_window_s
         exp = min(cap, 2.0 * 2 ** max(0, n - 1))
@@ -284,21 +452,34 @@ class AdemeClient:
         """GET one page, retrying what is worth retrying.  Raises ApiRequestError/ApiUnavailable."""
         waited = 0.0
         attempt = 0
+        cost = self._cost_of(url, params)
+        size = self._size_of(url, params)
+        free = size == 0 and self.limiter.start_up()  # a start-up request: no wait, nothing owed
         while True:
             attempt += 1
-            self.limiter.wait()
+            owed = not free
+            if owed:
+                self.limiter.wait(cost)
+            free = False  # a retry waits like any request
             self.requests_made += 1
             problem: str
             retry_after: float | None = None
             try:
-                resp = self._get(url, params)
+                resp = self._get(url, params, self.read_timeout(size))
+                if resp.status_code == 200 and size:
+                    with self._stats_lock:
+                        self.bytes_per_row = max(50.0, len(resp.content) / size)
+                self._note_bytes(resp, owed)
                 if resp.status_code == 429:
+                    if owed:
+                        self.limiter.refund(cost)
                     with self._stats_lock:
                         self._in_a_row_429 += 1
                         self.throttled += 1
-                    delay, kind = self.throttle_delay(resp)
+                    delay, kind = self.throttle_delay(resp, cost)
                     with self._stats_lock:
                         self.throttled_s += delay
+                        self.throttled_kinds[kind] = self.throttled_kinds.get(kind, 0) + 1
                     attempt -= 1  # flow control, not a failed attempt
                     logs.event(log, "api_throttled", f"API budget exhausted ({kind}, HTTP 429): waiting "
                                f"{delay:.1f}s before asking again", logging.WARNING, limit=kind,
@@ -322,6 +503,9 @@ class AdemeClient:
             except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
                     requests.exceptions.ContentDecodingError, _TruncatedBody) as exc:
                 problem = f"{type(exc).__name__}: {str(exc)[:200]}"
+                if isinstance(exc, requests.Timeout):
+                    with self._stats_lock:
+                        self.timeouts += 1
             if attempt > self.max_retries:
                 raise ApiUnavailable(f"gave up after {attempt} attempts ({waited:.0f}s of backoff): {problem}")
             delay = self._backoff(attempt, retry_after)
@@ -337,9 +521,47 @@ class AdemeClient:
                        problem=problem, **self.context)
             self._pause(delay)
 
-    def _get(self, url: str, params: dict[str, Any] | None) -> requests.Response:
+    # -- what a request costs, and how long it may take --------------------------------------------
+    def _query_of(self, url: str, params: dict[str, Any] | None) -> dict[str, Any]:
+        if params is not None:
+            return params
         try:
-            return self.session.get(url, params=params, timeout=self.timeout_s)
+            return {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
+        except ValueError:
+            return {}
+
+    def _size_of(self, url: str, params: dict[str, Any] | None) -> int:
+        """Rows a /lines request asks for (0 for other routes)."""
+        if "/lines" not in urlsplit(url).path:
+            return 0
+        try:
+            return max(0, min(10000, int(self._query_of(url, params).get("size", 12))))
+        except (TypeError, ValueError):
+            return 0
+
+    def _cost_of(self, url: str, params: dict[str, Any] | None) -> float:
+        """The compute data-fair is estimated to bill for this request: the dataset's metadata is no search."""
+        path = urlsplit(url).path.rstrip("/")
+        if path == urlsplit(self.dataset_url).path.rstrip("/"):
+            return 0.0
+        return self.cost_base_ms + self.cost_per_row_ms * self._size_of(url, params)
+
+    def read_timeout(self, size: int) -> float:
+        """ADEME_TIMEOUT_S, plus twice what this producer's share of the bandwidth takes to carry the page
+        (its bytes estimated from the pages read so far): a page waiting its turn in data-fair's throttle is
+        not abandoned, which data-fair would bill without serving it."""
+        return self.timeout_s + 2.0 * self.limiter.seconds_for_bytes(size * self.bytes_per_row)
+
+    def _note_bytes(self, resp: requests.Response, owed: bool = True) -> None:
+        n = len(resp.content or b"")
+        with self._stats_lock:
+            self.bytes_received += n
+        if owed:
+            self.limiter.record_bytes(n)
+
+    def _get(self, url: str, params: dict[str, Any] | None, read_timeout: float | None = None) -> requests.Response:
+        try:
+            return self.session.get(url, params=params, timeout=(self.timeout_s, read_timeout or self.timeout_s))
         except (requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema, requests.exceptions.InvalidURL,
                 requests.exceptions.TooManyRedirects, ValueError) as exc:
             # url is an http(s) URL (config and _parse see to it): a redirect went to ftp:, javascript:, a URL

@@ -56,7 +56,11 @@ CONTRACT: dict[str, tuple[str | None, str]] = {
     "ADEME_MAX_RPS": ("0", "Cap on API requests per second (0 = no cap)"),
     "ADEME_BUDGET_FILE": (None, "JSON file {maxTotalRps, departments} (the chart's ConfigMap), re-read: this producer's share of the shared request budget"),
     "ADEME_API_KEY": (None, "Optional data-fair API key, sent as the x-apiKey header (higher rate tier); never logged"),
-    "ADEME_RATE_WINDOW_S": ("60", "data-fair's rate-limit window: after a compute-budget 429 the producer waits one window"),
+    "ADEME_RATE_WINDOW_S": ("60", "data-fair's rate-limit window (requests and compute are budgeted per window)"),
+    "ADEME_BANDWIDTH_BYTES_S": ("500000", "data-fair's bandwidth per client (anonymous 500000, an API key 1000000): the producers of a release pace their page bytes to their share of it; it scales each page's read timeout (0 = not paced)"),
+    "ADEME_COMPUTE_MS": ("20000", "data-fair's compute budget per window per client, in ms (anonymous 20000, an API key 60000): paced by share with the cost estimate below; a compute lock-out is waited out for what it costs (0 = unknown: a lock-out waits one window)"),
+    "ADEME_COST_BASE_MS": ("20", "Estimated compute data-fair bills per search request, in ms (plus ADEME_COST_PER_ROW_MS per row asked for)"),
+    "ADEME_COST_PER_ROW_MS": ("0.1", "Estimated compute data-fair bills per row of the page size asked for, in ms"),
     "ADEME_TIMEOUT_S": ("30", "Per-request timeout in seconds (connect and read)"),
     "ADEME_MAX_RETRIES": ("8", "Retries of one API call (5xx, timeouts, cut bodies) before giving up; a 429 is waited out, never counted"),
     "ADEME_RETRY_MAX_S": ("300", "Upper bound of the total time spent waiting in retries of one call"),
@@ -64,6 +68,7 @@ CONTRACT: dict[str, tuple[str | None, str]] = {
     "PRODUCER_CHECKPOINT_TOPIC": ("dpe-producer-checkpoints", "Compacted topic holding each department's resume point"),
     "PRODUCER_RESTART": ("false", "true: ignore the checkpoint and fetch the department again from the start"),
     "PRODUCER_MAX_CONCURRENT": ("0", "At most this many producers page the API at once, slots in Kafka (0 = no limit)"),
+    "PRODUCER_BUDGET_PARTITIONS": ("120", "The API budget is shared through a Kafka consumer group on the topic <PRODUCER_CHECKPOINT_TOPIC>-budget-<n> of this many partitions: a producer's share is its partitions / n, handed over when producers finish or start (0 = static share from ADEME_BUDGET_FILE)"),
     "REFRESH_WAIT_S": ("900", "produce --refresh: how long to wait for the consumer to store what is in the topic before comparing keys"),
     # consumer
     "DATABASE_URL": ("postgresql://dpe@localhost:5432/dpe", "libpq URL of PostgreSQL; PGPASSWORD etc. also apply"),
@@ -333,6 +338,11 @@ class ProducerConfig:
     budget_file: str | None = None
     refresh_wait_s: float = 900.0
     max_concurrent: int = 0
+    bandwidth: float = 500000.0
+    compute_ms: float = 20000.0
+    cost_base_ms: float = 20.0
+    cost_per_row_ms: float = 0.1
+    budget_partitions: int = 120
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -373,6 +383,11 @@ class ProducerConfig:
             budget_file=_get(env, "ADEME_BUDGET_FILE"),
             refresh_wait_s=_float(env, "REFRESH_WAIT_S", 0.0),
             max_concurrent=_int(env, "PRODUCER_MAX_CONCURRENT", 0, 10000),
+            bandwidth=_float(env, "ADEME_BANDWIDTH_BYTES_S", 0.0, 1e12),
+            compute_ms=_float(env, "ADEME_COMPUTE_MS", 0.0, 1e9),
+            cost_base_ms=_float(env, "ADEME_COST_BASE_MS", 0.0, 1e6),
+            cost_per_row_ms=_float(env, "ADEME_COST_PER_ROW_MS", 0.0, 1e3),
+            budget_partitions=_int(env, "PRODUCER_BUDGET_PARTITIONS", 0, 10000),
         )
         if cfg.date_from and cfg.date_to and cfg.date_from > cfg.date_to:
             raise ConfigError(f"ADEME_DATE_FROM={cfg.date_from} is after ADEME_DATE_TO={cfg.date_to}")

@@ -35,6 +35,7 @@ from .ademe import (MOD_FIELD, AdemeClient, ApiAuthError, ApiInterrupted, ApiReq
 from .config import CONTRACT, ConfigError, ProducerConfig
 from .kafka_io import (CheckpointStore, KafkaUnavailable, SendTracker, Slot, ensure_topics, make_producer,
                        pipeline_topics, slots_topic, wait_for_kafka)
+from .budget import BudgetShare, budget_topic
 from .kafka_security import check_topic_access
 
 log = logging.getLogger("dpe_ingest.producer")
@@ -153,10 +154,32 @@ class Producer:
         self.stop = stop or threading.Event()
         self.ctx = {"department": cfg.department}
         self.fields = cfg.fields  # a property that builds the tuple: once, not once per row
+        self.budget = None
+        if cfg.budget_partitions > 0:  # the release's API budget, shared through a Kafka consumer group
+            self.budget = BudgetShare(cfg.kafka.bootstrap_servers,
+                                      budget_topic(cfg.kafka, cfg.checkpoint_topic, cfg.budget_partitions),
+                                      context=self.ctx, security=cfg.kafka.security,
+                                      join_timeout_s=min(60.0, cfg.kafka_wait_s))
         self.client = AdemeClient(cfg.api_url, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
                                   retry_max_s=cfg.retry_max_s, max_rps=cfg.max_rps, context=self.ctx,
                                   api_key=cfg.api_key, rate_window_s=cfg.rate_window_s, stop=self.stop,
-                                  budget_file=cfg.budget_file)
+                                  budget_file=cfg.budget_file,
+                                  share=self.budget.share if self.budget is not None else None,
+                                  bandwidth=cfg.bandwidth, compute_ms=cfg.compute_ms,
+                                  cost_base_ms=cfg.cost_base_ms, cost_per_row_ms=cfg.cost_per_row_ms)
+
+    def _join_budget(self) -> None:
+        """Take a share of the release's budget: right before the first page (the start-up requests go
+        within the limiter's burst), so a producer still starting holds no share it cannot use."""
+        if self.budget is not None:
+            self.budget.fallback = 1.0 / max(1, self.client.limiter.departments)
+            self.budget.join(stop=self.stop)
+        self.client.limiter.stagger(self.cfg.page_size * self.client.bytes_per_row, self.client.rng)
+
+    def _leave_budget(self) -> None:
+        """Hand the share over to the producers still running (as soon as the last page is read)."""
+        if self.budget is not None:
+            self.budget.close()
 
     def fingerprint(self) -> dict:
         return {"department": self.cfg.department, "date_from": self.cfg.date_from,
@@ -206,6 +229,8 @@ class Producer:
             created = ensure_topics(admin, pipeline_topics(cfg.kafka, cfg.checkpoint_topic), cfg.kafka.security,
                                     create=cfg.kafka.create_topics)
             check_topic_access(admin, cfg.kafka.security, needs)
+            if self.budget is not None:
+                self.budget.prepare(admin, create=cfg.kafka.create_topics)
         finally:
             admin.close()
         if created:
@@ -221,6 +246,7 @@ class Producer:
         try:
             return self._run(producer, t0)
         finally:
+            self._leave_budget()
             producer.close(timeout=30)
             if slot is not None:
                 slot.release()
@@ -281,7 +307,9 @@ class Producer:
                    rows=prog.rows, dead=prog.dead, pages=prog.pages, total=prog.total,
                    seconds=round(seconds, 1), api_requests=c.requests_made, api_rps=round(rate, 3),
                    api_retries=c.retries_made, api_throttled=c.throttled, api_throttled_s=round(c.throttled_s, 1),
-                   **ctx)
+                   api_throttled_rate=c.throttled_kinds.get("request_rate", 0),
+                   api_throttled_compute=c.throttled_kinds.get("compute_budget", 0),
+                   api_timeouts=c.timeouts, api_bytes=c.bytes_received, **ctx)
         # a Job is too short-lived to be scraped: the summary also goes to a Pushgateway when one is set
         # (imported here: prometheus_client costs a tenth of a second at every start otherwise)
         from . import metrics
@@ -321,11 +349,14 @@ class Producer:
                                           date_from=cfg.date_from, date_to=cfg.date_to, after=after)
         tracker = SendTracker(cfg.kafka.bootstrap_servers, ctx)
         fetched_with = after  # the cursor of the page at hand: what a resume re-reads it with
+        self._join_budget()
         # the next page is fetched, checked and encoded in another thread while this one goes to Kafka
         for page in self.client.pages(params, prepare=self._encode_page):
             page_no += 1
             if page.total is not None:
                 prog.total = page.total
+            if not page.has_next:
+                self._leave_budget()  # the last page is read: its share goes to the others now
             self._send_page(producer, tracker, page, page_no, fetched_with, prog)
             tracker.flush(producer, timeout_s=180)
             if not page.has_next and self._ended_short(page, page_no, prog, hwm):
@@ -418,6 +449,7 @@ class Producer:
                                           date_from=cfg.date_from, date_to=cfg.date_to, modified_from=old_mark)
         tracker = SendTracker(cfg.kafka.bootstrap_servers, ctx)
         prog = Progress(cfg.department, time.monotonic(), rows_at_start=0)
+        self._join_budget()
         seen: set[str] = set()
         inserted = updated = 0
         page_no = 0
