@@ -137,7 +137,9 @@ class Runner:
     def produce(self, dep: str, topic: str, api_url: str, code: dict[str, str] | None = None) -> Proc:
         env = {**self.env, **(code or {}), "DEPARTMENT": dep, "ADEME_API_URL": api_url, "KAFKA_TOPIC": topic,
                "KAFKA_DLQ_TOPIC": topic + "-dlq", "PRODUCER_CHECKPOINT_TOPIC": topic + "-ckpt",
-               "KAFKA_TOPIC_PARTITIONS": "6", "LOG_LEVEL": "WARNING"}
+               "KAFKA_TOPIC_PARTITIONS": "6", "LOG_LEVEL": "WARNING",
+               # this stand-in enforces no limits (the france section's does): no pace to data-fair's
+               "ADEME_BANDWIDTH_BYTES_S": "0", "ADEME_COMPUTE_MS": "0"}
         return Proc([PY, "-m", "dpe_ingest", "produce"], env, self.log(f"produce-{dep}"))
 
     def consume_until(self, topic: str, expected: int, table: str | None = None) -> tuple[float, Proc]:

@@ -78,8 +78,26 @@ def main() -> int:
     unknown = sorted(sections - set(SECTIONS))
     if unknown:
         p.error(f"--sections: unknown {', '.join(unknown)} (accepted: {', '.join(SECTIONS)})")
-    write_results(run(args, sections), args.out)
+    doc = run(args, sections)
+    if sections == {"france"}:  # the france section alone: the other sections' figures in --out stay
+        doc = merged(doc, args.out)
+    write_results(doc, args.out)
     return 0
+
+
+def merged(doc: dict, out: str) -> dict:
+    """``doc``'s france measurements in place of those of the document at ``out``, the rest kept."""
+    import json
+    from pathlib import Path
+
+    try:
+        old = json.loads(Path(out).read_text())
+    except (OSError, ValueError):
+        return doc
+    kept = [m for m in old.get("measurements", []) if not m["name"].startswith("france.")]
+    old["measurements"] = kept + doc["measurements"]
+    old.setdefault("france", {})["measured_at"] = doc["measured_at"]
+    return old
 
 
 if __name__ == "__main__":

@@ -86,6 +86,13 @@ class Standin:
         for dep, n in counts.items():
             args += ["--rows", f"{dep}={n}"]
         self.p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(work / "standin-france.log", "wb"))
+        # the stand-in plays data-fair, which runs on ADEME's servers, not on the cores of the cluster the
+        # producers share: it gets its CPU first (root only; else it competes like the rest, and says so)
+        try:
+            os.setpriority(os.PRIO_PROCESS, self.p.pid, -10)
+            self.niced = -10
+        except OSError:
+            self.niced = 0
         self.api = f"http://127.0.0.1:{port}/data-fair/api/v1/datasets/dpe03existant"
         wait_http(self.api)
 
@@ -114,16 +121,52 @@ def _cpu_of_one(b: Bench, api: str, settings: dict, budget_file: Path, page_size
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def _topic_rows(bootstrap: str, topic: str) -> int:
-    from kafka import KafkaConsumer, TopicPartition
+class TopicRows:
+    """Rows in a topic now (the sum of its end offsets), one client for the whole timeline."""
 
-    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    def __init__(self, bootstrap: str, topic: str):
+        from kafka import KafkaConsumer
+
+        self.topic, self.c, self.tps = topic, KafkaConsumer(bootstrap_servers=bootstrap, group_id=None), []
+
+    def __call__(self) -> int:
+        from kafka import TopicPartition
+
+        if not self.tps:
+            self.tps = [TopicPartition(self.topic, p) for p in self.c.topics() and (self.c.partitions_for_topic(self.topic) or ())]
+            if not self.tps:
+                return 0
+        return sum(self.c.end_offsets(self.tps).values())
+
+    def close(self) -> None:
+        self.c.close()
+
+
+def _follow(procs: dict, topic_rows, t0: float, name: str, work: Path) -> tuple[list[dict], dict[str, float]]:
+    """The timeline (every 2 s: rows in the topic, producers still running) and when each producer ended
+    (seconds from t0, seen within 0.25 s), until none runs."""
+    timeline, ends = [], {}
+    n = 0
     try:
-        parts = c.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in parts]
-        return sum(c.end_offsets(tps).values()) if tps else 0
+        while True:
+            t = time.perf_counter() - t0
+            for d, p in procs.items():
+                if d not in ends and p.p.poll() is not None:
+                    ends[d] = t
+            alive = len(procs) - len(ends)
+            if n % 8 == 0 or not alive:
+                for p in procs.values():
+                    p.sample()
+                timeline.append({"t": round(t, 1), "rows_in_topic": topic_rows(),
+                                 "producers_running": alive, "load1": round(os.getloadavg()[0], 1)})
+            if not alive:
+                return timeline, ends
+            if t > 3600:
+                raise TimeoutError(f"france {name}: producers still running after an hour: {work}")
+            n += 1
+            time.sleep(0.25)
     finally:
-        c.close()
+        topic_rows.close()
 
 
 def one_run(b: Bench, name: str, counts: dict[str, int], page_size: int, settings: dict) -> dict:
@@ -146,26 +189,22 @@ def one_run(b: Bench, name: str, counts: dict[str, int], page_size: int, setting
         bootstrap = b.env["KAFKA_BOOTSTRAP_SERVERS"]
         print(f"  {len(deps)} producers at once, {sum(counts.values())} rows, page {page_size}; one producer "
               f"alone: {cpu_one:.2f} CPU s; load before {load_before[0]:.1f}", flush=True)
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         procs = {d: Proc([PY, "-m", "dpe_ingest", "produce"], _env(b, base, d, standin.api, settings, budget_file,
                                                                    page_size), work / f"produce-{d}.log")
                  for d in deps}
-        timeline = []
-        while True:
-            for p in procs.values():
-                p.sample()
-            alive = sum(p.p.poll() is None for p in procs.values())
-            t = time.perf_counter() - t0
-            timeline.append({"t": round(t, 1), "rows_in_topic": _topic_rows(bootstrap, base),
-                             "producers_running": alive, "load1": round(os.getloadavg()[0], 1)})
-            if not alive:
-                break
-            if t > 3600:
-                raise TimeoutError(f"france {name}: producers still running after an hour: {work}")
-            time.sleep(2.0)
+        try:
+            timeline, ends = _follow(procs, TopicRows(bootstrap, base), t0, name, work)
+        finally:
+            for p in procs.values():  # a failed run leaves no producer behind
+                if p.p.poll() is None:
+                    p.p.kill()
         for p in procs.values():
             p.wait()
-        seconds = max(p.seconds for p in procs.values())
+        seconds = max(ends.values())
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_all = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         failed = {d: p.rc for d, p in procs.items() if p.rc != 0}
         done = {}
         first_page = []
@@ -222,11 +261,14 @@ def one_run(b: Bench, name: str, counts: dict[str, int], page_size: int, setting
                 "bandwidth": round(by_bandwidth, 1), "compute": round(by_compute, 1),
                 "requests": round(by_requests, 1), "start_up_allowance": round(allowance, 1)},
             "start_up": {"cpu_s_of_one_producer": round(cpu_one, 2), "cores": os.cpu_count()},
+            "cpu_s_of_all_producers": round(cpu_all, 1),
+            "first_row_s": next((x["t"] for x in timeline if x["rows_in_topic"]), None),
             "bytes": total_bytes, "api_requests": requests_n, "pages": pages,
             "http_429": {"request_rate": t429_rate, "compute_budget": t429_compute},
             "read_timeouts": timeouts, "retries": retries,
             "rows_lost": lost, "rows_wrong_department_or_unknown": wrong, "duplicates": duplicates,
             "rows_in_topic": len(keys), "load_before": [round(x, 1) for x in load_before],
+            "standin_nice": standin.niced,
             "timeline": timeline,
         })
         print(f"    ceiling {ceiling:.1f} s = max(bandwidth {by_bandwidth:.1f}, compute {by_compute:.1f}, requests "

@@ -131,6 +131,8 @@ STARTUP_BURST = 4
 #: requests without rows (the dataset's metadata, the refresh mark, the count of rows without a department)
 #: a producer sends at start, before its first page: they go at once (RateLimiter.start_up)
 STARTUP_FREE = 3
+#: the first pages of producers joining together are spread over at most this many seconds (RateLimiter.stagger)
+STAGGER_MAX_S = 15.0
 #: the pace aims this close to the limits themselves (data-fair's bucket absorbs the jitter; more would
 #: queue responses on its throttle until its 100 pending sends tear them down)
 HEADROOM = 0.97
@@ -306,6 +308,9 @@ class RateLimiter:
         the debt added."""
         if self.bandwidth <= 0 or n_bytes <= 0:
             return 0.0
+        # at most STAGGER_MAX_S of this producer's pace: 120 first pages spread over that long keep data-fair's
+        # queue under its 100 pending sends, and a producer does not sit on its share for long
+        n_bytes = min(n_bytes, self.bandwidth * self.share() * HEADROOM * STAGGER_MAX_S)
         debt = (rng or random).uniform(0.0, n_bytes)
         with self._lock:
             self._bytes_debt += debt

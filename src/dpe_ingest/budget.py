@@ -37,7 +37,7 @@ log = logging.getLogger("dpe_ingest.budget")
 
 HEARTBEAT_MS = 1000
 SESSION_MS = 10000
-POLL_S = 0.2
+POLL_S = 0.5
 
 
 def budget_topic(settings: KafkaSettings, checkpoint_topic: str, n: int) -> TopicSpec:
@@ -137,7 +137,10 @@ class BudgetShare:
             coordinator = self.consumer._coordinator
             if coordinator.generation_if_stable() is None:
                 return  # rebalancing (or the coordinator lost): the last share stays
-            assigned = len(self.consumer.assignment())
+            assignment = self.consumer.assignment()
+            if assignment:
+                self.consumer.pause(*assignment)  # group membership only: nothing is ever fetched
+            assigned = len(assignment)
         except Exception:  # noqa: BLE001 - Kafka lost: the last share stays
             time.sleep(POLL_S)
             return

@@ -173,6 +173,14 @@ Pushgateway, and Kafka and logs.  Argument: dict root, code (the department). */
 - name: ADEME_RATE_WINDOW_S
   value: {{ $v.ademe.rateWindowSeconds | toString | quote }}
 {{- end }}
+{{- if and (hasKey $v.ademe "bandwidthBytesPerSecond") (ne (toString $v.ademe.bandwidthBytesPerSecond) "500000") }}
+- name: ADEME_BANDWIDTH_BYTES_S
+  value: {{ $v.ademe.bandwidthBytesPerSecond | toString | quote }}
+{{- end }}
+{{- if and (hasKey $v.ademe "computeMsPerWindow") (ne (toString $v.ademe.computeMsPerWindow) "20000") }}
+- name: ADEME_COMPUTE_MS
+  value: {{ $v.ademe.computeMsPerWindow | toString | quote }}
+{{- end }}
 {{- with $v.ademe.dateFrom }}
 - name: ADEME_DATE_FROM
   value: {{ . | toString | quote }}
@@ -196,6 +204,10 @@ Pushgateway, and Kafka and logs.  Argument: dict root, code (the department). */
 {{- if $v.producer.maxConcurrent }}
 - name: PRODUCER_MAX_CONCURRENT
   value: {{ $v.producer.maxConcurrent | toString | quote }}
+{{- end }}
+{{- if and (hasKey $v.producer "budgetPartitions") (ne (toString $v.producer.budgetPartitions) "120") }}
+- name: PRODUCER_BUDGET_PARTITIONS
+  value: {{ $v.producer.budgetPartitions | toString | quote }}
 {{- end }}
 {{- with $v.metrics.pushgatewayUrl }}
 - name: METRICS_PUSHGATEWAY_URL
