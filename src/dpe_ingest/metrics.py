@@ -33,6 +33,12 @@ log = logging.getLogger("dpe_ingest.metrics")
 CONSUMER_RESULTS = ("inserted", "updated", "unchanged", "deleted", "dead_lettered")
 #: energy labels of the analytics (anything else counts as ``unknown``)
 ENERGY_LABELS = ("A", "B", "C", "D", "E", "F", "G", "unknown")
+#: the reasons the analytics consumer skips a message for (``analytics.SKIP_REASONS``; a test keeps the two
+#: equal) and the levels of its alert summary lines: the label values of ``dpe_analytics_skipped`` and
+#: ``dpe_analytics_alerts_total``, each series there from the start (0), so that the dashboard's panels
+#: show 0, not "no data", while nothing was skipped or alerted
+SKIP_REASONS = ("not_json", "no_numero_dpe", "invalid")
+ALERT_LEVELS = ("warning", "info")
 WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -131,6 +137,10 @@ class AnalyticsMetrics:
                                        registry=r)
         self.alerts = Counter("dpe_analytics_alerts", "Alert summary lines logged, by level (warning: the F+G "
                               "share is above ANALYTICS_ALERT_SHARE)", ["level"], registry=r)
+        for level in ALERT_LEVELS:
+            self.alerts.labels(level)
+        for reason in SKIP_REASONS:
+            self.skipped.labels(reason).set(0)
         self.lag = _Lag("dpe_analytics", "the analytics consumer", r)
         self._last = _LastCommit()
         g = Gauge("dpe_analytics_last_commit_age_seconds", "Seconds since the last batch was committed "
