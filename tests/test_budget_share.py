@@ -220,3 +220,19 @@ def test_an_unreachable_kafka_leaves_the_static_share(unused_port=None):
         assert lim.share() == pytest.approx(1 / 106)
     finally:
         share.close()
+
+
+def test_the_time_a_request_takes_counts_in_the_pace():
+    """A page owed from the moment it is asked for: a producer whose responses take longer than its pace
+    (the tail: a few producers with large shares) asks again as soon as the page arrived."""
+    clock = Clock()
+    lim = ademe.RateLimiter(0, clock=clock, sleep=clock.sleep, share=lambda: 0.1, bandwidth=500_000)
+    rate = 500_000 * 0.1 * ademe.HEADROOM
+    lim.wait(expected_bytes=100_000)
+    clock.now += 1.5  # the response takes 1.5 s to come
+    lim.record_bytes(100_000, expected=100_000)
+    assert lim.delay() == pytest.approx(100_000 / rate - 1.5)
+    lim.wait(expected_bytes=100_000)
+    clock.now += 5.0  # slower than the pace: nothing more to wait once it arrived
+    lim.record_bytes(90_000, expected=100_000)
+    assert lim.delay() == 0.0

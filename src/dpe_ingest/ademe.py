@@ -273,8 +273,12 @@ class RateLimiter:
             self._free -= 1
             return True
 
-    def wait(self, cost_ms: float = 0.0) -> None:
-        """Wait until this producer's share allows one more request costing ``cost_ms`` of compute."""
+    def wait(self, cost_ms: float = 0.0, expected_bytes: float = 0.0) -> None:
+        """Wait until this producer's share allows one more request costing ``cost_ms`` of compute.
+
+        ``expected_bytes``: what the response is expected to weigh, owed from now on (settled by
+        :meth:`record_bytes` when it arrived): the time the request takes counts in the pace, so a
+        producer whose requests take longer than its pace still uses its whole share."""
         if self.budget_file:
             self._reload()
         logged = False
@@ -286,6 +290,8 @@ class RateLimiter:
                     if self.rates()[0] > 0:
                         self._tokens -= 1.0
                     self._compute_debt += max(0.0, cost_ms)
+                    if self.bandwidth > 0:
+                        self._bytes_debt += max(0.0, expected_bytes)
                     return
             if need == math.inf:
                 if not logged:
@@ -316,14 +322,16 @@ class RateLimiter:
             self._bytes_debt += debt
         return debt
 
-    def record_bytes(self, n: int) -> None:
-        """A response of ``n`` bytes arrived: the bandwidth bucket owes them."""
-        if self.bandwidth <= 0 or n <= 0:
+    def record_bytes(self, n: int, expected: float = 0.0) -> None:
+        """A response of ``n`` bytes arrived (``expected`` of them were owed since it was sent): the
+        bandwidth bucket owes the difference."""
+        if self.bandwidth <= 0 or (n <= 0 and expected <= 0):
             return
         with self._lock:
             s = self.share()
-            self._drip(self._clock(), *self.rates(s)) if s > 0 else None
-            self._bytes_debt += n
+            if s > 0:
+                self._drip(self._clock(), *self.rates(s))
+            self._bytes_debt = max(0.0, self._bytes_debt + n - expected)
 
     def seconds_for_bytes(self, n: float) -> float:
         """What this producer's share of the bandwidth takes to carry ``n`` bytes (0 = not paced)."""
@@ -460,11 +468,12 @@ class AdemeClient:
         cost = self._cost_of(url, params)
         size = self._size_of(url, params)
         free = size == 0 and self.limiter.start_up()  # a start-up request: no wait, nothing owed
+        expected = size * self.bytes_per_row
         while True:
             attempt += 1
             owed = not free
             if owed:
-                self.limiter.wait(cost)
+                self.limiter.wait(cost, expected)
             free = False  # a retry waits like any request
             self.requests_made += 1
             problem: str
@@ -474,7 +483,7 @@ class AdemeClient:
                 if resp.status_code == 200 and size:
                     with self._stats_lock:
                         self.bytes_per_row = max(50.0, len(resp.content) / size)
-                self._note_bytes(resp, owed)
+                self._note_bytes(resp, expected if owed else None)
                 if resp.status_code == 429:
                     if owed:
                         self.limiter.refund(cost)
@@ -557,12 +566,13 @@ class AdemeClient:
         not abandoned, which data-fair would bill without serving it."""
         return self.timeout_s + 2.0 * self.limiter.seconds_for_bytes(size * self.bytes_per_row)
 
-    def _note_bytes(self, resp: requests.Response, owed: bool = True) -> None:
+    def _note_bytes(self, resp: requests.Response, expected: float | None) -> None:
+        """Count the response's bytes; owed to the pace unless ``expected`` is None (a start-up request)."""
         n = len(resp.content or b"")
         with self._stats_lock:
             self.bytes_received += n
-        if owed:
-            self.limiter.record_bytes(n)
+        if expected is not None:
+            self.limiter.record_bytes(n, expected)
 
     def _get(self, url: str, params: dict[str, Any] | None, read_timeout: float | None = None) -> requests.Response:
         try:

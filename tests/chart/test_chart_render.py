@@ -28,7 +28,7 @@ def test_one_job_per_department_canonical_codes(render):
         env = env_of(c)
         assert env["DEPARTMENT"] == code
         assert env["ADEME_API_URL"] == "https://data.ademe.fr/data-fair/api/v1/datasets/dpe03existant"
-        assert env["ADEME_PAGE_SIZE"] == "500"
+        assert env["ADEME_PAGE_SIZE"] == "1000"
         assert env["KAFKA_BOOTSTRAP_SERVERS"] == "dpe-kafka:9092"
         assert env["KAFKA_TOPIC"] == "dpe-lines"
         assert env["KAFKA_DLQ_TOPIC"] == "dpe-lines-dlq"
