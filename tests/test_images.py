@@ -389,7 +389,7 @@ def test_cluster_images_are_the_chart_defaults_and_the_test_stand_ins():
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
     cluster = imgs.CLUSTER_IMAGES
-    assert set(cluster) == {"producer", "consumer", "kafka", "postgres", "pause", "base"}
+    assert set(cluster) == {"producer", "consumer", "kafka", "postgres", "pause", "monitoring", "base"}
     for role in ("producer", "consumer"):
         assert cluster[role] == f"{values[role]['image']['repository']}:{values[role]['image']['tag'] or app_version}"
     # the stand-ins carry the chart's Kafka version and PostgreSQL major version

@@ -250,7 +250,8 @@ class Cluster:
         self.say(f"starting a single-node cluster in {self.workdir} (network namespace {self.netns})")
         try:
             t = time.monotonic()
-            for name in ("kubernetes", "etcd", "containerd", "coredns", "local-path-provisioner", "kube-router"):
+            for name in ("kubernetes", "etcd", "containerd", "coredns", "local-path-provisioner", "kube-router",
+                         "prometheus", "prometheus-operator", "pushgateway"):  # the last three: images.MONITORING_BINARIES
                 self.bin.update(gobuild.ensure(name, self.quiet))
             self._step("binaries", t)
             t = time.monotonic()

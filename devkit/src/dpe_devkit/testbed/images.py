@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from . import gobuild
 from ._proc import LaunchError, cache_dir, file_lock, kill, repo_root, run, spawn, tail
 
 BASE_TAG = "dpe-local/python:3.11-bookworm"
@@ -41,6 +42,12 @@ LABEL = "dpe-ingest.test.inputs"  # image label: digest of what the image was bu
 BUILD_TIMEOUT = 1800.0  # a cold build (pip, apt) on a slow mirror; only reached on failure
 STORE_WAIT = 2700.0  # how long to wait for another process using .cache/docker
 KAFKA_TOOLS = "org.apache.kafka:kafka-tools"
+#: the builds of testbed.gobuild -> their binaries in the "monitoring" image (bin/ of its context; the
+#: operator is bin/operator, as in its upstream image)
+MONITORING_BINARIES = {"prometheus": {"prometheus": "prometheus"},
+                       "prometheus-operator": {"prometheus-operator": "operator",
+                                               "prometheus-config-reloader": "prometheus-config-reloader"},
+                       "pushgateway": {"pushgateway": "pushgateway"}}
 
 
 def _root() -> Path:
@@ -71,13 +78,15 @@ def _cluster_images() -> dict[str, str]:
         "kafka": "dpe-test/kafka:4.4.0",
         "postgres": "dpe-test/postgres:15",
         "pause": "dpe-test/pause:3.10",
+        "monitoring": f"dpe-test/monitoring:{gobuild.PROMETHEUS_VERSION}",
         "base": BASE_TAG,
     }
 
 
 #: role -> tag of every image the test cluster runs.  "producer"/"consumer": the chart's default
 #: repositories with its appVersion as tag; "kafka", "postgres": the test stand-ins of apache/kafka
-#: and postgres; "pause": the pod sandbox image; "base": the Debian-made Python image (helper pods).
+#: and postgres; "pause": the pod sandbox image; "base": the Debian-made Python image (helper pods);
+#: "monitoring": Prometheus, its operator and config reloader, and the Pushgateway (MONITORING_BINARIES).
 CLUSTER_IMAGES: dict[str, str] = _cluster_images()
 
 
@@ -322,6 +331,17 @@ def _recipes(base_digest: str, quiet: bool) -> dict[str, _Recipe]:
                 h.update(f"{jar.name}\0{jar.stat().st_size}\0".encode())
         out[role] = _Recipe(role, src / "Dockerfile", src, ["--build-arg", f"BASE_IMAGE={BASE_TAG}"],
                             h.hexdigest(), extra)
+    # the monitoring image: static binaries on scratch; its digest names each build's version and
+    # recipe (gobuild's stamp), the binaries themselves are built (or found) when the image is built
+    src = root / "images" / "test-monitoring"
+    h = hashlib.sha256(b"monitoring\0")
+    _digest_files(h, src, ["."])
+    extra = {}
+    for build, binaries in MONITORING_BINARIES.items():
+        h.update(f"{build}\0{gobuild.BUILDS[build].stamp()}\0".encode())
+        for binary, name in binaries.items():
+            extra[f"bin/{name}"] = cache_dir() / "bin" / binary
+    out["monitoring"] = _Recipe("monitoring", src / "Dockerfile", src, [], h.hexdigest(), extra)
     return out
 
 
@@ -398,6 +418,9 @@ def _build(engine: DockerEngine, recipe: _Recipe, tag: str, quiet: bool) -> None
     staged: Path | None = None
     context, dockerfile = recipe.context, recipe.dockerfile
     try:
+        if recipe.role == "monitoring":
+            for build in MONITORING_BINARIES:
+                gobuild.ensure(build, quiet)
         if recipe.extra_files:  # a context assembled from the image's directory plus files from the cache
             (cache_dir() / "images").mkdir(parents=True, exist_ok=True)
             staged = Path(tempfile.mkdtemp(prefix=f"context-{recipe.role}-", dir=cache_dir() / "images"))
