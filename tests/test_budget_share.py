@@ -236,3 +236,17 @@ def test_the_time_a_request_takes_counts_in_the_pace():
     clock.now += 5.0  # slower than the pace: nothing more to wait once it arrived
     lim.record_bytes(90_000, expected=100_000)
     assert lim.delay() == 0.0
+
+
+def test_a_producer_starts_with_its_share_of_the_full_compute_bucket_and_loses_it_in_a_lock_out():
+    clock = Clock()
+    lim = ademe.RateLimiter(0, clock=clock, sleep=clock.sleep, share=lambda: 0.1, compute_ms=20_000, window_s=60)
+    lim.stagger(0.0)  # joined: data-fair's bucket is full when a release starts
+    for _ in range(17):  # 17 pages of 120 ms: the first 16 within its 1.94 s (0.1 x 20 s x 0.97), no wait
+        lim.wait(120.0)
+    assert clock.slept == []
+    lim.wait(120.0)  # then paced at its share of the refill: the 17th left a debt of 100 ms
+    assert sum(clock.slept) == pytest.approx((17 * 120 - 1940) / (20_000 / 60 * 0.1 * ademe.HEADROOM))
+    lim.stagger(0.0)
+    lim.locked_out()  # a compute 429: the bucket is empty, whatever this producer thought
+    assert lim._compute_debt == 0.0

@@ -9,8 +9,11 @@ Flow control: a 429 is not a failure.  data-fair limits every client (an IP, or 
 key) to a request rate and a compute budget, and sends no Retry-After: the client waits and asks
 again, for as long as it takes (the Job's deadline is the bound), never counting it as a retry.  A
 compute-budget 429 ("Le temps de traitement cumulé…") means a lock-out of up to one window
-(``rate_window_s``, 60 s in data-fair): the client waits one window plus jitter, so it sends at most one
-request per lock-out.  A request-rate 429 backs off exponentially with jitter up to one window.  A
+(``rate_window_s``, 60 s in data-fair): the client waits what it costs (``RateLimiter.lockout_wait``: the
+release's overdraft, one page per producer, refilled at the compute budget's rate; one window when the
+budget is unknown), so it sends at most one request per lock-out.  Before any 429, ``RateLimiter``
+paces the requests to this producer's share of the release's budget (``budget.BudgetShare``).  A
+request-rate 429 backs off exponentially with jitter up to one window.  A
 Retry-After, when a proxy sends one, wins, up to the longer of ``retry_max_s`` and one window (a
 Retry-After of a day, or of an HTTP date in year 9999, is waited that long and asked again).
 
@@ -240,7 +243,10 @@ class RateLimiter:
         else:
             self._tokens = float(self.burst)
         self._bytes_debt = max(0.0, self._bytes_debt - dt * bw) if bw > 0 else 0.0
-        self._compute_debt = max(0.0, self._compute_debt - dt * cpu) if cpu > 0 else 0.0
+        # the compute bucket mirrors this producer's share of data-fair's: it holds up to share x one window's
+        # budget (a negative debt), as data-fair's holds a whole window's when nobody asked for a while
+        floor = -cpu * self.window_s
+        self._compute_debt = max(floor, self._compute_debt - dt * cpu) if cpu > 0 else 0.0
 
     def delay(self) -> float:
         """Seconds until a request may go (inf: no share yet)."""
@@ -307,11 +313,21 @@ class RateLimiter:
         with self._lock:
             self._compute_debt = max(0.0, self._compute_debt - max(0.0, cost_ms))
 
+    def locked_out(self) -> None:
+        """data-fair's compute bucket is empty: whatever this producer thought it held of it is gone."""
+        with self._lock:
+            self._compute_debt = max(0.0, self._compute_debt)
+
     def stagger(self, n_bytes: float, rng: random.Random | None = None) -> float:
         """A producer that just got its share starts owing a random part of one page (``n_bytes``): the first
         pages of producers that start together are spread over one round of their pace instead of all
         landing on data-fair's throttle at once (past 100 queued responses it tears them down).  Returns
         the debt added."""
+        s = self.share()
+        if self.compute_ms > 0 and s > 0:
+            # data-fair's compute bucket is full when a release starts: this producer's share of it is its own
+            with self._lock:
+                self._compute_debt = min(self._compute_debt, -self.compute_ms * s * HEADROOM)
         if self.bandwidth <= 0 or n_bytes <= 0:
             return 0.0
         # at most STAGGER_MAX_S of this producer's pace: 120 first pages spread over that long keep data-fair's
@@ -450,6 +466,7 @@ class AdemeClient:
         if resp.text.startswith(COMPUTE_BUDGET_429):
             # locked out until the budget is positive again: what the release's overdraft takes to refill
             # (RateLimiter.lockout_wait), at most one window from the last debit
+            self.limiter.locked_out()
             cost = self.cost_base_ms + self.cost_per_row_ms * 500 if cost_ms is None else cost_ms
             wait = self.limiter.lockout_wait(cost, self._in_a_row_429)
             if wait is None:
