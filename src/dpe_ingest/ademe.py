@@ -178,6 +178,7 @@ class RateLimiter:
         self._last = clock()
         self.waited_for_share = False
         self._free = STARTUP_FREE
+        self._held_until = 0.0
         if budget_file:
             self._reload(force=True)
 
@@ -267,6 +268,7 @@ class RateLimiter:
             need = max(need, self._bytes_debt / bw)
         if cpu > 0 and self._compute_debt > 0:
             need = max(need, self._compute_debt / cpu)
+        need = max(need, self._held_until - now)
         return min(need, MAX_INTERVAL_S)
 
     def start_up(self) -> bool:
@@ -367,8 +369,24 @@ class RateLimiter:
             return None
         s = self.share() or 1.0 / max(1, self.departments)
         refill = self.compute_ms / self.window_s  # ms per s
-        base = max(cost_ms, 1.0) / s / refill
+        # twice the estimate: what data-fair bills a page is only estimated (ADEME_COST_*)
+        base = 2.0 * max(cost_ms, 1.0) / s / refill
         return min(self.window_s, base * 2 ** max(0, in_a_row - 1))
+
+    def wait_held(self) -> None:
+        """Wait only for a lock-out this producer is waiting out (:meth:`hold`)."""
+        while True:
+            with self._lock:
+                left = self._held_until - self._clock()
+            if left <= 0:
+                return
+            self._sleep(min(left, 1.0))
+
+    def hold(self, seconds: float) -> None:
+        """No request of this producer (any thread) before ``seconds`` from now: a lock-out is waited out
+        by all of them, so the producer sends at most one request per lock-out."""
+        with self._lock:
+            self._held_until = max(self._held_until, self._clock() + max(0.0, seconds))
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -433,6 +451,7 @@ class AdemeClient:
         self.bytes_per_row = 400.0  # of a /lines page, learnt from each page read
         self.bytes_received = 0
         self.throttled_kinds: dict[str, int] = {}
+        self._page_rows = 500  # the largest page asked for (what a lock-out's overdraft is made of)
         self.timeouts = 0  # requests abandoned for their read timeout (data-fair bills them all the same)
         who = self.context.get("department")
         agent = f"dpe-ingest ({who}; +https://github.com/dpe-ingest)" if who else "dpe-ingest (+https://github.com/dpe-ingest)"
@@ -467,11 +486,15 @@ class AdemeClient:
             # locked out until the budget is positive again: what the release's overdraft takes to refill
             # (RateLimiter.lockout_wait), at most one window from the last debit
             self.limiter.locked_out()
-            cost = self.cost_base_ms + self.cost_per_row_ms * 500 if cost_ms is None else cost_ms
+            # the release's overdraft is pages, whatever this request was (metadata costs nothing itself)
+            page = self.cost_base_ms + self.cost_per_row_ms * self._page_rows
+            cost = page if cost_ms is None else max(cost_ms, page)
             wait = self.limiter.lockout_wait(cost, self._in_a_row_429)
             if wait is None:
                 return self.rate_window_s * self.rng.uniform(1.05, 1.3), "compute_budget"
-            return wait * self.rng.uniform(1.0, 1.3), "compute_budget"
+            delay = wait * self.rng.uniform(1.0, 1.3)
+            self.limiter.hold(delay)  # the other thread (start-up or end-of-pass requests) waits it out too
+            return delay, "compute_budget"
         n = self._in_a_row_429
         cap = self.rate_window_s
         exp = min(cap, 2.0 * 2 ** max(0, n - 1))
@@ -484,6 +507,7 @@ class AdemeClient:
         attempt = 0
         cost = self._cost_of(url, params)
         size = self._size_of(url, params)
+        self._page_rows = max(self._page_rows, size)
         free = size == 0 and self.limiter.start_up()  # a start-up request: no wait, nothing owed
         expected = size * self.bytes_per_row
         while True:
@@ -491,6 +515,8 @@ class AdemeClient:
             owed = not free
             if owed:
                 self.limiter.wait(cost, expected)
+            else:
+                self.limiter.wait_held()  # a start-up request too waits out a lock-out this producer saw
             free = False  # a retry waits like any request
             self.requests_made += 1
             problem: str
