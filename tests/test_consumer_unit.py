@@ -100,7 +100,7 @@ def test_batch_claims_from_where_reading_began_to_after_its_last_message():
     b.add_row(p1, Row("C", None, None, None, None, {}, 1, 8), start=8)
     assert b.count == 4 and b.claim("g", "t").ranges == {0: (10, 12), 1: (5, 9)}
     assert b.drop({p1}) == 2
-    assert b.count == 2 and b.claim("g", "t").ranges == {0: (10, 12)} and b.n_dead() == 0
+    assert b.count == 2 and b.claim("g", "t").ranges == {0: (10, 12)} and b.all_dead() == []
     assert len(b.all_rows()) == 2
 
 
