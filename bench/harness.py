@@ -111,6 +111,11 @@ def wait_http(url: str, timeout: float = 30) -> None:
 
 
 # ------------------------------------------------------------------------------------------- the runner
+# The stand-ins of the sections main, refresh and analytics enforce no limits (the france section's
+# does): producers measured against them are not paced to data-fair's bandwidth and compute.
+UNPACED = {"ADEME_BANDWIDTH_BYTES_S": "0", "ADEME_COMPUTE_MS": "0"}
+
+
 class Runner:
     def __init__(self, env: dict[str, str], workdir: Path, rows: int, baseline_rows: int):
         self.env, self.workdir, self.rows, self.baseline_rows = env, workdir, rows, baseline_rows
@@ -137,9 +142,7 @@ class Runner:
     def produce(self, dep: str, topic: str, api_url: str, code: dict[str, str] | None = None) -> Proc:
         env = {**self.env, **(code or {}), "DEPARTMENT": dep, "ADEME_API_URL": api_url, "KAFKA_TOPIC": topic,
                "KAFKA_DLQ_TOPIC": topic + "-dlq", "PRODUCER_CHECKPOINT_TOPIC": topic + "-ckpt",
-               "KAFKA_TOPIC_PARTITIONS": "6", "LOG_LEVEL": "WARNING",
-               # this stand-in enforces no limits (the france section's does): no pace to data-fair's
-               "ADEME_BANDWIDTH_BYTES_S": "0", "ADEME_COMPUTE_MS": "0"}
+               "KAFKA_TOPIC_PARTITIONS": "6", "LOG_LEVEL": "WARNING", **UNPACED}
         return Proc([PY, "-m", "dpe_ingest", "produce"], env, self.log(f"produce-{dep}"))
 
     def consume_until(self, topic: str, expected: int, table: str | None = None) -> tuple[float, Proc]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import time
 
-from harness import PY, Bench, Proc, Runner
+from harness import PY, UNPACED, Bench, Proc, Runner
 
 TITLE = "\nrefresh: one department of {N} rows, a week of changes, against a full pass"
 
@@ -27,7 +27,8 @@ def refresh_section(r: Runner, env: dict[str, str], rows: int) -> None:
         topic, table, group = r.name("refresh"), r.name("refresh"), r.name("g")
         base = {**env, "DEPARTMENT": dep, "ADEME_API_URL": srv.url, "KAFKA_TOPIC": topic,
                 "KAFKA_DLQ_TOPIC": topic + "-dlq", "PRODUCER_CHECKPOINT_TOPIC": topic + "-ckpt",
-                "KAFKA_TOPIC_PARTITIONS": "6", "DB_TABLE": table, "CONSUMER_GROUP": group, "LOG_LEVEL": "WARNING"}
+                "KAFKA_TOPIC_PARTITIONS": "6", "DB_TABLE": table, "CONSUMER_GROUP": group, "LOG_LEVEL": "WARNING",
+                **UNPACED}
         consumer = Proc([PY, "-m", "dpe_ingest", "consume"], base, r.log("consume-refresh"))
         before = srv.requests_served
         p = Proc([PY, "-m", "dpe_ingest", "produce"], base, r.log("produce-full-pass")).wait().check("full pass")

@@ -60,6 +60,7 @@ class BudgetShare:
         self.changes = 0
         self._prepared = False
         self._disabled: str | None = None  # why the group cannot be used (the static share applies)
+        self._assigned: int | None = None  # partitions of the last completed rebalance (None: none yet)
 
     # ----------------------------------------------------------------------------------------- reading
     def share(self) -> float | None:
@@ -95,7 +96,8 @@ class BudgetShare:
             return
         from kafka import KafkaConsumer
         from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
-        from kafka.errors import KafkaError
+
+        from .kafka_consumer import RebalanceListener
 
         try:
             if not self._prepared:
@@ -111,8 +113,8 @@ class BudgetShare:
                 partition_assignment_strategy=[RoundRobinPartitionAssignor],
                 session_timeout_ms=SESSION_MS, heartbeat_interval_ms=HEARTBEAT_MS,
                 max_poll_interval_ms=60000, **client_options(self.security))
-            self.consumer.subscribe([self.topic])
-        except (KafkaError, OSError, Exception) as exc:  # noqa: BLE001 - the static share is the fallback
+            self.consumer.subscribe([self.topic], listener=RebalanceListener(self))
+        except Exception as exc:  # noqa: BLE001 - KafkaError, OSError, anything: the static share is the fallback
             self._fall_back(f"{type(exc).__name__}: {str(exc)[:200]}")
             return
         deadline = time.monotonic() + self.join_timeout_s
@@ -131,24 +133,36 @@ class BudgetShare:
                    **self.context)
         self._share = None
 
+    # kafka-python's rebalance callbacks (through kafka_consumer.RebalanceListener), called inside poll()
+    def on_partitions_revoked(self, revoked) -> None:
+        """A rebalance begins: the last share stays until it completes (a newcomer has none yet, so the
+        shares never add up to more than the whole)."""
+
+    def on_partitions_assigned(self, assigned) -> None:
+        held = self.consumer.assignment()  # the whole assignment (``assigned`` is only what was added
+        self._assigned = len(held)         # under a cooperative protocol)
+        if held:
+            self.consumer.pause(*held)  # group membership only: nothing is ever fetched
+
+    def on_partitions_lost(self, lost) -> None:
+        """Evicted (a missed session): the partitions may be someone else's already, so no share until
+        the next assignment."""
+        self._assigned = 0
+
     def _poll_once(self) -> None:
         try:
             self.consumer.poll(timeout_ms=int(POLL_S * 1000))
-            coordinator = self.consumer._coordinator
-            if coordinator.generation_if_stable() is None:
-                return  # rebalancing (or the coordinator lost): the last share stays
-            assignment = self.consumer.assignment()
-            if assignment:
-                self.consumer.pause(*assignment)  # group membership only: nothing is ever fetched
-            assigned = len(assignment)
         except Exception:  # noqa: BLE001 - Kafka lost: the last share stays
             time.sleep(POLL_S)
             return
+        assigned = self._assigned
+        if assigned is None:
+            return  # not assigned yet: the caller's static share (or waiting) applies
         share = self.of(assigned, self.n)
         if share != self._share:
             self.changes += 1
             logs.event(log, "budget_share", f"API budget share {assigned}/{self.n} partitions = {share:.4f}"
-                       + (" (waiting for a partition: more producers than partitions)" if not assigned else ""),
+                       + (" (none: waiting for a partition to free)" if not assigned else ""),
                        share=round(share, 4), partitions=assigned, of=self.n, **self.context)
             self._share = share
 
