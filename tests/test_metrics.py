@@ -230,3 +230,20 @@ def test_a_producer_pushes_its_summary_when_a_pushgateway_is_set(kafka_bootstrap
     samples = {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples}
     assert samples["dpe_producer_rows"] == 700 and samples["dpe_producer_success"] == 1
     assert "event=metrics_pushed" in res.stderr
+
+
+def test_a_producer_that_gives_up_pushes_a_failed_summary(pushgateway):
+    """The chart's DpeIngestProducerFailed alert reads dpe_producer_success == 0: a run that fails must
+    push it (an API that never answers: exit 1 after its retries), a run that succeeds pushes 1 (above)."""
+    from kafka_util import command as cmd, run
+
+    res = run(cmd("produce"), {"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+                               "ADEME_API_URL": f"http://127.0.0.1:{free_port()}/data-fair/api/v1/datasets/dpe03existant",
+                               "ADEME_MAX_RETRIES": "0", "ADEME_TIMEOUT_S": "2", "DEPARTMENT": "69",
+                               "METRICS_PUSHGATEWAY_URL": pushgateway.url})
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "event=gave_up" in res.stderr
+    ((path, body),) = pushgateway.got
+    assert path == "/metrics/job/dpe-producer/department/69"
+    samples = {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples}
+    assert samples["dpe_producer_success"] == 0 and samples["dpe_producer_rows"] == 0

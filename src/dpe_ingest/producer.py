@@ -25,14 +25,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
 from . import departments, logs, messages
 from .ademe import (MOD_FIELD, AdemeClient, ApiAuthError, ApiInterrupted, ApiRequestError, ApiUnavailable,
                     build_qs, cursor_line)
-from .config import CONTRACT, ConfigError, ProducerConfig
+from .config import CONTRACT, ConfigError, ProducerConfig, pushgateway_url
 from .kafka_io import (CheckpointStore, KafkaUnavailable, SendTracker, Slot, ensure_topics, make_producer,
                        pipeline_topics, slots_topic, wait_for_kafka)
 from .budget import BudgetShare, budget_topic
@@ -155,6 +155,7 @@ class Producer:
         self.ctx = {"department": cfg.department}
         self.fields = cfg.fields  # a property that builds the tuple: once, not once per row
         self.budget = None
+        self.progress: Progress | None = None  # the pass under way (what a failed run reports it sent)
         if cfg.budget_partitions > 0:  # the release's API budget, shared through a Kafka consumer group
             self.budget = BudgetShare(cfg.kafka.bootstrap_servers,
                                       budget_topic(cfg.kafka, cfg.checkpoint_topic, cfg.budget_partitions),
@@ -282,7 +283,7 @@ class Producer:
             return EXIT_OK
         restarts = 0
         while True:
-            prog = Progress(cfg.department, time.monotonic(), rows_at_start=0)
+            prog = self.progress = Progress(cfg.department, time.monotonic(), rows_at_start=0)
             outcome = self._pass(producer, store, ckpt, prog)
             if outcome != "recreated":
                 break
@@ -313,7 +314,6 @@ class Producer:
         # a Job is too short-lived to be scraped: the summary also goes to a Pushgateway when one is set
         # (imported here: prometheus_client costs a tenth of a second at every start otherwise)
         from . import metrics
-        from .config import pushgateway_url
 
         metrics.push_producer_summary(pushgateway_url(), cfg.department, prog.rows,
                                       prog.dead, seconds, ok=True)
@@ -607,8 +607,38 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    t0 = time.monotonic()
+    started: list[Producer] = []
+
+    def work() -> int:
+        started.append(Producer(cfg, stop, refresh=args.refresh, env=env))
+        return started[0].run()
+
     try:
-        return Producer(cfg, stop, refresh=args.refresh, env=env).run()
+        code = _exit_code(work, cfg)
+    except Exception:
+        _push_failure(cfg, started[0] if started else None, t0)
+        raise
+    if code not in (EXIT_OK, EXIT_TERMINATED):
+        _push_failure(cfg, started[0] if started else None, t0)
+    return code
+
+
+def _push_failure(cfg: ProducerConfig, producer: "Producer | None", t0: float) -> None:
+    """A run that failed says so to the Pushgateway too (dpe_producer_success 0: the chart's
+    DpeIngestProducerFailed alert), with the rows its pass sent; a run stopped by a signal pushes
+    nothing (the next one resumes from its checkpoint and reports)."""
+    from . import metrics
+
+    prog = producer.progress if producer is not None else None
+    metrics.push_producer_summary(pushgateway_url(), cfg.department, prog.rows if prog else 0,
+                                  prog.dead if prog else 0, time.monotonic() - t0, ok=False)
+
+
+def _exit_code(work: Callable[[], int], cfg: ProducerConfig) -> int:
+    """``work()`` (a producer's run), its failures turned into one error line and the exit code they mean."""
+    try:
+        return work()
     except ConfigError as exc:  # KafkaAccessError: credentials, certificates or an ACL the brokers refused
         logs.event(log, "config_error", str(exc), logging.ERROR, department=cfg.department)
         print(f"dpe-ingest produce: {exc}", file=sys.stderr)
