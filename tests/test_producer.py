@@ -76,6 +76,8 @@ def test_three_departments_in_parallel_produce_exactly_the_api_rows(kafka_bootst
         pages = events(res.stderr, "page")
         assert pages and pages[-1]["department"] == dep and pages[-1]["total"] == str(ds.count(dep))
         assert {"rate", "eta_s", "rows", "page"} <= set(pages[0])
+        # the API budget group shared among the three: each page line says this producer's share
+        assert all(0 < float(p["share"]) <= 1 for p in pages), pages[-1]
     records = read_topic(kafka_bootstrap, topics["KAFKA_TOPIC"])
     assert duplicates(records) == 0
     got = messages_by_department(records)

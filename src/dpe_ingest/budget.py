@@ -161,8 +161,11 @@ class BudgetShare:
         share = self.of(assigned, self.n)
         if share != self._share:
             self.changes += 1
+            # a hundred producers hand shares over a hundred times: the first share and a wait (none) at
+            # INFO, the other changes at DEBUG (each page line carries the share now)
+            level = logging.INFO if self._share is None or not share or not self._share else logging.DEBUG
             logs.event(log, "budget_share", f"API budget share {assigned}/{self.n} partitions = {share:.4f}"
-                       + (" (none: waiting for a partition to free)" if not assigned else ""),
+                       + (" (none: waiting for a partition to free)" if not assigned else ""), level,
                        share=round(share, 4), partitions=assigned, of=self.n, **self.context)
             self._share = share
 

@@ -113,7 +113,8 @@ class Progress:
     pages: int = 0
     total: int | None = None
 
-    def line(self, page_no: int, page_rows: int) -> None:
+    def line(self, page_no: int, page_rows: int, share: float | None = None) -> None:
+        """One ``event=page`` line; ``share``: of the API budget group, when this producer has one."""
         elapsed = max(time.monotonic() - self.started, 1e-6)
         rate = (self.rows + self.dead - self.rows_at_start) / elapsed
         done = self.rows + self.dead
@@ -125,10 +126,10 @@ class Progress:
         logs.event(
             log, "page",
             f"dep {self.department} page {page_no}: {done}{total_txt} rows{pct_txt}, {rate:.0f} rows/s, "
-            f"ETA {logs.human_duration(eta)}",
+            f"ETA {logs.human_duration(eta)}" + (f", API budget share {share:.3f}" if share is not None else ""),
             department=self.department, page=page_no, page_rows=page_rows, rows=self.rows, dead=self.dead,
             total=self.total, pct=None if pct is None else round(pct, 1), rate=round(rate, 1),
-            eta_s=None if eta is None else round(eta),
+            eta_s=None if eta is None else round(eta), **({"share": round(share, 4)} if share is not None else {}),
         )
 
 
@@ -372,7 +373,7 @@ class Producer:
             })
             fetched_with = page.after
             prog.pages += 1
-            prog.line(page_no, len(page.rows))
+            prog.line(page_no, len(page.rows), share=self.client.limiter.share() if self.budget is not None else None)
             if page.has_next and self.stop.is_set():
                 logs.event(log, "stopped", f"stopped by signal after page {page_no}; checkpoint saved, "
                            "the next run resumes here", logging.WARNING, page=page_no, rows=prog.rows, **ctx)
