@@ -235,7 +235,7 @@ def test_strimzi_kafkatopics_match_the_crd(render, examples, tmp_path):
     values = dict(examples["values-byo.yaml"], producer={"maxConcurrent": 2, "checkpointTopic": "Ckpt_Topic"})
     docs = render.template(values_files=[_values_file(tmp_path, values)])
     topics = {t["spec"]["topicName"]: t for t in by_kind(docs, "KafkaTopic")}
-    assert set(topics) == {"dpe-lines", "dpe-lines-dlq", "Ckpt_Topic", "Ckpt_Topic-slots-2", "Ckpt_Topic-budget-120"}
+    assert set(topics) == {"dpe-lines", "dpe-lines-dlq", "Ckpt_Topic", "Ckpt_Topic-slots-2"}
     for t in topics.values():
         assert t["apiVersion"] == f"{crd['spec']['group']}/v1" and t["kind"] == crd["spec"]["names"]["kind"]
         jsonschema.validate(t, schema)
@@ -246,11 +246,6 @@ def test_strimzi_kafkatopics_match_the_crd(render, examples, tmp_path):
     assert topics["dpe-lines"]["spec"]["partitions"] == 6
     assert topics["Ckpt_Topic"]["spec"]["config"]["cleanup.policy"] == "compact"
     assert topics["Ckpt_Topic"]["metadata"]["name"] == "ckpt-topic"
-    # the API budget's group topic, as many partitions as shares (producer.budgetPartitions; 0 = none)
-    assert topics["Ckpt_Topic-budget-120"]["spec"]["partitions"] == 120
-    values["producer"]["budgetPartitions"] = 0
-    docs = render.template(values_files=[_values_file(tmp_path, values)])
-    assert "Ckpt_Topic-budget-120" not in {t["spec"]["topicName"] for t in by_kind(docs, "KafkaTopic")}
     # the check can fail: a misspelt field, too many replicas
     bad = json.loads(json.dumps(topics["dpe-lines"]))
     bad["spec"]["replica"] = 3
