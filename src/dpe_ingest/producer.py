@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 
@@ -312,13 +312,18 @@ class Producer:
                    api_throttled_rate=c.throttled_kinds.get("request_rate", 0),
                    api_throttled_compute=c.throttled_kinds.get("compute_budget", 0),
                    api_timeouts=c.timeouts, api_bytes=c.bytes_received, **ctx)
-        # a Job is too short-lived to be scraped: the summary also goes to a Pushgateway when one is set
-        # (imported here: prometheus_client costs a tenth of a second at every start otherwise)
-        from . import metrics
-
-        metrics.push_producer_summary(pushgateway_url(), cfg.department, prog.rows,
-                                      prog.dead, seconds, ok=True)
+        self.push_summary(seconds, ok=True)
         return EXIT_OK
+
+    def push_summary(self, seconds: float, ok: bool) -> None:
+        """A Job is too short-lived to be scraped: its summary (the rows the pass under way sent) also goes
+        to a Pushgateway when one is set, at the end of a run that succeeded and of one that failed
+        (dpe_producer_success 0: the chart's DpeIngestProducerFailed alert)."""
+        from . import metrics  # here: prometheus_client costs a tenth of a second at every start otherwise
+
+        prog = self.progress
+        metrics.push_producer_summary(pushgateway_url(), self.cfg.department, prog.rows if prog else 0,
+                                      prog.dead if prog else 0, seconds, ok=ok)
 
     def _pass(self, producer, store, ckpt: dict | None, prog: Progress) -> str:
         """Read the department's pages into Kafka from the checkpoint (or the first page): "done",
@@ -609,37 +614,23 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     t0 = time.monotonic()
-    started: list[Producer] = []
-
-    def work() -> int:
-        started.append(Producer(cfg, stop, refresh=args.refresh, env=env))
-        return started[0].run()
-
+    producer = Producer(cfg, stop, refresh=args.refresh, env=env)
+    # a run that failed pushes its summary too; one stopped by a signal pushes nothing (the next run
+    # resumes from its checkpoint and reports)
     try:
-        code = _exit_code(work, cfg)
+        code = _exit_code(producer, cfg)
     except Exception:
-        _push_failure(cfg, started[0] if started else None, t0)
+        producer.push_summary(time.monotonic() - t0, ok=False)
         raise
     if code not in (EXIT_OK, EXIT_TERMINATED):
-        _push_failure(cfg, started[0] if started else None, t0)
+        producer.push_summary(time.monotonic() - t0, ok=False)
     return code
 
 
-def _push_failure(cfg: ProducerConfig, producer: "Producer | None", t0: float) -> None:
-    """A run that failed says so to the Pushgateway too (dpe_producer_success 0: the chart's
-    DpeIngestProducerFailed alert), with the rows its pass sent; a run stopped by a signal pushes
-    nothing (the next one resumes from its checkpoint and reports)."""
-    from . import metrics
-
-    prog = producer.progress if producer is not None else None
-    metrics.push_producer_summary(pushgateway_url(), cfg.department, prog.rows if prog else 0,
-                                  prog.dead if prog else 0, time.monotonic() - t0, ok=False)
-
-
-def _exit_code(work: Callable[[], int], cfg: ProducerConfig) -> int:
-    """``work()`` (a producer's run), its failures turned into one error line and the exit code they mean."""
+def _exit_code(producer: Producer, cfg: ProducerConfig) -> int:
+    """``producer.run()``, its failures turned into one error line and the exit code they mean."""
     try:
-        return work()
+        return producer.run()
     except ConfigError as exc:  # KafkaAccessError: credentials, certificates or an ACL the brokers refused
         logs.event(log, "config_error", str(exc), logging.ERROR, department=cfg.department)
         print(f"dpe-ingest produce: {exc}", file=sys.stderr)
