@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import logging
 import math
 import socket
 import threading
@@ -196,7 +197,7 @@ def pushgateway():
     gw.stop()
 
 
-def test_producer_summary_is_pushed_to_a_pushgateway_and_a_dead_one_is_only_a_warning(pushgateway):
+def test_producer_summary_is_pushed_to_a_pushgateway_and_a_dead_one_is_only_a_warning(pushgateway, caplog):
     url = pushgateway.url
     assert metrics.push_producer_summary(url, "2A", rows=1234, dead=5, seconds=12.5, ok=True)
     pushgateway.stop()
@@ -210,6 +211,11 @@ def test_producer_summary_is_pushed_to_a_pushgateway_and_a_dead_one_is_only_a_wa
     assert {name for name, _ in samples} <= metrics.exported_names()
     # nothing listens there any more: a warning, never an exception
     assert metrics.push_producer_summary(url, "2A", rows=1, dead=0, seconds=1.0, ok=True, timeout_s=2) is False
+    # a password in the URL never reaches the warning
+    secret_url = url.replace("http://", "http://dpe:s3cret-pw@")
+    with caplog.at_level(logging.WARNING, logger="dpe_ingest.metrics"):
+        assert metrics.push_producer_summary(secret_url, "2A", rows=1, dead=0, seconds=1.0, ok=True, timeout_s=2) is False
+    assert caplog.records and "s3cret-pw" not in caplog.text + repr([r.__dict__ for r in caplog.records])
     assert metrics.push_producer_summary("", "2A", rows=1, dead=0, seconds=1.0, ok=True) is False
 
 

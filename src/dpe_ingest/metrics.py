@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from . import logs
 from .config import ConfigError
+from .pg_connection import safe_url
 
 log = logging.getLogger("dpe_ingest.metrics")
 
@@ -198,10 +199,11 @@ def push_producer_summary(url: str | None, department: str, rows: int, dead: int
         push_to_gateway(url, job="dpe-producer", grouping_key={"department": department},
                         registry=producer_registry(department, rows, dead, seconds, ok), timeout=timeout_s)
     except Exception as exc:  # noqa: BLE001 - a metrics sink must never fail the Job
-        logs.event(log, "metrics_push_failed", f"could not push the summary to {url}: {exc}", logging.WARNING,
-                   url=url, error=str(exc)[:200])
+        shown, error = safe_url(url), safe_url(str(exc))[:200]  # a password in the URL is never logged
+        logs.event(log, "metrics_push_failed", f"could not push the summary to {shown}: {error}", logging.WARNING,
+                   url=shown, error=error)
         return False
-    logs.event(log, "metrics_pushed", f"summary pushed to {url}", url=url, department=department)
+    logs.event(log, "metrics_pushed", f"summary pushed to {safe_url(url)}", url=safe_url(url), department=department)
     return True
 
 
