@@ -156,6 +156,13 @@ def test_metrics_endpoints_count_what_was_written(kafka_bootstrap, database_url,
         s = wait_for(lambda: (lambda s: s if value(s, "dpe_analytics_lag_total") == 0 else None)(scrape(an_port)),
                      "analytics lag 0", an, an_log)
         assert value(s, "dpe_analytics_batch_seconds_count") >= 1
+        # a batch of dead letters alone is still one transaction (its offsets): counted and timed
+        before = value(scrape(sink_port), "dpe_consumer_batches_total")
+        send(kafka_bootstrap, env["KAFKA_TOPIC"], [b"alone and not json"])
+        s = wait_for(lambda: (lambda s: s if value(s, "dpe_consumer_rows_total", result="dead_lettered") == 3
+                              else None)(scrape(sink_port)), "the third dead letter", sink, sink_log)
+        assert value(s, "dpe_consumer_batches_total") == before + 1
+        assert value(s, "dpe_consumer_batch_write_seconds_count") == before + 1
     finally:
         for p in (sink, an):
             if p.poll() is None:

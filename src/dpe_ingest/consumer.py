@@ -111,8 +111,7 @@ class Consumer(GroupConsumer):
         kept_rows = sum(len(r) for r in batch.rows.values())
         self.totals.update(rows=res.rows, inserted=res.inserted, updated=res.updated, unchanged=res.unchanged,
                            dead_letters=dead)
-        self.metrics.batch(res.inserted, res.updated, res.unchanged, res.deleted, dead,
-                           res.seconds if kept_rows else None)
+        self.metrics.batch(res.inserted, res.updated, res.unchanged, res.deleted, dead, res.seconds)
         if (kept_rows or dead) and log.isEnabledFor(logging.DEBUG):
             logs.event(log, "batch",
                        f"batch {self.totals['batches']}: {res.rows} rows ({res.inserted} new, {res.updated} updated, "

@@ -100,13 +100,14 @@ class ConsumerMetrics:
         g.set_function(self._last.age)
 
     def batch(self, inserted: int, updated: int, unchanged: int, deleted: int, dead: int,
-              write_seconds: float | None) -> None:
+              write_seconds: float) -> None:
+        """One batch written: one transaction (its rows, or only its offsets and dead letters).  The
+        batch is counted before its rows: a scrape that sees a batch's rows sees the batch."""
+        self.write_seconds.observe(write_seconds)
+        self.batches.inc()
         for res, n in zip(CONSUMER_RESULTS, (inserted, updated, unchanged, deleted, dead)):
             if n:
                 self.rows.labels(res).inc(n)
-        self.batches.inc()
-        if write_seconds is not None:
-            self.write_seconds.observe(write_seconds)
 
     def committed(self) -> None:
         self._last.at = time.time()

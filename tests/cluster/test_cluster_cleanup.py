@@ -46,6 +46,16 @@ def _sysctls() -> dict[str, str]:
     return {k: Path("/proc/sys", k).read_text().strip() for k in SYSCTLS}
 
 
+def _sysctls_before_a_start() -> dict[str, str]:
+    """The kernel settings a start begins from: what a dead cluster of an earlier run left (a machine
+    reused after a killed run keeps /run/dpe-testbed and its kubelet's settings) is swept first, as
+    the start itself would."""
+    from dpe_devkit.testbed.cluster import sweep_dead_clusters
+
+    sweep_dead_clusters()
+    return _sysctls()
+
+
 def leftovers(workdir: Path, netns: str) -> list[str]:
     found = []
     if netns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout:
@@ -78,7 +88,7 @@ def _mentions(pid: str, text: str) -> bool:
 def test_a_killed_owner_is_cleaned_up_by_the_next_start(tmp_path):
     from dpe_devkit.testbed.cluster import sweep_dead_clusters
 
-    before = _sysctls()
+    before = _sysctls_before_a_start()
     workdir = tmp_path / "cluster"
     owner = subprocess.Popen([sys.executable, "-c", OWNER, str(workdir)], stdout=subprocess.PIPE, text=True,
                              start_new_session=True)
@@ -108,7 +118,7 @@ def test_cluster_up_by_hand_serves_kubectl_loads_images_and_ctrl_c_leaves_nothin
     cluster and loads the images; Ctrl-C (SIGINT to its process group, as a terminal sends it) stops
     it, exit 0, and ``stop()`` has left nothing behind.  (This is the suite's one start of a cluster
     through ``Cluster``'s context-free path: start, then stop from a signal.)"""
-    before = _sysctls()
+    before = _sysctls_before_a_start()
     workdir = tmp_path / "cluster"
     up = subprocess.Popen([sys.executable, "-m", "dpe_ingest", "testbed", "cluster", "up", "--workdir", str(workdir)],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
