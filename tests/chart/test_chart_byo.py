@@ -70,6 +70,22 @@ def doc_acls() -> list[dict[str, str]]:
     return rows
 
 
+#: the API budget's topic and group in the ACL table (``<producer.checkpointTopic>-budget-<n>``)
+BUDGET = "<producer.checkpointTopic>-budget-<n>"
+BUDGET_PARTITIONS = yaml.safe_load((ROOT / "charts" / "dpe-ingest" / "values.yaml").read_text())["producer"]["budgetPartitions"]
+
+
+def pipeline_grants(names: dict[str, str]) -> list[tuple[str, str, str, str]]:
+    """What a pipeline with the chart's defaults needs on a cluster whose topics are managed elsewhere:
+    the ``always`` rows of the ACL table and the API budget's (``producer.budgetPartitions`` > 0) but its
+    CREATE, one grant per operation: (operation, resource, name, pattern).  ``names``: the table's names."""
+    grants = []
+    for row in doc_acls():
+        if row["when"] == "always" or ("budgetPartitions" in row["when"] and "createTopics" not in row["when"]):
+            grants += [(op, row["resource"], names[row["name"]], row["pattern"]) for op in row["operation"].split(", ")]
+    return sorted(set(grants))
+
+
 def _values_file(tmp_path: Path, values: dict) -> Path:
     f = tmp_path / f"values-{uuid.uuid4().hex[:6]}.yaml"
     f.write_text(yaml.safe_dump(values))
@@ -235,7 +251,7 @@ def test_strimzi_kafkatopics_match_the_crd(render, examples, tmp_path):
     values = dict(examples["values-byo.yaml"], producer={"maxConcurrent": 2, "checkpointTopic": "Ckpt_Topic"})
     docs = render.template(values_files=[_values_file(tmp_path, values)])
     topics = {t["spec"]["topicName"]: t for t in by_kind(docs, "KafkaTopic")}
-    assert set(topics) == {"dpe-lines", "dpe-lines-dlq", "Ckpt_Topic", "Ckpt_Topic-slots-2"}
+    assert set(topics) == {"dpe-lines", "dpe-lines-dlq", "Ckpt_Topic", "Ckpt_Topic-slots-2", "Ckpt_Topic-budget-120"}
     for t in topics.values():
         assert t["apiVersion"] == f"{crd['spec']['group']}/v1" and t["kind"] == crd["spec"]["names"]["kind"]
         jsonschema.validate(t, schema)
@@ -246,6 +262,11 @@ def test_strimzi_kafkatopics_match_the_crd(render, examples, tmp_path):
     assert topics["dpe-lines"]["spec"]["partitions"] == 6
     assert topics["Ckpt_Topic"]["spec"]["config"]["cleanup.policy"] == "compact"
     assert topics["Ckpt_Topic"]["metadata"]["name"] == "ckpt-topic"
+    # the API budget's group topic, as many partitions as shares (producer.budgetPartitions; 0 = none)
+    assert topics["Ckpt_Topic-budget-120"]["spec"]["partitions"] == 120
+    values["producer"]["budgetPartitions"] = 0
+    docs = render.template(values_files=[_values_file(tmp_path, values)])
+    assert "Ckpt_Topic-budget-120" not in {t["spec"]["topicName"] for t in by_kind(docs, "KafkaTopic")}
     # the check can fail: a misspelt field, too many replicas
     bad = json.loads(json.dumps(topics["dpe-lines"]))
     bad["spec"]["replica"] = 3
@@ -390,6 +411,7 @@ def test_strimzi_cloudnativepg_example_runs_through_sasl_ssl_acls_and_verify_ful
     names = {"kafka.topic": f"byo-{suffix}", "kafka.dlqTopic": f"byo-{suffix}-dlq",
              "producer.checkpointTopic": f"byo-{suffix}-ckpt", "consumer.group": f"byo-sink-{suffix}",
              "analytics.group": f"byo-analytics-{suffix}"}
+    names[BUDGET] = f"{names['producer.checkpointTopic']}-budget-{BUDGET_PARTITIONS}"
     table, prefix = f"byo_{suffix}", f"byo_an_{suffix}"
     ds = Dataset(rows_per_department=ROWS, default_rows=0, seed=22)
     srv = standin_factory(dataset=ds)
@@ -416,13 +438,8 @@ def test_strimzi_cloudnativepg_example_runs_through_sasl_ssl_acls_and_verify_ful
     finally:
         admin.close()
     broker.add_user(user, password)
-    grants = []
-    for row in doc_acls():
-        if row["when"] != "always":
-            continue
-        for op in row["operation"].split(", "):
-            grants.append((op, row["resource"], names[row["name"]], row["pattern"]))
-    assert len(grants) == 9
+    grants = pipeline_grants(names)
+    assert len(grants) == 11, grants  # the 9 always, READ on the budget's topic and group
     broker.allow(user, grants)
 
     # the operators' Secrets, laid out as they lay them out (docs/chart.md quotes where)
@@ -471,6 +488,9 @@ def test_strimzi_cloudnativepg_example_runs_through_sasl_ssl_acls_and_verify_ful
         for code, p in producers.items():
             rc = p.wait(timeout=300)
             assert rc == 0, f"producer {code} exited {rc}:\n{log_of(f'producer-{code}')[-3000:]}"
+            # the API budget group joined through the granted ACLs and the chart's KafkaTopic
+            text = log_of(f"producer-{code}")
+            assert "budget_fallback" not in text and "budget_share" in text, text[-3000:]
 
         want = rec.expected_rows(ds, ROWS)
         got: dict = {}

@@ -41,7 +41,7 @@ import reconcile as rec
 from dpe_ingest.standin.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chart"))
-from test_chart_byo import doc_acls, doc_examples  # noqa: E402 - the doc's example and ACL table, read once
+from test_chart_byo import BUDGET, BUDGET_PARTITIONS, doc_examples, pipeline_grants  # noqa: E402 - the doc's example and ACL table
 from noderelease import NodeRelease  # noqa: E402
 
 pytestmark = pytest.mark.cluster
@@ -66,19 +66,16 @@ _DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
 #: the names of docs/chart.md's ACL table, as the chart's defaults set them
 NAMES = {"kafka.topic": _DEFAULTS["kafka"]["topic"], "kafka.dlqTopic": _DEFAULTS["kafka"]["dlqTopic"],
          "producer.checkpointTopic": _DEFAULTS["producer"]["checkpointTopic"],
-         "consumer.group": _DEFAULTS["consumer"]["group"], "analytics.group": _DEFAULTS["analytics"]["group"]}
-TOPICS = [NAMES["kafka.topic"], NAMES["kafka.dlqTopic"], NAMES["producer.checkpointTopic"]]
+         "consumer.group": _DEFAULTS["consumer"]["group"], "analytics.group": _DEFAULTS["analytics"]["group"],
+         BUDGET: f"{_DEFAULTS['producer']['checkpointTopic']}-budget-{BUDGET_PARTITIONS}"}
+#: the chart's KafkaTopics: the docs' three and the API budget's (producer.budgetPartitions > 0)
+TOPICS = [NAMES["kafka.topic"], NAMES["kafka.dlqTopic"], NAMES["producer.checkpointTopic"], NAMES[BUDGET]]
 MISSING_TOPIC = "dpe-checkpoints-elsewhere"
 
 
-def always_grants(names: dict[str, str]) -> list[tuple[str, str, str, str]]:
-    """The ``always`` rows of docs/chart.md's ACL table (createTopics=false, no maxConcurrent), one grant
-    per operation: (operation, resource, name, pattern)."""
-    grants = []
-    for row in doc_acls():
-        if row["when"] == "always":
-            grants += [(op, row["resource"], names[row["name"]], row["pattern"]) for op in row["operation"].split(", ")]
-    return sorted(set(grants))
+def _names_elsewhere() -> dict[str, str]:
+    """NAMES with the checkpoint topic (and so the budget's) where no KafkaTopic made it."""
+    return {**NAMES, "producer.checkpointTopic": MISSING_TOPIC, BUDGET: f"{MISSING_TOPIC}-budget-{BUDGET_PARTITIONS}"}
 
 
 class Byo(NodeRelease):
@@ -133,10 +130,10 @@ class Byo(NodeRelease):
         self.cluster.kubectl("wait", "--for=condition=Established", "crd/kafkatopics.kafka.strimzi.io", "--timeout=60s")
         brokers = self.operator.run({"op": "wait_brokers", "n": k.replicas, "timeout": 480}, timeout=540)[0]
         # the User Operator: the users; exactly the doc's ACLs for the pipeline's user
-        grants = always_grants(NAMES)
+        grants = pipeline_grants(NAMES)
         no_dlq_write = [g for g in grants if g != ("WRITE", "TOPIC", NAMES["kafka.dlqTopic"], "LITERAL")]
         assert len(no_dlq_write) == len(grants) - 1, grants
-        elsewhere = always_grants({**NAMES, "producer.checkpointTopic": MISSING_TOPIC})
+        elsewhere = pipeline_grants(_names_elsewhere())
         ops = [{"op": "add_user", "name": u, "password": pw} for u, pw in self.passwords.items()]
         ops += [{"op": "allow", "user": self.user, "grants": grants},
                 {"op": "allow", "user": "dpe-nodlq", "grants": no_dlq_write},
@@ -280,6 +277,11 @@ def test_install_with_the_docs_presets_reconciles_every_department(byo):
                    "AND a.pid <> pg_backend_pid() AND a.client_addr IS NOT NULL")
     n, all_tls = out.strip().split("|")
     assert int(n) >= 2 and all_tls == "t", out  # consumer and analytics at least
+    # the producers shared the API budget through its group (the granted ACLs, the chart's KafkaTopic):
+    # no fallback to the static share
+    for pod in byo.get("pods", "-l", "app.kubernetes.io/component=producer")["items"]:
+        text = byo.pod_logs(pod["metadata"]["name"], "producer")
+        assert "budget_fallback" not in text and "budget_share" in text, (pod["metadata"]["name"], text[-3000:])
 
 
 def test_a_broker_pod_deleted_while_a_producer_runs_loses_and_duplicates_nothing(byo):

@@ -272,6 +272,9 @@ replication factor and min.insync.replicas are kafka.topics.  For the Strimzi Ka
 {{- if $v.producer.maxConcurrent -}}
 {{- $topics = append $topics (dict "name" (printf "%s-slots-%v" $v.producer.checkpointTopic $v.producer.maxConcurrent) "partitions" $v.producer.maxConcurrent "config" dict) -}}
 {{- end -}}
+{{- if $v.producer.budgetPartitions -}}
+{{- $topics = append $topics (dict "name" (printf "%s-budget-%v" $v.producer.checkpointTopic $v.producer.budgetPartitions) "partitions" $v.producer.budgetPartitions "config" dict) -}}
+{{- end -}}
 {{- toJson $topics -}}
 {{- end -}}
 
