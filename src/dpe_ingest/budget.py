@@ -18,8 +18,8 @@ new department takes its part at the next rebalance, with no file to rewrite and
 - Kafka unreachable when joining (``join_timeout_s``): the static share (``fallback``: 1 / the
   departments of the chart's budget file) applies, and is logged; Kafka lost afterwards: the last share
   stays (the producer cannot write its rows anyway).
-- Secured brokers: the consumer gets ``kafka_security.client_options`` like every client; its ACLs are
-  the slots' ones (READ on the topic and the group, CREATE on the topic: docs/chart.md).
+- Secured brokers: the consumer gets ``kafka_security.client_options`` like every client; its ACLs:
+  READ on the topic and the group, CREATE on the topic when the producers create it (docs/chart.md).
 """
 
 from __future__ import annotations
