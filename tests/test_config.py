@@ -108,3 +108,14 @@ def test_both_consumer_groups_read_the_shared_settings_once():
     assert [getattr(sink, f) for f in shared] == [getattr(an, f) for f in shared]
     assert (sink.group, an.group, sink.table, an.table_prefix) == ("dpe-sink", "dpe-analytics", "dpe_data", "dpe_analytics")
 
+
+
+def test_pushgateway_grouping_reads_label_pairs_and_refuses_what_prometheus_would():
+    assert config.pushgateway_grouping({}) == {}
+    assert config.pushgateway_grouping({"METRICS_PUSHGATEWAY_GROUPING": " namespace = dpe , release=r-1 ,"}) == \
+        {"namespace": "dpe", "release": "r-1"}
+    for bad in ("job=x", "department=69", "ns", "a-b=1", "__name__=x", "x="):
+        with pytest.raises(config.ConfigError, match="METRICS_PUSHGATEWAY_GROUPING"):
+            config.pushgateway_grouping({"METRICS_PUSHGATEWAY_GROUPING": bad})
+    cfg = config.ProducerConfig.from_env({"DEPARTMENT": "69", "METRICS_PUSHGATEWAY_GROUPING": "release=dpe"})
+    assert cfg.push_grouping == (("release", "dpe"),)

@@ -226,6 +226,17 @@ def test_producer_summary_is_pushed_to_a_pushgateway_and_a_dead_one_is_only_a_wa
     assert metrics.push_producer_summary("", "2A", rows=1, dead=0, seconds=1.0, ok=True) is False
 
 
+@pytest.mark.parametrize("grouping", ["job=other", "department=69", "namespace", "bad-name=x", "__x=1", "release="])
+def test_a_bad_pushgateway_grouping_stops_the_producer_before_anything(grouping, pushgateway):
+    from kafka_util import command as cmd, run
+
+    res = run(cmd("produce"), {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9", "DEPARTMENT": "69",
+                               "METRICS_PUSHGATEWAY_URL": pushgateway.url, "METRICS_PUSHGATEWAY_GROUPING": grouping})
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "METRICS_PUSHGATEWAY_GROUPING" in res.stderr and "Kafka" not in res.stderr, res.stderr[-2000:]
+    assert pushgateway.got == []
+
+
 @pytest.mark.kafka
 def test_a_producer_pushes_its_summary_when_a_pushgateway_is_set(kafka_bootstrap, standin_factory, pushgateway):
     from dpe_ingest.standin import Dataset
@@ -236,10 +247,14 @@ def test_a_producer_pushes_its_summary_when_a_pushgateway_is_set(kafka_bootstrap
     res = run(cmd("produce"), {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "ADEME_API_URL": srv.url,
                                "DEPARTMENT": "69", "KAFKA_TOPIC": f"px-{tag}", "KAFKA_DLQ_TOPIC": f"px-{tag}-dlq",
                                "PRODUCER_CHECKPOINT_TOPIC": f"px-{tag}-ckpt",
-                               "METRICS_PUSHGATEWAY_URL": pushgateway.url})
+                               "METRICS_PUSHGATEWAY_URL": pushgateway.url,
+                               "METRICS_PUSHGATEWAY_GROUPING": "namespace=dpe-a, release=r1"})  # the chart's
     assert res.returncode == 0, res.stderr[-3000:]
     ((path, body),) = pushgateway.got
-    assert path == "/metrics/job/dpe-producer/department/69"
+    # one group per department of one release: two releases sharing a Pushgateway do not overwrite
+    parts = path.split("/")[2:]  # /metrics/<label>/<value>/...: the group's labels (in any order)
+    assert dict(zip(parts[::2], parts[1::2])) == {"job": "dpe-producer", "namespace": "dpe-a", "release": "r1",
+                                                  "department": "69"}, path
     samples = {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples}
     assert samples["dpe_producer_rows"] == 700 and samples["dpe_producer_success"] == 1
     assert "event=metrics_pushed" in res.stderr

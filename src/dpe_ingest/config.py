@@ -86,6 +86,7 @@ CONTRACT: dict[str, tuple[str | None, str]] = {
     "ANALYTICS_ALERT_INTERVAL_S": ("60", "At most one alert summary line per department per this many seconds"),
     "METRICS_PORT": ("0", "Port of the Prometheus /metrics endpoint of consume and analytics, and of their probes /livez and /readyz (0 = none)"),
     "METRICS_PUSHGATEWAY_URL": (None, "Optional Prometheus Pushgateway URL: the producer pushes its summary there when it exits"),
+    "METRICS_PUSHGATEWAY_GROUPING": (None, "Labels of the producer's Pushgateway group besides job and department, name=value,... (the chart sets namespace and release: releases sharing a Pushgateway keep a group each)"),
 }
 
 
@@ -343,6 +344,8 @@ class ProducerConfig:
     cost_base_ms: float = 20.0
     cost_per_row_ms: float = 0.1
     budget_partitions: int = 120
+    #: METRICS_PUSHGATEWAY_GROUPING's labels, read (and refused) at start rather than at the push
+    push_grouping: tuple[tuple[str, str], ...] = ()
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -388,6 +391,7 @@ class ProducerConfig:
             cost_base_ms=_float(env, "ADEME_COST_BASE_MS", 0.0, 1e6),
             cost_per_row_ms=_float(env, "ADEME_COST_PER_ROW_MS", 0.0, 1e3),
             budget_partitions=_int(env, "PRODUCER_BUDGET_PARTITIONS", 0, 10000),
+            push_grouping=tuple(pushgateway_grouping(env).items()),
         )
         if cfg.date_from and cfg.date_to and cfg.date_from > cfg.date_to:
             raise ConfigError(f"ADEME_DATE_FROM={cfg.date_from} is after ADEME_DATE_TO={cfg.date_to}")
@@ -463,6 +467,25 @@ def metrics_port(env: Mapping[str, str] | None = None) -> int:
 def pushgateway_url(env: Mapping[str, str] | None = None) -> str | None:
     """METRICS_PUSHGATEWAY_URL (None: the producer pushes nothing)."""
     return _get(os.environ if env is None else env, "METRICS_PUSHGATEWAY_URL")
+
+
+_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+def pushgateway_grouping(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """METRICS_PUSHGATEWAY_GROUPING, ``name=value,...``: the labels of the producer's group besides job
+    and department ({} when unset).  A name Prometheus would refuse, or job/department, is a ConfigError."""
+    raw = _get(os.environ if env is None else env, "METRICS_PUSHGATEWAY_GROUPING") or ""
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        name, sep, value = (x.strip() for x in part.partition("="))
+        if not sep or not value or not _LABEL.fullmatch(name) or name.startswith("__") or name in ("job", "department"):
+            raise ConfigError(f"METRICS_PUSHGATEWAY_GROUPING={raw!r}: expected name=value pairs separated by commas, "
+                              f"each name a Prometheus label name other than job and department (got {part!r})")
+        out[name] = value
+    return out
 
 
 @dataclass(frozen=True)

@@ -189,15 +189,16 @@ def producer_registry(department: str, rows: int, dead: int, seconds: float, ok:
 
 
 def push_producer_summary(url: str | None, department: str, rows: int, dead: int, seconds: float,
-                          ok: bool, timeout_s: float = 10.0) -> bool:
-    """Push the summary to a Pushgateway (job ``dpe-producer``, grouped by department).  Never raises:
-    a Pushgateway that is down costs a warning, not the Job.  False when nothing was pushed."""
+                          ok: bool, timeout_s: float = 10.0, grouping: dict[str, str] | None = None) -> bool:
+    """Push the summary to a Pushgateway (job ``dpe-producer``, grouped by ``grouping``'s labels and the
+    department: each group holds one department of one release).  Never raises: a Pushgateway that is
+    down costs a warning, not the Job.  False when nothing was pushed."""
     if not url:
         return False
     from prometheus_client import push_to_gateway
 
     try:
-        push_to_gateway(url, job="dpe-producer", grouping_key={"department": department},
+        push_to_gateway(url, job="dpe-producer", grouping_key={**(grouping or {}), "department": department},
                         registry=producer_registry(department, rows, dead, seconds, ok), timeout=timeout_s)
     except Exception as exc:  # noqa: BLE001 - a metrics sink must never fail the Job
         shown, error = safe_url(url), safe_url(str(exc))[:200]  # a password in the URL is never logged

@@ -323,7 +323,7 @@ class Producer:
 
         prog = self.progress
         metrics.push_producer_summary(pushgateway_url(), self.cfg.department, prog.rows if prog else 0,
-                                      prog.dead if prog else 0, seconds, ok=ok)
+                                      prog.dead if prog else 0, seconds, ok=ok, grouping=dict(self.cfg.push_grouping))
 
     def _pass(self, producer, store, ckpt: dict | None, prog: Progress) -> str:
         """Read the department's pages into Kafka from the checkpoint (or the first page): "done",

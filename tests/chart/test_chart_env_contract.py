@@ -59,8 +59,12 @@ def test_every_producer_setting_is_wired(render):
                                   "producer.maxConcurrent": "3",
                                   "metrics.pushgatewayUrl": "http://pushgateway.monitoring:9091"})
     extra = set(env_of(container(producer_jobs(keyed)["69"], "producer"))) - producer_vars
-    assert extra == {"ADEME_API_KEY", "ADEME_RATE_WINDOW_S", "PRODUCER_MAX_CONCURRENT", "METRICS_PUSHGATEWAY_URL"}
+    assert extra == {"ADEME_API_KEY", "ADEME_RATE_WINDOW_S", "PRODUCER_MAX_CONCURRENT", "METRICS_PUSHGATEWAY_URL",
+                     "METRICS_PUSHGATEWAY_GROUPING"}
     assert extra <= set(config.CONTRACT)
+    # the Pushgateway group of a department of this release (the render's namespace and release name)
+    keyed_env = env_of(container(producer_jobs(keyed)["69"], "producer"))
+    assert config.pushgateway_grouping(keyed_env) == {"namespace": "dpe", "release": "dpe"}, keyed_env
     consumer_env = env_of(container(named(docs, "Deployment", "dpe-consumer")))
     consumer_vars = {"DATABASE_URL", "DB_TABLE", "CONSUMER_GROUP", "BATCH_SIZE", "BATCH_IDLE_MS",
                      "RETRY_MAX_BACKOFF_S", "KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPIC", "KAFKA_DLQ_TOPIC",

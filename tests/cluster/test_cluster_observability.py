@@ -343,13 +343,16 @@ def test_pushgateway_holds_one_group_per_department(stack, release):
     assert sorted(by_dep) == sorted(DEPARTMENTS), f"groups: {[g['labels'] for g in ours]}"
     for dep, gs in by_dep.items():
         assert len(gs) == 1, f"department {dep}: {len(gs)} groups {[g['labels'] for g in gs]}"
+        # grouped by the release too (METRICS_PUSHGATEWAY_GROUPING): releases sharing it keep a group each
+        assert gs[0]["labels"] == {"job": "dpe-producer", "department": dep, "namespace": NS, "release": RELEASE}, \
+            gs[0]["labels"]
         rows = gs[0]["dpe_producer_rows"]["metrics"]
         assert [float(m["value"]) for m in rows] == [float(release.dataset.count(dep))], (dep, rows)
         assert [m["labels"]["department"] for m in rows] == [dep]
         assert float(gs[0]["dpe_producer_success"]["metrics"][0]["value"]) == 1.0, (dep, gs[0])
-    # and through Prometheus (honorLabels: the pushed job and department kept)
+    # and through Prometheus (honorLabels: the pushed job, department, namespace and release kept)
     got = {r["metric"]["department"]: float(r["value"][1])
-           for r in stack.query('dpe_producer_rows{job="dpe-producer"}')}
+           for r in stack.query(f'dpe_producer_rows{{job="dpe-producer", namespace="{NS}", release="{RELEASE}"}}')}
     assert got == {d: float(release.dataset.count(d)) for d in DEPARTMENTS}, got
 
 

@@ -212,6 +212,8 @@ Pushgateway, and Kafka and logs.  Argument: dict root, code (the department). */
 {{- with $v.metrics.pushgatewayUrl }}
 - name: METRICS_PUSHGATEWAY_URL
   value: {{ . | quote }}
+- name: METRICS_PUSHGATEWAY_GROUPING
+  value: {{ printf "namespace=%s,release=%s" $.root.Release.Namespace $.root.Release.Name | quote }}
 {{- end }}
 {{ include "dpe-ingest.env.kafkaWait" .root }}
 {{ include "dpe-ingest.env.kafka" .root }}
