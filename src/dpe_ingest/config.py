@@ -344,7 +344,9 @@ class ProducerConfig:
     cost_base_ms: float = 20.0
     cost_per_row_ms: float = 0.1
     budget_partitions: int = 120
-    #: METRICS_PUSHGATEWAY_GROUPING's labels, read (and refused) at start rather than at the push
+    #: where the summary is pushed when the run ends (METRICS_PUSHGATEWAY_URL, None = nowhere) and its
+    #: group's labels (METRICS_PUSHGATEWAY_GROUPING): read, and refused, at start rather than at the push
+    pushgateway_url: str | None = field(default=None, repr=False)  # may hold a password
     push_grouping: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -391,6 +393,7 @@ class ProducerConfig:
             cost_base_ms=_float(env, "ADEME_COST_BASE_MS", 0.0, 1e6),
             cost_per_row_ms=_float(env, "ADEME_COST_PER_ROW_MS", 0.0, 1e3),
             budget_partitions=_int(env, "PRODUCER_BUDGET_PARTITIONS", 0, 10000),
+            pushgateway_url=pushgateway_url(env),
             push_grouping=tuple(pushgateway_grouping(env).items()),
         )
         if cfg.date_from and cfg.date_to and cfg.date_from > cfg.date_to:

@@ -197,15 +197,16 @@ def push_producer_summary(url: str | None, department: str, rows: int, dead: int
         return False
     from prometheus_client import push_to_gateway
 
+    shown = safe_url(url)  # a password in the URL is never logged
     try:
         push_to_gateway(url, job="dpe-producer", grouping_key={**(grouping or {}), "department": department},
                         registry=producer_registry(department, rows, dead, seconds, ok), timeout=timeout_s)
     except Exception as exc:  # noqa: BLE001 - a metrics sink must never fail the Job
-        shown, error = safe_url(url), safe_url(str(exc))[:200]  # a password in the URL is never logged
+        error = safe_url(str(exc))[:200]
         logs.event(log, "metrics_push_failed", f"could not push the summary to {shown}: {error}", logging.WARNING,
                    url=shown, error=error)
         return False
-    logs.event(log, "metrics_pushed", f"summary pushed to {safe_url(url)}", url=safe_url(url), department=department)
+    logs.event(log, "metrics_pushed", f"summary pushed to {shown}", url=shown, department=department)
     return True
 
 

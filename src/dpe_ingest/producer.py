@@ -32,7 +32,7 @@ import orjson
 from . import departments, logs, messages
 from .ademe import (MOD_FIELD, AdemeClient, ApiAuthError, ApiInterrupted, ApiRequestError, ApiUnavailable,
                     build_qs, cursor_line)
-from .config import CONTRACT, ConfigError, ProducerConfig, pushgateway_url
+from .config import CONTRACT, ConfigError, ProducerConfig
 from .kafka_io import (CheckpointStore, KafkaUnavailable, SendTracker, Slot, ensure_topics, make_producer,
                        pipeline_topics, slots_topic, wait_for_kafka)
 from .budget import BudgetShare, budget_topic
@@ -322,7 +322,7 @@ class Producer:
         from . import metrics  # here: prometheus_client costs a tenth of a second at every start otherwise
 
         prog = self.progress
-        metrics.push_producer_summary(pushgateway_url(), self.cfg.department, prog.rows if prog else 0,
+        metrics.push_producer_summary(self.cfg.pushgateway_url, self.cfg.department, prog.rows if prog else 0,
                                       prog.dead if prog else 0, seconds, ok=ok, grouping=dict(self.cfg.push_grouping))
 
     def _pass(self, producer, store, ckpt: dict | None, prog: Progress) -> str:

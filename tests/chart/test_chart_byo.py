@@ -75,6 +75,12 @@ BUDGET = "<producer.checkpointTopic>-budget-<n>"
 BUDGET_PARTITIONS = yaml.safe_load((ROOT / "charts" / "dpe-ingest" / "values.yaml").read_text())["producer"]["budgetPartitions"]
 
 
+def with_budget(names: dict[str, str]) -> dict[str, str]:
+    """``names`` (the ACL table's names) with the budget's, as the chart derives it from the checkpoint
+    topic and the default ``producer.budgetPartitions``."""
+    return {**names, BUDGET: f"{names['producer.checkpointTopic']}-budget-{BUDGET_PARTITIONS}"}
+
+
 def pipeline_grants(names: dict[str, str]) -> list[tuple[str, str, str, str]]:
     """What a pipeline with the chart's defaults needs on a cluster whose topics are managed elsewhere:
     the ``always`` rows of the ACL table and the API budget's (``producer.budgetPartitions`` > 0) but its
@@ -408,10 +414,9 @@ def test_strimzi_cloudnativepg_example_runs_through_sasl_ssl_acls_and_verify_ful
     broker, kafka_ca, pg, pg_ca = secured
     suffix = uuid.uuid4().hex[:8]
     user, password = f"dpe-ingest-{suffix}", "scram-" + pysecrets.token_hex(12)
-    names = {"kafka.topic": f"byo-{suffix}", "kafka.dlqTopic": f"byo-{suffix}-dlq",
-             "producer.checkpointTopic": f"byo-{suffix}-ckpt", "consumer.group": f"byo-sink-{suffix}",
-             "analytics.group": f"byo-analytics-{suffix}"}
-    names[BUDGET] = f"{names['producer.checkpointTopic']}-budget-{BUDGET_PARTITIONS}"
+    names = with_budget({"kafka.topic": f"byo-{suffix}", "kafka.dlqTopic": f"byo-{suffix}-dlq",
+                         "producer.checkpointTopic": f"byo-{suffix}-ckpt", "consumer.group": f"byo-sink-{suffix}",
+                         "analytics.group": f"byo-analytics-{suffix}"})
     table, prefix = f"byo_{suffix}", f"byo_an_{suffix}"
     ds = Dataset(rows_per_department=ROWS, default_rows=0, seed=22)
     srv = standin_factory(dataset=ds)

@@ -41,7 +41,7 @@ import reconcile as rec
 from dpe_ingest.standin.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chart"))
-from test_chart_byo import BUDGET, BUDGET_PARTITIONS, doc_examples, pipeline_grants  # noqa: E402 - the doc's example and ACL table
+from test_chart_byo import BUDGET, doc_examples, pipeline_grants, with_budget  # noqa: E402 - the doc's example and ACL table
 from noderelease import NodeRelease  # noqa: E402
 
 pytestmark = pytest.mark.cluster
@@ -64,18 +64,12 @@ EXTRA_FIELDS = tuple(f for f in _TEST_VALUES["ademe"]["extraFields"].split(",") 
 ANALYTICS_PREFIX = "dpe_analytics"
 _DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
 #: the names of docs/chart.md's ACL table, as the chart's defaults set them
-NAMES = {"kafka.topic": _DEFAULTS["kafka"]["topic"], "kafka.dlqTopic": _DEFAULTS["kafka"]["dlqTopic"],
-         "producer.checkpointTopic": _DEFAULTS["producer"]["checkpointTopic"],
-         "consumer.group": _DEFAULTS["consumer"]["group"], "analytics.group": _DEFAULTS["analytics"]["group"],
-         BUDGET: f"{_DEFAULTS['producer']['checkpointTopic']}-budget-{BUDGET_PARTITIONS}"}
+NAMES = with_budget({"kafka.topic": _DEFAULTS["kafka"]["topic"], "kafka.dlqTopic": _DEFAULTS["kafka"]["dlqTopic"],
+                     "producer.checkpointTopic": _DEFAULTS["producer"]["checkpointTopic"],
+                     "consumer.group": _DEFAULTS["consumer"]["group"], "analytics.group": _DEFAULTS["analytics"]["group"]})
 #: the chart's KafkaTopics: the docs' three and the API budget's (producer.budgetPartitions > 0)
 TOPICS = [NAMES["kafka.topic"], NAMES["kafka.dlqTopic"], NAMES["producer.checkpointTopic"], NAMES[BUDGET]]
 MISSING_TOPIC = "dpe-checkpoints-elsewhere"
-
-
-def _names_elsewhere() -> dict[str, str]:
-    """NAMES with the checkpoint topic (and so the budget's) where no KafkaTopic made it."""
-    return {**NAMES, "producer.checkpointTopic": MISSING_TOPIC, BUDGET: f"{MISSING_TOPIC}-budget-{BUDGET_PARTITIONS}"}
 
 
 class Byo(NodeRelease):
@@ -133,7 +127,7 @@ class Byo(NodeRelease):
         grants = pipeline_grants(NAMES)
         no_dlq_write = [g for g in grants if g != ("WRITE", "TOPIC", NAMES["kafka.dlqTopic"], "LITERAL")]
         assert len(no_dlq_write) == len(grants) - 1, grants
-        elsewhere = pipeline_grants(_names_elsewhere())
+        elsewhere = pipeline_grants(with_budget({**NAMES, "producer.checkpointTopic": MISSING_TOPIC}))
         ops = [{"op": "add_user", "name": u, "password": pw} for u, pw in self.passwords.items()]
         ops += [{"op": "allow", "user": self.user, "grants": grants},
                 {"op": "allow", "user": "dpe-nodlq", "grants": no_dlq_write},
